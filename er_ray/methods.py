@@ -1,0 +1,261 @@
+"""EarlyRobust, its baselines and ablations as compositions of the library pieces.
+
+Everything here runs in one process without Ray or MLflow and returns plain results; the orchestration
+layer calls the same functions (search stage, then one `ticket_pipeline` per grid combo).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from er_ray import data as data_mod
+from er_ray.config import ExperimentConfig, settings
+from er_ray.convergence import Combo, StopPoint
+from er_ray.model import count_parameters, load_backbone, load_tokenizer
+from er_ray.search import MiniEpoch, SearchStage, Trajectory
+from er_ray.ticket import Masks, build_ticket, draw_masks, random_masks_like, save_ticket
+from er_ray.train import Batches, accuracy, make_optimizer, make_scheduler, pick_device, to_device, train
+
+
+def resolve_method(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The settings a method implies, on top of the config (one switch, same machinery)."""
+    cfg = cfg.model_copy(deep=True)
+    m = cfg.method
+    if m == "earlybert":
+        cfg.search.adversary.kind = "none"
+    elif m == "earlyrobust-no-l1":
+        cfg.search.lambda_head = cfg.search.lambda_ffn = 0.0
+    elif m == "earlyrobust-random":
+        cfg.prune.ticket = "random"
+    elif m == "earlyrobust-reinit":
+        cfg.prune.weights = "reinit"
+    elif m in ("freelb", "pgd"):
+        cfg.search.adversary.kind = m
+    if m.startswith("earlyrobust") and cfg.search.adversary.kind == "none":
+        cfg.search.adversary.kind = "freelb"
+    return cfg
+
+
+@dataclass
+class Prepared:
+    """Data, tokenizer and device shared by every stage of one experiment."""
+
+    cfg: ExperimentConfig
+    tokenizer: Any
+    train: data_mod.TextDataset
+    eval: data_mod.TextDataset
+    train_encoded: list[dict]
+    eval_encoded: list[dict]
+    device: torch.device
+    progress: bool = False  # progress bars (CLI runs)
+
+    @property
+    def num_labels(self) -> int:
+        return self.train.num_labels
+
+    def batches(self, batch_size: int, train: bool = True) -> Batches:
+        if train:
+            return Batches(self.train_encoded, self.tokenizer, batch_size, self.cfg.seed, shuffle=True)
+        return Batches(self.eval_encoded, self.tokenizer, batch_size, self.cfg.seed, shuffle=False)
+
+
+def prepare(cfg: ExperimentConfig, progress: bool = False) -> Prepared:
+    cfg = resolve_method(cfg)
+    if cfg.runtime.threads:
+        torch.set_num_threads(cfg.runtime.threads)
+    tokenizer = load_tokenizer(cfg.model.name_or_path)
+    train_ds, eval_ds = data_mod.load_splits(cfg.data, cfg.seed, settings().data_dir)
+    ml = cfg.data.max_length
+    return Prepared(
+        cfg, tokenizer, train_ds, eval_ds,
+        data_mod.encode(train_ds, tokenizer, ml), data_mod.encode(eval_ds, tokenizer, ml),
+        pick_device(cfg.runtime.device), progress,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------- stages
+
+
+def search_stage(
+    prep: Prepared, on_mini_epoch=None, state: dict | None = None, on_stage=None
+) -> Trajectory:
+    """Search until every (gamma, ratios) combo of the config's grid has converged (or the cap).
+
+    `on_stage(stage)` is called once the stage exists (checkpointing hooks need it); `state` resumes one.
+    """
+    cfg = prep.cfg
+    model = load_backbone(cfg.model.name_or_path, prep.num_labels, cfg.seed).to(prep.device)
+    stage = SearchStage(cfg, model, prep.batches(cfg.search.batch_size), prep.device)
+    stage.progress = "search" if prep.progress else None
+    if state is not None:
+        stage.load_state_dict(state)
+    if on_stage:
+        on_stage(stage)
+    traj = stage.run(on_mini_epoch)
+    stage.hooks.remove()
+    return traj
+
+
+def draw(prep: Prepared, point: MiniEpoch, combo: Combo) -> Masks:
+    cfg = prep.cfg
+    masks = draw_masks(point.head, point.ffn, combo.head_ratio, combo.ffn_ratio, cfg.prune.scope)
+    if cfg.prune.ticket == "random":
+        masks = random_masks_like(masks, cfg.seed)
+    return masks
+
+
+def fine_tune(prep: Prepared, model: nn.Module, adversarial: bool = False) -> tuple[float, float, list[float]]:
+    """N epochs (the last one is reported, nothing picks a best epoch): (clean acc, seconds, losses)."""
+    cfg, f = prep.cfg, prep.cfg.finetune
+    batches = prep.batches(f.batch_size)
+    total = max(1, math.ceil(f.epochs * len(batches)))
+    opt = make_optimizer(model, f.lr, f.weight_decay)
+    adv = cfg.search.adversary if adversarial else cfg.search.adversary.model_copy(update={"kind": "none"})
+    state = train(model, batches, total, opt, make_scheduler(opt, total, f.warmup_ratio), adv, f.max_grad_norm,
+                  prep.device, progress="fine-tune" if prep.progress else None)  # fmt: skip
+    acc = accuracy(model, prep.batches(f.eval_batch_size, train=False), prep.eval.labels, prep.device)
+    return acc, state.seconds, state.losses
+
+
+@torch.no_grad()
+def latency_ms(model: nn.Module, prep: Prepared, repeats: int = 3) -> float:
+    """Median inference time of one evaluation batch (the ticket's speed, recorded with it)."""
+    model.eval()
+    batch = to_device(next(prep.batches(prep.cfg.finetune.eval_batch_size, train=False).epoch(0)), prep.device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model(**batch)
+        if prep.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1000)
+    return sorted(times)[len(times) // 2]
+
+
+# ---------------------------------------------------------------- results
+
+
+@dataclass
+class TicketResult:
+    method: str
+    dataset: str
+    model: str
+    gamma: float | None
+    head_ratio: float
+    ffn_ratio: float
+    stop_mini_epoch: int | None
+    stop_epoch: float | None
+    converged: bool | None
+    clean_acc: float
+    search_seconds: float
+    finetune_seconds: float
+    train_seconds: float
+    params: int
+    size_mb: float
+    latency_ms: float
+    device: str
+    threads: int
+    ticket_dir: str
+    kept_heads: list[list[int]] = field(default_factory=list)
+    kept_neurons: list[list[int]] = field(default_factory=list)
+    finetune_losses: list[float] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _atomic_dir(final: Path) -> Path:
+    """A scratch directory beside `final`; `_commit_dir` moves it in place (no half-written results)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+
+
+def _commit_dir(tmp: Path, final: Path) -> None:
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def ticket_name(combo: Combo | None) -> str:
+    return "full" if combo is None else f"g{combo.gamma:g}-h{combo.head_ratio:.4g}-f{combo.ffn_ratio:.4g}"
+
+
+def _finish(
+    prep: Prepared, model: nn.Module, masks: Masks, out: Path, combo: Combo | None, stop: StopPoint | None,
+    point: MiniEpoch | None, adversarial: bool,
+) -> TicketResult:  # fmt: skip
+    cfg = prep.cfg
+    acc, ft_seconds, losses = fine_tune(prep, model, adversarial)
+    search_seconds = point.seconds if point else 0.0
+    tmp = _atomic_dir(out)
+    try:
+        result = TicketResult(
+            method=cfg.method, dataset=cfg.data.name, model=cfg.model.name_or_path,
+            gamma=combo.gamma if combo else None,
+            head_ratio=combo.head_ratio if combo else 0.0, ffn_ratio=combo.ffn_ratio if combo else 0.0,
+            stop_mini_epoch=stop.mini_epoch if stop else None, stop_epoch=point.epoch if point else None,
+            converged=stop.converged if stop else None,
+            clean_acc=acc, search_seconds=search_seconds, finetune_seconds=ft_seconds,
+            train_seconds=search_seconds + ft_seconds, params=count_parameters(model), size_mb=0.0,
+            latency_ms=latency_ms(model, prep), device=prep.device.type, threads=torch.get_num_threads(),
+            ticket_dir=str(out), kept_heads=masks.kept_heads(), kept_neurons=masks.kept_neurons(),
+            finetune_losses=losses,
+        )  # fmt: skip
+        save_ticket(model.cpu(), masks, cfg.model.name_or_path, tmp, prep.tokenizer,
+                    meta={k: v for k, v in result.to_json().items() if k not in ("kept_heads", "kept_neurons")})
+        result.size_mb = (tmp / "model.safetensors").stat().st_size / 2**20
+        (tmp / "result.json").write_text(json.dumps(result.to_json(), indent=1))
+        _commit_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    model.to(prep.device)
+    return result
+
+
+def ticket_pipeline(prep: Prepared, traj: Trajectory, combo: Combo, out: Path) -> TicketResult:
+    """Draw at this combo's stop point, rewind (or re-init), fine-tune, save."""
+    cfg = prep.cfg
+    stop = traj.stops[combo]
+    point = traj.mini_epochs[stop.mini_epoch]
+    masks = draw(prep, point, combo)
+    model = build_ticket(cfg.model.name_or_path, prep.num_labels, masks, cfg.seed, cfg.prune.weights)
+    return _finish(prep, model.to(prep.device), masks, out, combo, stop, point, adversarial=False)
+
+
+def full_model_pipeline(prep: Prepared, out: Path) -> TicketResult:
+    """Baselines on the whole model: plain fine-tuning, or FreeLB / PGD adversarial training."""
+    cfg = prep.cfg
+    model = load_backbone(cfg.model.name_or_path, prep.num_labels, cfg.seed).to(prep.device)
+    layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    masks = Masks.full(layers, heads, model.config.intermediate_size)
+    return _finish(prep, model, masks, out, None, None, None, adversarial=cfg.method in ("freelb", "pgd"))
+
+
+def experiment_dir(cfg: ExperimentConfig) -> Path:
+    return Path(cfg.runtime.output_dir) / cfg.name / cfg.method
+
+
+def run_experiment(
+    cfg: ExperimentConfig, on_mini_epoch=None, progress: bool = False
+) -> tuple[Trajectory | None, list[TicketResult]]:
+    """The whole method in one process: search (if the method has one), then every ticket of the grid."""
+    prep = prepare(cfg, progress)
+    out = experiment_dir(prep.cfg)
+    if not prep.cfg.uses_ticket():
+        return None, [full_model_pipeline(prep, out / ticket_name(None))]
+    traj = search_stage(prep, on_mini_epoch)
+    out.mkdir(parents=True, exist_ok=True)
+    traj.save(out / "trajectory.pt")
+    return traj, [ticket_pipeline(prep, traj, combo, out / ticket_name(combo)) for combo in traj.stops]

@@ -1,0 +1,183 @@
+"""The search stage: train the model and its importance coefficients under the adversary plus the L1
+regularizer; every mini-epoch record the coefficients and the mask distances (Sec. 3.3)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from er_ray.config import ExperimentConfig
+from er_ray.convergence import Combo, StopPoint, StopRule, grid
+from er_ray.model import Coefficients
+from er_ray.train import Batches, TrainState, make_optimizer, make_scheduler, train
+
+
+@dataclass
+class MiniEpoch:
+    index: int
+    step: int
+    epoch: float
+    seconds: float  # search compute time from the start up to this mini-epoch
+    loss: float  # mean training loss since the previous mini-epoch
+    head: torch.Tensor  # coefficient snapshot (layers, heads)
+    ffn: torch.Tensor  # coefficient snapshot (layers, neurons)
+    head_distance: float | None  # to the previous mini-epoch, at the config's own ratios
+    ffn_distance: float | None
+
+
+@dataclass
+class Trajectory:
+    mini_epochs: list[MiniEpoch]
+    stops: dict[Combo, StopPoint]
+    steps_per_epoch: int
+    mini_epoch_steps: int
+    patience: int
+    scope: str
+    meta: dict = field(default_factory=dict)
+
+    def coefficients(self) -> list[dict[str, torch.Tensor]]:
+        return [{"head": m.head, "ffn": m.ffn} for m in self.mini_epochs]
+
+    def at(self, combo: Combo) -> MiniEpoch:
+        return self.mini_epochs[self.stops[combo].mini_epoch]
+
+    def save(self, path: str | Path) -> None:
+        blob = {f.name: getattr(self, f.name) for f in fields(self)}
+        blob["mini_epochs"] = [asdict(m) for m in self.mini_epochs]
+        blob["stops"] = [(asdict(c), asdict(s)) for c, s in self.stops.items()]
+        torch.save(blob, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Trajectory:
+        blob = torch.load(path, weights_only=False)
+        blob["mini_epochs"] = [MiniEpoch(**m) for m in blob["mini_epochs"]]
+        blob["stops"] = {Combo(**c): StopPoint(**s) for c, s in blob["stops"]}
+        return cls(**blob)
+
+
+def search_grid(cfg: ExperimentConfig) -> list[Combo]:
+    """The (gamma, head ratio, ffn ratio) grid one search serves; the config's own values lead."""
+    gammas = cfg.sweep.gammas or [cfg.search.gamma]
+    heads = cfg.sweep.head_ratios or [cfg.prune.head_ratio]
+    ffns = cfg.sweep.ffn_ratios or [cfg.prune.ffn_ratio]
+    return grid(gammas, heads, ffns)
+
+
+def mini_epoch_steps(cfg: ExperimentConfig, steps_per_epoch: int) -> int:
+    if cfg.search.mini_epoch_steps:
+        return cfg.search.mini_epoch_steps
+    return max(1, round(cfg.search.mini_epoch * steps_per_epoch))
+
+
+class SearchStage:
+    """Owns the model under search, its coefficients, optimizer and stop rule; checkpointable."""
+
+    def __init__(self, cfg: ExperimentConfig, model: nn.Module, batches: Batches, device: torch.device) -> None:
+        self.cfg, self.model, self.batches, self.device = cfg, model, batches, device
+        self.coefs = Coefficients.for_model(model)
+        self.hooks = self.coefs.attach(model)
+        s = cfg.search
+        # the schedule spans the cap, not the stop point: stopping early is then a prefix of a longer search
+        self.total_steps = max(1, math.ceil(s.max_epochs * len(batches)))
+        self.every = mini_epoch_steps(cfg, len(batches))
+        self.opt = make_optimizer(model, s.lr, s.weight_decay, extra=list(self.coefs.parameters()))
+        self.sched = make_scheduler(self.opt, self.total_steps, s.warmup_ratio)
+        self.combos = search_grid(cfg)
+        self.primary = (cfg.prune.head_ratio, cfg.prune.ffn_ratio)
+        # the config's own ratios are always tracked: their distances are what gets reported
+        extra = [] if self.primary in {c.ratios for c in self.combos} else [Combo(s.gamma, *self.primary)]
+        self.rule = StopRule(self.combos + extra, *self._rule_args())
+        self.state = TrainState()
+        self.points: list[MiniEpoch] = []
+        self.progress: str | None = None  # a progress-bar label, for interactive runs
+
+    def _record(self, state: TrainState) -> MiniEpoch:
+        since = state.losses[len(state.losses) - self.every :] or [float("nan")]
+        snap = self.coefs.snapshot()
+        latest = self.rule.update(snap["head"], snap["ffn"])
+        dist = latest.get(self.primary) or (None, None)
+        point = MiniEpoch(
+            index=len(self.points),
+            step=state.step,
+            epoch=state.step / len(self.batches),
+            seconds=state.seconds,
+            loss=sum(since) / len(since),
+            head=snap["head"],
+            ffn=snap["ffn"],
+            head_distance=dist[0],
+            ffn_distance=dist[1],
+        )
+        self.points.append(point)
+        return point
+
+    def run(
+        self,
+        on_mini_epoch: Callable[[MiniEpoch], bool | None] | None = None,
+        stop_when_converged: bool = True,
+    ) -> Trajectory:
+        """Search until every grid combo has converged (or the cap); `on_mini_epoch` returning True stops too."""
+        def every(state: TrainState) -> bool:
+            point = self._record(state)
+            stop = bool(on_mini_epoch(point)) if on_mini_epoch else False
+            return stop or (stop_when_converged and self.converged)
+
+        if not (self.points and self.converged):
+            s = self.cfg.search
+            train(
+                self.model, self.batches, self.total_steps, self.opt, self.sched, s.adversary, s.max_grad_norm,
+                self.device, regularizer=lambda: self.coefs.l1(s.lambda_head, s.lambda_ffn),
+                every=self.every, on_every=every, state=self.state, progress=self.progress,
+            )  # fmt: skip
+        if not self.points or self.points[-1].step != self.state.step:
+            self._record(self.state)  # the cap fell between mini-epochs
+        return self.trajectory()
+
+    def _rule_args(self) -> tuple:
+        return (self.cfg.search.patience, self.cfg.prune.scope)
+
+    @property
+    def converged(self) -> bool:
+        return all(c in self.rule.stops for c in self.combos)
+
+    def trajectory(self) -> Trajectory:
+        stops = self.rule.stop_points()
+        return Trajectory(
+            mini_epochs=list(self.points),
+            stops={c: stops[c] for c in self.combos},
+            steps_per_epoch=len(self.batches),
+            mini_epoch_steps=self.every,
+            patience=self.cfg.search.patience,
+            scope=self.cfg.prune.scope,
+        )
+
+    # ------------------------------------------------------------ checkpoints (resume after a crash)
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "coefs": self.coefs.state_dict(),
+            "opt": self.opt.state_dict(),
+            "sched": self.sched.state_dict(),
+            "train": asdict(self.state),
+            "points": [asdict(p) for p in self.points],
+            # dropout and the adversary's random start draw from it: restoring it makes a resume exact
+            "rng": torch.get_rng_state(),
+        }
+
+    def load_state_dict(self, blob: dict) -> None:
+        self.model.load_state_dict(blob["model"])
+        self.coefs.load_state_dict(blob["coefs"])
+        self.opt.load_state_dict(blob["opt"])
+        self.sched.load_state_dict(blob["sched"])
+        self.state = TrainState(**blob["train"])
+        torch.set_rng_state(blob["rng"])
+        self.points = []
+        self.rule = StopRule(self.rule.combos, *self._rule_args())
+        for p in blob["points"]:
+            self.rule.update(p["head"], p["ffn"])
+            self.points.append(MiniEpoch(**p))

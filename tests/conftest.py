@@ -1,0 +1,99 @@
+"""Shared fixtures: tiny random BERT / RoBERTa classifiers (fast), the real data folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _offline_env(tmp_path_factory):
+    """Tests never touch the network and never write caches into $HOME."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    mp.setenv("HF_DATASETS_OFFLINE", "1")
+    mp.setenv("TRANSFORMERS_OFFLINE", "1")
+    mp.setenv("ER_RAY_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    if "ER_RAY_DATA_DIR" not in __import__("os").environ:
+        mp.setenv("ER_RAY_DATA_DIR", str(DATA_DIR))
+    torch.set_num_threads(2)
+    yield
+    mp.undo()
+
+
+def tiny_config(kind: str = "bert", num_labels: int = 2, intermediate: int = 37):
+    from transformers import BertConfig, RobertaConfig
+
+    common = dict(
+        hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=intermediate,
+        max_position_embeddings=64, num_labels=num_labels, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    if kind == "roberta":
+        return RobertaConfig(vocab_size=120, pad_token_id=1, bos_token_id=0, eos_token_id=2, **common)
+    return BertConfig(vocab_size=120, **common)
+
+
+def tiny_model(kind: str = "bert", seed: int = 0):
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_config(tiny_config(kind))
+    return model.eval()
+
+
+def tiny_batch(seed: int = 0, batch: int = 4, tokens: int = 9, pad_from: int = 6):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 120, (batch, tokens), generator=gen)
+    mask = torch.ones(batch, tokens, dtype=torch.long)
+    mask[0, pad_from:] = 0  # one padded example
+    ids[0, pad_from:] = 1
+    labels = torch.randint(0, 2, (batch,), generator=gen)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@pytest.fixture(params=["bert", "roberta"])
+def any_tiny_model(request):
+    return tiny_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random BERT saved with the real MiniLM tokenizer: the pipeline's fast stand-in backbone."""
+    from transformers import AutoModelForSequenceClassification, BertConfig
+
+    from er_ray.model import load_tokenizer
+
+    tok = load_tokenizer("minilm")
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=40, max_position_embeddings=128,
+    )
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-bert")
+    AutoModelForSequenceClassification.from_config(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def tiny_experiment(model_dir, out_dir, **over):
+    """A config for the tiny backbone on a few real SST-2 rows; `over` = dotted overrides."""
+    from er_ray.config import config_from_dict
+
+    raw = {
+        "name": "tiny", "seed": 3,
+        "data": {"name": "sst2", "source": "local", "max_train_examples": 48, "max_eval_examples": 24,
+                 "max_length": 32},
+        "model": {"name_or_path": str(model_dir)},
+        "search": {"batch_size": 8, "max_epochs": 2, "mini_epoch_steps": 1, "patience": 2, "gamma": 0.2,
+                   "lr": 1e-3, "lambda_head": 1e-3, "lambda_ffn": 1e-3,
+                   "adversary": {"kind": "freelb", "steps": 2}},
+        "prune": {"head_ratio": 0.25, "ffn_ratio": 0.3},
+        "finetune": {"epochs": 1, "batch_size": 8, "lr": 1e-3},
+        "runtime": {"output_dir": str(out_dir)},
+    }
+    return config_from_dict(raw, [f"{k}={v}" for k, v in over.items()])

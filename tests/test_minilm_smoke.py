@@ -1,0 +1,38 @@
+"""End to end on the real all-MiniLM-L6-v2 and a few dozen real SST-2 rows (the offline default)."""
+
+from __future__ import annotations
+
+import torch
+
+from er_ray.config import config_from_dict
+from er_ray.methods import run_experiment
+from er_ray.model import count_parameters, heads_per_layer, load_backbone, neurons_per_layer
+from er_ray.ticket import load_ticket
+
+
+def test_earlyrobust_on_minilm_end_to_end(tmp_path):
+    cfg = config_from_dict({
+        "name": "smoke", "seed": 1,
+        "data": {"name": "sst2", "max_train_examples": 48, "max_eval_examples": 32, "max_length": 32},
+        "model": {"name_or_path": "minilm"},
+        "search": {"batch_size": 16, "max_epochs": 1, "mini_epoch_steps": 1, "patience": 1, "gamma": 0.5,
+                   "adversary": {"kind": "freelb", "steps": 2}},
+        "finetune": {"epochs": 1, "batch_size": 16},
+        "runtime": {"output_dir": str(tmp_path)},
+    })  # fmt: skip
+    traj, (result,) = run_experiment(cfg)
+    (stop,) = traj.stops.values()
+    assert stop.mini_epoch == len(traj.mini_epochs) - 1 and traj.mini_epochs[0].head.shape == (6, 12)
+    assert result.search_seconds == traj.mini_epochs[stop.mini_epoch].seconds > 0
+    # 1/6 of 72 heads and 30% of 6 x 1536 neurons, removed physically
+    assert sum(map(len, result.kept_heads)) == 60 and sum(map(len, result.kept_neurons)) == 6451
+    full = load_backbone("minilm", 2, 1)
+    assert result.params < count_parameters(full) - 1_000_000
+    model, tok = load_ticket(result.ticket_dir)
+    assert heads_per_layer(model) == [len(h) for h in result.kept_heads]
+    assert neurons_per_layer(model) == [len(n) for n in result.kept_neurons]
+    batch = tok(["a gripping, beautifully acted film", "dull and lifeless"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        probs = model(**batch).logits.softmax(-1)
+    assert torch.allclose(probs.sum(-1), torch.ones(2))
+    assert 0.0 <= result.clean_acc <= 1.0 and result.size_mb > 10
