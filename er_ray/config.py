@@ -23,6 +23,20 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+Method = Literal[
+    "earlyrobust",
+    "earlybert",  # search without the adversary (also the "no adversary" ablation)
+    "finetune",
+    "freelb",
+    "pgd",
+    "earlyrobust-no-l1",
+    "earlyrobust-random",
+    "earlyrobust-reinit",
+]
+METHODS: tuple[str, ...] = Method.__args__
+TICKET_METHODS = ("earlyrobust", "earlybert", "earlyrobust-no-l1", "earlyrobust-random", "earlyrobust-reinit")
+
+
 DatasetName = Literal["sst2", "imdb", "ag_news", "qnli", "qqp", "custom"]
 
 
@@ -125,23 +139,60 @@ class AttackConfig(_Strict):
     query_budget: int | None = Field(default=None, gt=0)
 
 
+class RayConfig(_Strict):
+    """How `er-ray run` places work on Ray (a local Ray unless `address` or RAY_ADDRESS says otherwise)."""
+
+    address: str | None = None
+    methods: list[Method] = []  # compare several methods in one invocation; empty = [method]
+    search_cpus: float = Field(default=2.0, gt=0)
+    search_gpus: float = Field(default=0.0, ge=0)
+    ticket_cpus: float = Field(default=2.0, gt=0)  # per draw + rewind + fine-tune task
+    ticket_gpus: float = Field(default=0.0, ge=0)
+    max_retries: int = Field(default=2, ge=0)  # task retries and trial max_failures on worker failure
+    checkpoint_every: int = Field(default=1, ge=1)  # mini-epochs between full search checkpoints
+    attack: bool = True  # evaluate every ticket with the attack pool
+
+
+class TrackingConfig(_Strict):
+    uri: str | None = None  # MLFLOW_TRACKING_URI, else a sqlite store in runtime.output_dir
+    experiment: str | None = None  # default: the config's name
+
+
+class ParamSpace(_Strict):
+    kind: Literal["uniform", "loguniform", "int", "choice"]
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ParamSpace:
+        if self.kind == "choice":
+            if not self.values:
+                raise ValueError("a choice needs a non-empty 'values' list")
+        elif self.low is None or self.high is None or self.low >= self.high:
+            raise ValueError(f"a {self.kind} range needs low < high")
+        elif self.kind == "loguniform" and self.low <= 0:
+            raise ValueError("a loguniform range needs low > 0")
+        return self
+
+
+class TuneConfig(_Strict):
+    """`er-ray tune`: Optuna through Ray Tune over dotted config keys (e.g. search.lambda_head)."""
+
+    space: dict[str, ParamSpace] = {}
+    objective: str = "clean_acc+aua_textfooler"  # a metric name, or a '+'-joined sum of them
+    mode: Literal["max", "min"] = "max"
+    num_samples: int = Field(default=8, ge=1)
+    max_concurrent: int = Field(default=1, ge=1)
+    storage: str | None = None  # Optuna RDB URL; default sqlite in runtime.output_dir (resumable)
+    study_name: str | None = None
+    attack_examples: int = Field(default=50, ge=1)  # per-trial attack sample
+
+
 class RuntimeConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(default=None, ge=1)  # torch threads; None = torch's default
     output_dir: Path = Path("outputs")
-
-
-Method = Literal[
-    "earlyrobust",
-    "earlybert",  # search without the adversary (also the "no adversary" ablation)
-    "finetune",
-    "freelb",
-    "pgd",
-    "earlyrobust-no-l1",
-    "earlyrobust-random",
-    "earlyrobust-reinit",
-]
-TICKET_METHODS = ("earlyrobust", "earlybert", "earlyrobust-no-l1", "earlyrobust-random", "earlyrobust-reinit")
 
 
 class ExperimentConfig(_Strict):
@@ -155,7 +206,17 @@ class ExperimentConfig(_Strict):
     finetune: FinetuneConfig = FinetuneConfig()
     sweep: SweepConfig = SweepConfig()
     attack: AttackConfig = AttackConfig()
+    ray: RayConfig = RayConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    tune: TuneConfig = TuneConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+
+    def methods(self) -> list[str]:
+        """The methods one invocation runs: `ray.methods`, else the single `method`."""
+        return list(self.ray.methods) or [self.method]
+
+    def for_method(self, method: str) -> ExperimentConfig:
+        return self.model_copy(update={"method": method}, deep=True)
 
     def uses_ticket(self) -> bool:
         return self.method in TICKET_METHODS
@@ -169,8 +230,15 @@ def _format_error(err: ValidationError, raw: dict[str, Any]) -> str:
     key = ".".join(str(p) for p in first["loc"]) or "<root>"
     value: Any = raw
     for part in first["loc"]:
-        value = value.get(part) if isinstance(value, dict) else None
+        if isinstance(value, dict):
+            value = value.get(part)
+        elif isinstance(value, list) and isinstance(part, int) and part < len(value):
+            value = value[part]
+        else:
+            value = None
     msg = first["msg"].removeprefix("Value error, ")
+    if not first["loc"]:
+        return f"bad config: {msg}"
     if first["type"] == "extra_forbidden":
         return f"unknown config key '{key}'"
     if first["type"] == "missing":
@@ -246,6 +314,8 @@ class Settings:
     data_dir: Path | None  # local copies of the datasets (../shared/data layout)
     cache_dir: Path  # anything built at run time
     offline: bool  # HF_HUB_OFFLINE / HF_DATASETS_OFFLINE
+    mlflow_uri: str | None  # MLFLOW_TRACKING_URI
+    ray_address: str | None  # RAY_ADDRESS
 
 
 def settings() -> Settings:
@@ -261,4 +331,7 @@ def settings() -> Settings:
             data_dir = beside
     cache = Path(env.get("ER_RAY_CACHE_DIR") or Path(env.get("XDG_CACHE_HOME", "~/.cache")) / "er-ray")
     offline = any(env.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-    return Settings(data_dir=data_dir, cache_dir=cache.expanduser(), offline=offline)
+    return Settings(
+        data_dir=data_dir, cache_dir=cache.expanduser(), offline=offline,
+        mlflow_uri=env.get("MLFLOW_TRACKING_URI") or None, ray_address=env.get("RAY_ADDRESS") or None,
+    )  # fmt: skip

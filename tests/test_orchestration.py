@@ -1,0 +1,165 @@
+"""The Ray layer: Tune search + Stopper, fan-out per (gamma, ratios), MLflow states, resume and retries."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from conftest import tiny_experiment
+
+from er_ray import tracking as T
+from er_ray.convergence import Combo, grid
+from er_ray.methods import prepare, search_stage
+from er_ray.orchestration.search_tune import GRID_CURVES, ConvergenceStopper, run_search
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    from er_ray.orchestration.ray_env import init_ray
+
+    init_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+def _runs(uri: str, kind: str | None = None):
+    client = mlflow.tracking.MlflowClient(uri)
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id], max_results=1000)]
+    return [r for r in runs if kind is None or r.data.tags.get(T.TAG_KIND) == kind]
+
+
+def test_stopper_needs_every_combo_converged():
+    stopper = ConvergenceStopper(grid([0.1, 0.3], [0.25], [0.2, 0.4]), patience=2)
+    low, mid = [0.05, 0.05], [0.2, 0.2]
+    result = {GRID_CURVES: json.dumps([[0.25, 0.2, [low, low]], [0.25, 0.4, [mid, mid]]])}
+    assert not stopper("t", result)  # ffn ratio 0.4 meets gamma 0.3 but not 0.1
+    result = {GRID_CURVES: json.dumps([[0.25, 0.2, [mid, low, low]], [0.25, 0.4, [low, low]]])}
+    assert stopper("t", result)
+    assert not stopper("t", {GRID_CURVES: json.dumps([[0.25, 0.2, [low]], [0.25, 0.4, [low]]])})  # patience
+    assert not stopper("t", {"mask_distance_heads": 0.0}) and not stopper.stop_all()
+
+
+def test_tune_search_equals_the_in_process_search(ray_session, tiny_model_dir, tmp_path):
+    cfg = tiny_experiment(tiny_model_dir, tmp_path, **{"sweep.gammas": "[0.2, 0.5]", "ray.search_cpus": 1})
+    traj, last = run_search(cfg, tmp_path / "tune")
+    local = search_stage(prepare(cfg))
+    assert traj.stops == local.stops and all(s.converged for s in traj.stops.values())
+    # the Stopper ended the trial at the last combo's stop point, not at the cap
+    assert last["mini_epoch"] == max(s.mini_epoch for s in local.stops.values())
+    combo = Combo(0.5, 0.25, 0.3)
+    assert torch.equal(traj.at(combo).ffn, local.at(combo).ffn)
+    assert last[T.MASK_DISTANCE_HEADS] == local.mini_epochs[last["mini_epoch"]].head_distance
+
+
+def _sweep_config(model_dir, out, **over):
+    return tiny_experiment(model_dir, out, **{
+        "sweep.gammas": "[0.2, 0.5]", "sweep.ffn_ratios": "[0.2, 0.3]", "ray.attack": "false",
+        "ray.search_cpus": 1, "ray.ticket_cpus": 1, "tracking.uri": f"sqlite:///{out}/mlflow.db", **over})  # fmt: skip
+
+
+def test_fan_out_one_ticket_per_combo_and_mlflow_states(ray_session, tiny_model_dir, tmp_path):
+    from er_ray.orchestration.pipeline import run_pipeline
+
+    cfg = _sweep_config(tiny_model_dir, tmp_path, **{"ray.methods": "[earlyrobust, finetune]"})
+    rows = run_pipeline(cfg)
+    tickets = [(r["method"], r["gamma"], r["ffn_ratio"]) for r in rows]
+    assert sorted(t for t in tickets if t[0] == "earlyrobust") == [
+        ("earlyrobust", g, f) for g in (0.2, 0.5) for f in (0.2, 0.3)]  # fmt: skip
+    assert ("finetune", None, 0.0) in tickets and len(tickets) == 5
+    uri = cfg.tracking.uri
+    assert [r.info.status for r in _runs(uri, "parent")] == ["FINISHED"]
+    assert len(_runs(uri, "search")) == 1 and len(_runs(uri, "ticket")) == 5
+    assert all(r.info.status == "FINISHED" for r in _runs(uri))
+    primary = [r for r in _runs(uri, "ticket") if r.data.tags[T.TAG_PRIMARY] == "1"]
+    assert sorted(r.data.params["method"] for r in primary) == ["earlyrobust", "finetune"]
+    search = _runs(uri, "search")[0]
+    hist = mlflow.tracking.MlflowClient(uri).get_metric_history(search.info.run_id, T.MASK_DISTANCE_FFN)
+    assert len(hist) >= 2 and all(0 <= m.value <= 1 for m in hist)
+    for r in _runs(uri, "ticket"):
+        assert {T.CLEAN_ACC, T.TRAIN_SECONDS, T.FINETUNE_SECONDS} <= set(r.data.metrics)
+
+
+def test_failure_ends_runs_failed(ray_session, tiny_model_dir, tmp_path):
+    from er_ray.orchestration.pipeline import run_pipeline
+
+    # the search trial fails on its worker (no model there); no retries, so it fails at once
+    cfg = _sweep_config(tiny_model_dir, tmp_path, **{"model.name_or_path": str(tmp_path / "gone"),
+                                                      "ray.max_retries": 0})  # fmt: skip
+    with pytest.raises(RuntimeError, match="search stage failed"):
+        run_pipeline(cfg)
+    runs = _runs(cfg.tracking.uri)
+    assert runs and not [r for r in runs if r.info.status == "RUNNING"]
+    assert [r.info.status for r in _runs(cfg.tracking.uri, "parent")] == ["FAILED"]
+
+
+def _find_pids(title: str) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", title], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out if int(p) != os.getpid()]
+
+
+def test_killed_ticket_worker_is_retried(ray_session, tiny_model_dir, tmp_path):
+    import threading
+
+    from er_ray.orchestration.pipeline import run_pipeline
+
+    cfg = _sweep_config(tiny_model_dir, tmp_path, **{"sweep.gammas": "[0.2]", "sweep.ffn_ratios": "[0.3]",
+                                                      "finetune.epochs": 30})  # fmt: skip
+    killed = []
+
+    def killer():
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            for pid in _find_pids("ray::ticket_task"):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    rows = run_pipeline(cfg)
+    thread.join()
+    assert killed, "the ticket task never started"
+    assert len(rows) == 1 and 0 <= rows[0]["clean_acc"] <= 1
+    assert [r.info.status for r in _runs(cfg.tracking.uri, "ticket")] == ["FINISHED"]
+
+
+def test_driver_killed_after_search_resumes_without_redoing_work(ray_session, tiny_model_dir, tmp_path):
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg = _sweep_config(tiny_model_dir, tmp_path, **{"finetune.epochs": 20})
+    cfg_file.write_text(json.dumps(cfg.model_dump(mode="json")))  # JSON is YAML
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    cmd = [sys.executable, "-m", "er_ray.cli", "run", str(cfg_file)]
+    driver = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    runs = tmp_path / "tiny" / "runs"
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(runs.glob("*/earlyrobust/*/result.json")):
+        time.sleep(0.3)
+    driver.kill()  # the driver dies between tickets, after the search stage
+    driver.wait()
+    (run_dir,) = runs.iterdir()
+    traj_file = run_dir / "earlyrobust" / "trajectory.pt"
+    done = {p: p.stat().st_mtime for p in run_dir.glob("earlyrobust/*/result.json")}
+    assert traj_file.exists() and done
+    traj_mtime = traj_file.stat().st_mtime
+
+    from er_ray.orchestration.pipeline import run_pipeline
+
+    rows = run_pipeline(cfg, resume=True)
+    assert len(rows) == 4 and traj_file.stat().st_mtime == traj_mtime  # no second search
+    assert all(p.stat().st_mtime == m for p, m in done.items())  # finished tickets were not retrained
+    uri = cfg.tracking.uri
+    assert [r.info.status for r in _runs(uri, "parent")] == ["FINISHED"]
+    assert len(_runs(uri, "search")) == 1
+    tickets = [r for r in _runs(uri, "ticket") if r.info.status == "FINISHED"]
+    assert len(tickets) == 4 and len({r.data.tags["er_ray.key"] for r in tickets}) == 4
+    assert not [r for r in _runs(uri) if r.info.status == "RUNNING"]
