@@ -1,0 +1,299 @@
+"""`build_report`: Table 1 and Figures 2-5 from what an experiment logged to MLflow.
+
+Works on whatever subset exists: a missing metric is a blank cell, a figure without its data is skipped and
+the reason is listed in `ReportResult.notes` (and under the Markdown table).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from er_ray import tracking
+from er_ray.config import UserError
+from er_ray.report import figures, table
+from er_ray.report.store import (
+    TAG_PRIMARY,
+    TICKET_ARTIFACT,
+    TRAJECTORY_FILE,
+    Cell,
+    RunView,
+    Scope,
+    download,
+    merged_metrics,
+    open_scope,
+    pick_primary,
+    table_cells,
+)
+
+EARLYROBUST = "earlyrobust"
+TABLE_CSV = "table1.csv"
+TABLE_MD = "table1.md"
+ARTIFACT_DIR = "report"  # where the files go on the logged run
+# TicketResult fields that say how times were measured; read when the orchestration logs them as params
+_TIMING_PARAMS = ("device", "threads")
+
+
+@dataclass
+class ReportResult:
+    table: pd.DataFrame  # one row per (dataset, method); NaN = not logged
+    table_csv: Path
+    table_md: Path
+    figures: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what was skipped, and why
+    source_run_ids: list[str] = field(default_factory=list)  # the parents the table was drawn from
+    logged_run_id: str | None = None  # the run the files were logged to
+
+
+def build_report(
+    experiment: str | None,
+    parent_run_id: str | None,
+    out_dir: Path,
+    tracking_uri: str | None = None,
+    log_to_mlflow: bool = True,
+) -> ReportResult:
+    """Read MLflow (never rerun anything) and write Table 1 (CSV, Markdown) and Figures 2-5 to `out_dir`."""
+    import mlflow
+
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    scope = open_scope(experiment, parent_run_id, uri)
+    cells = table_cells(scope)
+    searches = [s for root in scope.roots for s in scope.of_kind(scope.subtree(root.run_id), "search")]
+    if not cells and not searches:
+        where = f"run '{parent_run_id}'" if parent_run_id else f"experiment '{experiment}'"
+        raise UserError(f"nothing to report: no ticket or search runs (tag {tracking.TAG_KIND}) in {where}")
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    df = table.build_table(cells)
+    sources = list(dict.fromkeys(scope.root_of(c.ticket).run_id for c in cells.values()))
+    result = ReportResult(df, out_dir / TABLE_CSV, out_dir / TABLE_MD, source_run_ids=sources)
+
+    datasets = {d for d, _ in cells} | {s.dataset for s in searches}
+    if len(datasets) > 1:
+        datasets.discard("")  # a search without a dataset param serves the named ones
+    with tempfile.TemporaryDirectory(prefix="er-ray-report-") as tmp:
+        for ds in sorted(datasets, key=lambda d: table.rank(table.DATASET_ORDER, d)):
+            _dataset_figures(scope, ds, cells.get((ds, EARLYROBUST)), out_dir, Path(tmp), result)
+
+    table.write_csv(df, result.table_csv)
+    result.table_md.write_text(_markdown(scope, experiment, cells, result))
+    if log_to_mlflow:
+        _log(scope, result)
+    return result
+
+
+# ---------------------------------------------------------------- figures
+
+
+def _label(ds: str) -> str:
+    return table.DATASET_LABEL.get(ds, ds or "unknown dataset")
+
+
+def _dataset_figures(
+    scope: Scope, ds: str, er: Cell | None, out: Path, tmp: Path, result: ReportResult
+) -> None:
+    stem = ds or "unknown"
+    if er is None and _search_for(scope, ds, er) is None:  # one note instead of four
+        result.notes.append(f"no figures for {_label(ds)}: no earlyrobust ticket or search run")
+        return
+    steps = [
+        (_figure2, out / f"figure2_mask_distance_{stem}.png"),
+        (_figure3, out / f"figure3_gamma_{stem}.png"),
+        (_figure4, out / f"figure4_sparsity_{stem}.png"),
+        (_figure5, out / f"figure5_sparsity_pattern_{stem}.png"),
+    ]
+    for make, path in steps:
+        why = make(scope, ds, er, path, tmp, result.notes)
+        if why is None:
+            result.figures.append(path)
+        else:
+            result.notes.append(f"{path.name} not written: {why}")
+
+
+def _search_for(scope: Scope, ds: str, er: Cell | None) -> RunView | None:
+    """The search behind the EarlyRobust ticket: its ancestor, else one under the same parent."""
+    if er is not None:
+        for run in scope.ancestors(er.ticket):
+            if run.kind == "search":
+                return run
+    roots = [scope.root_of(er.ticket)] if er is not None else scope.roots
+    for root in roots:
+        found = [s for s in scope.of_kind(scope.subtree(root.run_id), "search") if s.dataset in (ds, "")]
+        if found:
+            # the EarlyRobust search first, then one whose method is not logged
+            return min(found, key=lambda s: ({EARLYROBUST: 0, "": 1}.get(s.method, 2), s.start_time))
+    return None
+
+
+def _figure2(scope: Scope, ds: str, er: Cell | None, path: Path, tmp: Path, notes: list[str]) -> str | None:
+    search = _search_for(scope, ds, er)
+    if search is None:
+        return "no search run"
+    method = table.METHOD_LABEL.get(search.method, search.method or "search")
+    title = f"Figure 2: mask distance between mini-epochs ({_label(ds)}, {method})"
+    why = _figure2_pairwise(scope, search, er, title, path, tmp)
+    if why is None:
+        return None
+    client = scope.client
+    head = [(m.step, m.value) for m in client.get_metric_history(search.run_id, tracking.MASK_DISTANCE_HEADS)]
+    ffn = [(m.step, m.value) for m in client.get_metric_history(search.run_id, tracking.MASK_DISTANCE_FFN)]
+    if not head and not ffn:
+        return f"{why}, and no {tracking.MASK_DISTANCE_HEADS}/{tracking.MASK_DISTANCE_FFN} curves"
+    notes.append(f"{path.name}: consecutive distances as logged, not pairwise ({why})")
+    figures.figure2_curves(sorted(head), sorted(ffn), search.param_float(tracking.PARAM_GAMMA),
+                           title.replace("between mini-epochs", "to the previous mini-epoch"), path)  # fmt: skip
+    return None
+
+
+def _figure2_pairwise(
+    scope: Scope, search: RunView, er: Cell | None, title: str, path: Path, tmp: Path
+) -> str | None:
+    """Pairwise heat maps from the trajectory's coefficients, drawn at the search's own ratios."""
+    import torch
+
+    from er_ray.search import Trajectory
+    from er_ray.ticket import draw_masks
+
+    file = download(scope, search.run_id, TRAJECTORY_FILE, TRAJECTORY_FILE, tmp / search.run_id)
+    if file is None:
+        return f"no {TRAJECTORY_FILE} artifact"
+    ratios = [search.param_float(p) for p in (tracking.PARAM_HEAD_RATIO, tracking.PARAM_FFN_RATIO)]
+    if None in ratios and er is not None:
+        ratios = [er.ticket.param_float(p) for p in (tracking.PARAM_HEAD_RATIO, tracking.PARAM_FFN_RATIO)]
+    if None in ratios:
+        return "no head_ratio/ffn_ratio params to draw the masks at"
+    try:
+        traj = Trajectory.load(file)  # our own pickle from our own store
+    except Exception as err:  # a file from another version: fall back to the logged curves
+        return f"{TRAJECTORY_FILE} unreadable ({type(err).__name__})"
+    if len(traj.mini_epochs) < 2:
+        return "fewer than 2 mini-epochs in the trajectory"
+    masks = [draw_masks(m.head, m.ffn, ratios[0], ratios[1], traj.scope) for m in traj.mini_epochs]
+    head = figures.pairwise_distance(torch.stack([m.head for m in masks]))
+    ffn = figures.pairwise_distance(torch.stack([m.ffn for m in masks]))
+    figures.figure2_heatmap(head, ffn, title, path)
+    return None
+
+
+def _same(a: float | None, b: float | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
+
+
+def _sweep(scope: Scope, cell: Cell, x_param: str, fixed: tuple[str, ...]) -> dict[float, dict[str, float]]:
+    """x -> metrics, over the tickets that match the primary ticket in the `fixed` params."""
+    by_x: dict[float, list[RunView]] = {}
+    for t in cell.group:
+        x = t.param_float(x_param)
+        if x is not None and all(_same(t.param_float(p), cell.ticket.param_float(p)) for p in fixed):
+            by_x.setdefault(x, []).append(t)
+    return {x: merged_metrics(scope, pick_primary(ts)) for x, ts in by_x.items()}
+
+
+def _series(points: dict[float, dict[str, float]], scale: float = 1.0) -> figures.Series:
+    names = {"Clean%": tracking.CLEAN_ACC}
+    names.update({f"Aua% {table.ATTACK_LABEL.get(a, a)}": tracking.aua(a) for a in tracking.ATTACKS})
+    series = {
+        label: [(x * scale, 100 * m[key]) for x, m in points.items() if key in m]
+        for label, key in names.items()
+    }
+    return {k: v for k, v in series.items() if v}
+
+
+def _figure3(scope: Scope, ds: str, er: Cell | None, path: Path, tmp: Path, notes: list[str]) -> str | None:
+    if er is None:
+        return "no earlyrobust ticket"
+    points = _sweep(scope, er, tracking.PARAM_GAMMA, (tracking.PARAM_HEAD_RATIO, tracking.PARAM_FFN_RATIO))
+    series = _series(points)
+    if len(points) < 2 or not series:
+        return "needs earlyrobust tickets at >= 2 values of gamma (a sweep.gammas list)"
+    figures.figure3(series, f"Figure 3: accuracy against γ ({_label(ds)}, EarlyRobust)", path)
+    return None
+
+
+def _figure4(scope: Scope, ds: str, er: Cell | None, path: Path, tmp: Path, notes: list[str]) -> str | None:
+    if er is None:
+        return "no earlyrobust ticket"
+    g, h, f = tracking.PARAM_GAMMA, tracking.PARAM_HEAD_RATIO, tracking.PARAM_FFN_RATIO
+    panels = []
+    for x_param, fixed, xlabel in (
+        (f, (g, h), "FFN neurons pruned (%)"),
+        (h, (g, f), "attention heads pruned (%)"),
+    ):
+        points = _sweep(scope, er, x_param, fixed)
+        if len(points) >= 2 and _series(points):
+            panels.append((xlabel, _series(points, scale=100)))
+    if not panels:
+        return "needs earlyrobust tickets at >= 2 values of ffn_ratio or head_ratio (sweep ratio lists)"
+    figures.figure4(panels, f"Figure 4: accuracy against sparsity ({_label(ds)}, EarlyRobust)", path)
+    return None
+
+
+def _figure5(scope: Scope, ds: str, er: Cell | None, path: Path, tmp: Path, notes: list[str]) -> str | None:
+    if er is None:
+        return "no earlyrobust ticket"
+    file = download(
+        scope, er.ticket.run_id, Path(TICKET_ARTIFACT).name, TICKET_ARTIFACT, tmp / er.ticket.run_id
+    )
+    if file is None:
+        return f"no {TICKET_ARTIFACT} artifact on ticket run {er.ticket.run_id}"
+    try:
+        info = json.loads(file.read_text())
+        heads, neurons = int(info["shape"]["heads"]), int(info["shape"]["neurons"])
+        kept_heads = [len(k) for k in info["kept_heads"]]
+        kept_neurons = [len(k) for k in info["kept_neurons"]]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"{TICKET_ARTIFACT} unreadable ({type(err).__name__}: {err})"
+    figures.figure5(kept_heads, heads, kept_neurons, neurons,
+                    f"Figure 5: sparsity pattern of the EarlyRobust ticket ({_label(ds)})", path)  # fmt: skip
+    return None
+
+
+# ---------------------------------------------------------------- Markdown and logging
+
+
+def _markdown(
+    scope: Scope, experiment: str | None, cells: dict[tuple[str, str], Cell], result: ReportResult
+) -> str:
+    timing = sorted(
+        {f"{p}={c.ticket.params[p]}" for c in cells.values() for p in _TIMING_PARAMS if p in c.ticket.params}
+    )
+    lines = [
+        "# Table 1",
+        "",
+        f"MLflow `{scope.uri}`, experiment {experiment or scope.experiment_id}, "
+        f"parent run(s) {', '.join(f'`{r}`' for r in result.source_run_ids) or '(none)'}.",
+        "",
+        table.to_markdown(result.table),
+        "- Clean% and Aua% in percent; #Query: mean model queries per attacked example; blank: not logged.",
+        f"- Time: `{tracking.TRAIN_SECONDS}` (search + fine-tuning for ticket methods; compute only, no data I/O)"
+        + (f", measured with {', '.join(timing)}." if timing else "."),
+        "- Speedup: the baseline's time / the method's time on the same dataset; the slowest robust baseline is "
+        f"the slower of {' and '.join(table.METHOD_LABEL[m] for m in table.ROBUST_BASELINES)}.",
+        f"- Row of a method: its ticket tagged `{TAG_PRIMARY}=1` (the config's own γ and ratios), else its earliest; "
+        "with several parents, the newest parent that has the method.",
+    ]
+    lines += [f"- {n}" for n in result.notes]
+    return "\n".join(lines) + "\n"
+
+
+def _log(scope: Scope, result: ReportResult) -> None:
+    """Attach the files to the report's parent run (the given run, else the experiment's newest parent)."""
+    if not scope.roots:
+        result.notes.append("not logged to MLflow: no parent run")
+        return
+    run_id = scope.roots[0].run_id
+    try:
+        for path in [result.table_csv, result.table_md, *result.figures]:
+            scope.client.log_artifact(run_id, str(path), ARTIFACT_DIR)
+    except Exception as err:  # the files are on disk either way; say why the copy in MLflow is missing
+        result.notes.append(f"not logged to MLflow: {type(err).__name__}: {err}")
+        return
+    result.logged_run_id = run_id

@@ -1,0 +1,366 @@
+"""`er-ray report` on a small synthetic MLflow store: known values in, the same values out; blank cells for
+missing metrics; Figures 2-5 written as valid PNGs; the MLflow server shows the runs through its REST API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from er_ray import tracking
+from er_ray.config import UserError
+from er_ray.report import build_report, cli
+from er_ray.report.store import TAG_PARENT, TAG_PRIMARY
+from er_ray.report.table import (
+    COL_CLEAN,
+    COL_DATASET,
+    COL_METHOD,
+    COL_RUN,
+    COL_SPEEDUP_FREELB,
+    COL_SPEEDUP_SLOWEST,
+    COL_TIME,
+    aua_col,
+    query_col,
+)
+
+EXPERIMENT = "report-test"
+FALLBACK_EXPERIMENT = "report-fallback"
+PNG = b"\x89PNG\r\n\x1a\n"
+LAYERS, HEADS, NEURONS = 3, 4, 10
+
+
+def _attack_metrics(clean: float, tf=None, tb=None, ba=None) -> dict[str, float | None]:
+    """clean accuracy plus (aua, queries) per attack; None = not logged."""
+    m: dict[str, float | None] = {tracking.CLEAN_ACC: clean}
+    for attack, pair in zip(tracking.ATTACKS, (tf, tb, ba), strict=True):
+        if pair is not None:
+            m[tracking.aua(attack)], m[tracking.queries(attack)] = pair
+    return m
+
+
+# (dataset, method) -> metrics of the ticket the table must show
+EXPECTED = {
+    ("sst2", "finetune"): {**_attack_metrics(0.92, (0.05, 80.5), (0.1, 70.0), (0.02, 60.25)), tracking.TRAIN_SECONDS: 100.0},
+    ("sst2", "earlybert"): {**_attack_metrics(0.90, (0.06, 81.0)), tracking.TRAIN_SECONDS: 60.0},  # no TB/BA: blank
+    ("sst2", "pgd"): {**_attack_metrics(0.91, (0.3, 150.0), (0.35, 140.0), (0.25, 130.0)), tracking.TRAIN_SECONDS: 900.0},
+    ("sst2", "freelb"): {**_attack_metrics(0.915, (0.4, 160.0), (0.42, 150.0), (0.3, 140.0)), tracking.TRAIN_SECONDS: 600.0},
+    ("sst2", "earlyrobust"): {**_attack_metrics(0.905, (0.38, 155.0), (0.4, 148.0), (0.33, 145.5)),
+                              tracking.TRAIN_SECONDS: 120.0},
+    ("sst2", "earlyrobust-random"): {**_attack_metrics(0.89, (0.2, 120.0)), tracking.TRAIN_SECONDS: 110.0},
+    ("imdb", "finetune"): {tracking.CLEAN_ACC: 0.93},  # no attacks, no time: blank speedups
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> dict:
+    """Two parents (the newer wins per method), a search with its trajectory, a gamma x ratio sweep."""
+    from mlflow import MlflowClient
+
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment(EXPERIMENT, artifact_location=(root / "artifacts").as_uri())
+    now = int(time.time() * 1000)
+    ids: dict = {"uri": uri, "root": root, "tickets": 0}
+
+    def run(
+        kind: str, parent: str | None, start: int, params=None, metrics=None, tags=None, series=None
+    ) -> str:
+        all_tags = {
+            tracking.TAG_KIND: kind,
+            **({TAG_PARENT: parent} if parent else {}),
+            **(tags or {}),
+        }
+        rid = client.create_run(exp, start_time=start, tags=all_tags).info.run_id
+        tracking.log_batch(client, rid, metrics=metrics, params=params, series=series)
+        client.set_terminated(rid)
+        ids["tickets"] += kind == "ticket"
+        return rid
+
+    def ticket(parent, start, dataset, method, metrics, gamma=None, head=0.25, ffn=0.3, primary=False) -> str:
+        params = {tracking.PARAM_METHOD: method, tracking.PARAM_DATASET: dataset, tracking.PARAM_MODEL: "tiny",
+                  tracking.PARAM_GAMMA: gamma, tracking.PARAM_HEAD_RATIO: head, tracking.PARAM_FFN_RATIO: ffn}  # fmt: skip
+        return run("ticket", parent, start, params, metrics, {TAG_PRIMARY: "1"} if primary else None)
+
+    # the older parent: its freelb is superseded by the newer parent's; its random ablation is the only one
+    old = run("parent", None, now - 100_000)
+    ticket(old, now - 99_000, "sst2", "freelb", {**EXPECTED["sst2", "freelb"], tracking.CLEAN_ACC: 0.5})
+    ids["random"] = ticket(old, now - 98_000, "sst2", "earlyrobust-random", EXPECTED["sst2", "earlyrobust-random"],
+                           gamma=0.1)  # fmt: skip
+
+    parent = ids["parent"] = run("parent", None, now)
+    search_params = {tracking.PARAM_METHOD: "earlyrobust", tracking.PARAM_DATASET: "sst2", tracking.PARAM_GAMMA: 0.1,
+                     tracking.PARAM_HEAD_RATIO: 0.25, tracking.PARAM_FFN_RATIO: 0.3}  # fmt: skip
+    curves = {tracking.MASK_DISTANCE_HEADS: [(1, 0.5), (2, 0.2), (3, 0.0)],
+              tracking.MASK_DISTANCE_FFN: [(1, 0.4), (2, 0.1), (3, 0.05)]}  # fmt: skip
+    search = run("search", parent, now + 1, search_params, series=curves)
+    traj = root / "trajectory.pt"
+    _trajectory().save(traj)
+    client.log_artifact(search, str(traj))
+
+    for i, (ds, method) in enumerate(
+        k for k in EXPECTED if k[1] not in ("earlyrobust", "earlyrobust-random")
+    ):
+        ids[ds, method] = ticket(parent, now + 10 + i, ds, method, EXPECTED[ds, method])
+    # the sweep: a non-primary ticket started before the primary one; the primary tag must win over "first"
+    er = EXPECTED["sst2", "earlyrobust"]
+    sweep = [(0.05, 0.25, 0.3), (0.2, 0.25, 0.3), (0.1, 0.25, 0.2), (0.1, 0.25, 0.4), (0.1, 0.5, 0.3)]
+    for j, (g, h, f) in enumerate(sweep):
+        shifted = {k: v - 0.01 * (j + 1) if k.startswith(("aua", "clean")) else v for k, v in er.items()}
+        ticket(parent, now + 20, "sst2", "earlyrobust", shifted, gamma=g, head=h, ffn=f)
+    # the primary ticket's BERT-Attack numbers only on its attack run (the fallback the report reads)
+    ba = {tracking.aua("bertattack"), tracking.queries("bertattack")}
+    primary = ids["sst2", "earlyrobust"] = ticket(
+        parent,
+        now + 30,
+        "sst2",
+        "earlyrobust",
+        {k: v for k, v in er.items() if k not in ba},
+        gamma=0.1,
+        primary=True,
+    )
+    run("attack", primary, now + 31, metrics={k: v for k, v in er.items() if k in ba})
+    info = {"kept_heads": [[0, 1, 2], [1, 3], [0, 1, 2, 3]], "kept_neurons": [list(range(7)), [0, 5], list(range(9))],
+            "shape": {"layers": LAYERS, "heads": HEADS, "neurons": NEURONS}}  # fmt: skip
+    tracking.log_json(client, primary, info, "ticket/ticket.json")
+
+    # a second experiment with only the logged curves: Figure 2 falls back, Figures 3-5 are skipped
+    exp2 = client.create_experiment(FALLBACK_EXPERIMENT, artifact_location=(root / "artifacts2").as_uri())
+    p2 = client.create_run(exp2, tags={tracking.TAG_KIND: "parent"}).info.run_id
+    s2 = client.create_run(exp2, tags={tracking.TAG_KIND: "search", TAG_PARENT: p2}).info.run_id
+    tracking.log_batch(client, s2, params=search_params, series=curves)
+    ids["fallback_parent"] = p2
+    return ids
+
+
+def _trajectory():
+    from er_ray.search import MiniEpoch, Trajectory
+
+    gen = torch.Generator().manual_seed(0)
+    base_h, base_f = torch.rand(LAYERS, HEADS, generator=gen), torch.rand(LAYERS, NEURONS, generator=gen)
+    points = []
+    for i in range(5):  # the noise shrinks: the masks settle, as in the paper's Figure 2
+        noise = 1.0 / (i + 1) ** 2
+        h = base_h + noise * torch.rand(LAYERS, HEADS, generator=gen)
+        f = base_f + noise * torch.rand(LAYERS, NEURONS, generator=gen)
+        points.append(MiniEpoch(i, i, i / 4, float(i), 0.5, h, f, None, None))
+    return Trajectory(points, {}, steps_per_epoch=4, mini_epoch_steps=1, patience=2, scope="global")
+
+
+@pytest.fixture(scope="module")
+def report(store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    return build_report(EXPERIMENT, None, out, tracking_uri=store["uri"])
+
+
+def _row(df: pd.DataFrame, dataset: str, method: str) -> pd.Series:
+    rows = df[(df[COL_DATASET] == dataset) & (df[COL_METHOD] == method)]
+    assert len(rows) == 1, (dataset, method)
+    return rows.iloc[0]
+
+
+def _expected_cells(metrics: dict) -> dict[str, float]:
+    cells = {
+        COL_CLEAN: 100 * metrics[tracking.CLEAN_ACC],
+        COL_TIME: metrics.get(tracking.TRAIN_SECONDS, math.nan),
+    }
+    for a in tracking.ATTACKS:
+        aua = metrics.get(tracking.aua(a))
+        cells[aua_col(a)] = math.nan if aua is None else 100 * aua
+        cells[query_col(a)] = metrics.get(tracking.queries(a), math.nan)
+    return cells
+
+
+def _check(value: float, expected: float) -> None:
+    if math.isnan(expected):
+        assert math.isnan(value)  # blank, never zero
+    else:
+        assert value == pytest.approx(expected)
+
+
+def test_table_has_the_logged_values(report, store):
+    df = report.table
+    assert list(zip(df[COL_DATASET], df[COL_METHOD], strict=True)) == [
+        ("sst2", "finetune"), ("sst2", "earlybert"), ("sst2", "pgd"), ("sst2", "freelb"), ("sst2", "earlyrobust"),
+        ("sst2", "earlyrobust-random"), ("imdb", "finetune"),
+    ]  # fmt: skip
+    for (ds, method), metrics in EXPECTED.items():
+        row = _row(df, ds, method)
+        for col, expected in _expected_cells(metrics).items():
+            _check(row[col], expected)
+    # the newer parent's freelb, the primary earlyrobust, the older parent's only random ablation
+    assert _row(df, "sst2", "freelb")[COL_RUN] == store["sst2", "freelb"]
+    assert _row(df, "sst2", "earlyrobust")[COL_RUN] == store["sst2", "earlyrobust"]
+    assert _row(df, "sst2", "earlyrobust-random")[COL_RUN] == store["random"]
+    assert report.source_run_ids[0] == store["parent"]
+
+
+def test_speedups(report):
+    df = report.table
+    er, freelb, ft = (_row(df, "sst2", m) for m in ("earlyrobust", "freelb", "finetune"))
+    assert er[COL_SPEEDUP_SLOWEST] == pytest.approx(900 / 120)  # pgd is the slowest robust baseline
+    assert er[COL_SPEEDUP_FREELB] == pytest.approx(600 / 120)
+    assert freelb[COL_SPEEDUP_FREELB] == pytest.approx(1.0) and ft[COL_SPEEDUP_SLOWEST] == pytest.approx(9.0)
+    imdb = _row(df, "imdb", "finetune")
+    assert math.isnan(imdb[COL_SPEEDUP_SLOWEST]) and math.isnan(imdb[COL_SPEEDUP_FREELB])
+
+
+def test_csv_and_markdown_show_blanks_not_zeros(report):
+    csv = pd.read_csv(report.table_csv)
+    pd.testing.assert_frame_equal(csv, report.table, check_dtype=False)
+    text = report.table_csv.read_text()
+    assert "nan" not in text.lower()
+    earlybert = next(line for line in text.splitlines() if ",earlybert," in line)
+    assert ",,,," in earlybert  # TextBugger and BERT-Attack Aua% / #Query
+    md = report.table_md.read_text()
+    assert "nan" not in md.lower()
+    row = next(line for line in md.splitlines() if line.startswith("|  | EarlyBERT |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2:6] == ["90.0", "6.0", "81.0", ""] and cells[6:9] == ["", "", ""]
+    assert "| EarlyRobust | 90.5 | 38.0 | 155.0 | 40.0 | 148.0 | 33.0 | 145.5 | 120.0 | 7.50x | 5.00x |" in md
+
+
+def test_figures_are_valid_pngs_and_logged(report, store):
+    from matplotlib.image import imread
+    from mlflow import MlflowClient
+
+    names = {p.name for p in report.figures}
+    assert names == {"figure2_mask_distance_sst2.png", "figure3_gamma_sst2.png", "figure4_sparsity_sst2.png",
+                     "figure5_sparsity_pattern_sst2.png"}  # fmt: skip
+    for path in report.figures:
+        assert path.read_bytes()[:8] == PNG
+        assert imread(path).shape[0] > 100
+    assert not any("figure2" in n and "sst2" in n for n in report.notes)  # the pairwise heat map, no fallback
+    assert "no figures for IMDB: no earlyrobust ticket or search run" in report.notes
+    assert report.logged_run_id == store["parent"]
+    logged = {Path(f.path).name for f in MlflowClient(store["uri"]).list_artifacts(store["parent"], "report")}
+    assert logged == names | {"table1.csv", "table1.md"}
+
+
+def test_pairwise_distance_is_the_mask_distance():
+    from er_ray.convergence import mask_distance
+    from er_ray.report.figures import pairwise_distance
+    from er_ray.ticket import draw_masks
+
+    traj = _trajectory()
+    masks = [draw_masks(m.head, m.ffn, 0.25, 0.3) for m in traj.mini_epochs]
+    head = pairwise_distance(torch.stack([m.head for m in masks]))
+    ffn = pairwise_distance(torch.stack([m.ffn for m in masks]))
+    for i in range(len(masks)):
+        for j in range(len(masks)):
+            assert (head[i, j].item(), ffn[i, j].item()) == pytest.approx(mask_distance(masks[i], masks[j]))
+    assert head.diagonal().abs().max() == 0 and head.max() > 0
+
+
+def test_run_mode_and_fallbacks(store, tmp_path):
+    result = build_report(
+        None, store["fallback_parent"], tmp_path, tracking_uri=store["uri"], log_to_mlflow=False
+    )
+    assert result.table.empty and [p.name for p in result.figures] == ["figure2_mask_distance_sst2.png"]
+    assert result.figures[0].read_bytes()[:8] == PNG
+    assert any("consecutive distances as logged" in n for n in result.notes)
+    assert sum("not written" in n for n in result.notes) == 3 and result.logged_run_id is None
+
+
+def test_unknown_experiment_or_run_is_a_user_error(store, tmp_path):
+    with pytest.raises(UserError, match="no MLflow experiment named 'nope'"):
+        build_report("nope", None, tmp_path, tracking_uri=store["uri"])
+    with pytest.raises(UserError, match="no MLflow run 'deadbeef'"):
+        build_report(None, "deadbeef", tmp_path, tracking_uri=store["uri"])
+    missing = tmp_path / "missing.db"
+    with pytest.raises(UserError, match="no MLflow store"):
+        build_report(EXPERIMENT, None, tmp_path, tracking_uri=f"sqlite:///{missing}")
+    assert not missing.exists()  # not created empty
+
+
+def test_cli_prints_the_table(store, tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    cli.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["report", "--run", store["parent"], "--out", str(tmp_path), "--no-log",
+                              "--tracking-uri", store["uri"]])  # fmt: skip
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "EarlyRobust" in out and "155.0" in out and (tmp_path / "table1.md").is_file()
+
+
+# ---------------------------------------------------------------- the MLflow server (what `mlflow ui` serves)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str, body: dict | None = None) -> dict:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read() or b"{}")
+
+
+@pytest.fixture(scope="module")
+def server(store, tmp_path_factory):
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    port = _free_port()
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store["uri"], "--host", "127.0.0.1",
+           "--port", str(port), "--workers", "1"]  # fmt: skip
+    with open(log, "wb") as fh:
+        # its own session: the server's workers are its children, stopped with it by the group id
+        proc = subprocess.Popen(
+            cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=log.parent, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2).read()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"mlflow server did not start:\n{log.read_text()[-2000:]}")
+                time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_server_serves_the_runs_and_contract_metrics(server, store):
+    exp = _get(f"{server}/api/2.0/mlflow/experiments/get-by-name?experiment_name={EXPERIMENT}")["experiment"]
+    found = _get(f"{server}/api/2.0/mlflow/runs/search", {
+        "experiment_ids": [exp["experiment_id"]], "filter": f"tags.`{tracking.TAG_KIND}` = 'ticket'", "max_results": 1000,
+    })["runs"]  # fmt: skip
+    assert len(found) == store["tickets"]
+    runs = {r["info"]["run_id"]: r["data"] for r in found}
+    primary = runs[store["sst2", "earlyrobust"]]
+    metrics = {m["key"]: m["value"] for m in primary["metrics"]}
+    params = {p["key"]: p["value"] for p in primary["params"]}
+    tags = {t["key"]: t["value"] for t in primary["tags"]}
+    want = EXPECTED["sst2", "earlyrobust"]
+    for key in (
+        tracking.CLEAN_ACC,
+        tracking.TRAIN_SECONDS,
+        tracking.aua("textfooler"),
+        tracking.queries("textfooler"),
+    ):
+        assert metrics[key] == pytest.approx(want[key])
+    assert set(tracking.PARAMS) <= set(params) and params[tracking.PARAM_METHOD] == "earlyrobust"
+    assert tags[TAG_PRIMARY] == "1"
