@@ -117,11 +117,14 @@ class FinetuneConfig(_Strict):
 
 
 class SweepConfig(_Strict):
-    """Grid served by one search trajectory (used by the Ray layer); empty lists mean the single value."""
+    """Tickets served by one search trajectory; empty lists mean the config's own single value."""
 
     gammas: list[float] = []
     head_ratios: list[float] = []
     ffn_ratios: list[float] = []
+    # grid: every combination; cross: vary one list at a time around the config's own values (Figures 3, 4)
+    mode: Literal["grid", "cross"] = "grid"
+    methods: list[Method] | None = None  # the methods the sweep applies to; None = every ticket method
 
 
 AttackName = Literal["textfooler", "textbugger", "bertattack"]

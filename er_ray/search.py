@@ -61,11 +61,18 @@ class Trajectory:
 
 
 def search_grid(cfg: ExperimentConfig) -> list[Combo]:
-    """The (gamma, head ratio, ffn ratio) grid one search serves; the config's own values lead."""
-    gammas = cfg.sweep.gammas or [cfg.search.gamma]
-    heads = cfg.sweep.head_ratios or [cfg.prune.head_ratio]
-    ffns = cfg.sweep.ffn_ratios or [cfg.prune.ffn_ratio]
-    return grid(gammas, heads, ffns)
+    """The (gamma, head ratio, ffn ratio) combos one search serves; the config's own combo comes first."""
+    own = Combo(cfg.search.gamma, cfg.prune.head_ratio, cfg.prune.ffn_ratio)
+    sweep = cfg.sweep
+    if sweep.methods is not None and cfg.method not in sweep.methods:
+        return [own]
+    gammas, heads, ffns = sweep.gammas or [own.gamma], sweep.head_ratios or [own.head_ratio], sweep.ffn_ratios or [own.ffn_ratio]
+    if sweep.mode == "grid":
+        combos = grid(gammas, heads, ffns)
+    else:
+        combos = grid(gammas, [own.head_ratio], [own.ffn_ratio]) + grid([own.gamma], heads, [own.ffn_ratio])
+        combos += grid([own.gamma], [own.head_ratio], ffns)
+    return list(dict.fromkeys([own, *combos]))
 
 
 def mini_epoch_steps(cfg: ExperimentConfig, steps_per_epoch: int) -> int:

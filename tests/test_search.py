@@ -58,3 +58,15 @@ def test_resume_from_a_checkpoint_continues_the_same_search(tiny_model_dir, tmp_
     rest = resumed.run()
     assert [m.step for m in rest.mini_epochs] == [m.step for m in whole.mini_epochs]
     torch.testing.assert_close(rest.mini_epochs[-1].ffn, whole.mini_epochs[-1].ffn)
+
+
+def test_sweep_grid_cross_and_method_scoping(tiny_model_dir, tmp_path):
+    from er_ray.search import search_grid
+
+    over = {"sweep.gammas": "[0.1, 0.2]", "sweep.ffn_ratios": "[0.3, 0.4]", "search.gamma": 0.1}
+    full = search_grid(tiny_experiment(tiny_model_dir, tmp_path, **over))
+    assert len(full) == 4 and full[0] == Combo(0.1, 0.25, 0.3)  # the config's own combo leads
+    cross = search_grid(tiny_experiment(tiny_model_dir, tmp_path, **over, **{"sweep.mode": "cross"}))
+    assert set(cross) == {Combo(0.1, 0.25, 0.3), Combo(0.2, 0.25, 0.3), Combo(0.1, 0.25, 0.4)}
+    scoped = tiny_experiment(tiny_model_dir, tmp_path, **over, method="earlybert", **{"sweep.methods": "[earlyrobust]"})
+    assert search_grid(scoped) == [Combo(0.1, 0.25, 0.3)]
