@@ -24,6 +24,12 @@ from typing import Any
 
 TAG_KIND = "er_ray.kind"  # parent | search | ticket | attack | trial
 TAG_NAME = "er_ray.name"  # the config's `name`
+TAG_PARENT = "mlflow.parentRunId"  # MLflow's own nesting tag
+TAG_KEY = "er_ray.key"  # a child run's work item (search / ticket / attack), so a resume never logs it twice
+TAG_STUDY = "er_ray.study"  # trials of `er-ray tune`: the Optuna study
+TAG_TRIAL_ID = "er_ray.trial_id"
+TAG_ERROR = "er_ray.error"  # a failed trial's error, one line
+OBJECTIVE = "objective"  # the tuned objective of a trial
 TAG_PRIMARY = "er_ray.primary"  # "1" on the ticket at the config's own gamma and ratios (Table 1's row)
 KINDS = ("parent", "search", "ticket", "attack", "trial")
 

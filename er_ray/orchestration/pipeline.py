@@ -24,8 +24,7 @@ from er_ray.search import Trajectory
 
 RESULT_FILE = "result.json"
 ATTACK_DIR = "attack"
-TAG_KEY = "er_ray.key"  # identifies a child run's work item, so a resume never logs it twice
-TAG_PARENT = "mlflow.parentRunId"
+TAG_KEY, TAG_PARENT = T.TAG_KEY, T.TAG_PARENT
 
 
 # ---------------------------------------------------------------- work on the workers
@@ -65,7 +64,12 @@ class Tracker:
         client = MlflowClient(uri)
         name = cfg.tracking.experiment or cfg.name
         exp = client.get_experiment_by_name(name)
-        exp_id = exp.experiment_id if exp else client.create_experiment(name)
+        if exp:
+            exp_id = exp.experiment_id
+        else:  # a local store keeps its artifacts beside it, not in ./mlruns of whatever the cwd is
+            local = uri.startswith("sqlite:")
+            where = (Path(cfg.runtime.output_dir).resolve() / "mlartifacts").as_uri() if local else None
+            exp_id = client.create_experiment(name, artifact_location=where)
         id_file = run_dir / "mlflow_parent_run_id"
         if resume and id_file.exists():
             parent = id_file.read_text().strip()

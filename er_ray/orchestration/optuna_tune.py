@@ -1,0 +1,520 @@
+"""`er-ray tune`: Optuna, through Ray Tune's OptunaSearch, over dotted config keys (`tune.space`).
+
+Each trial runs the whole pipeline in-process (prepare, search, the config's own ticket or the full-model
+baseline, then a small attack sample when the objective names an attack metric): on a small machine a trial
+never waits on tasks or actors that need its CPUs. Trials return metrics; this driver logs them to MLflow,
+one batch per trial (sqlite allows one writer).
+
+Resume: the Optuna study lives in an RDB storage (sqlite in runtime.output_dir unless tune.storage) under a
+fixed name (tune.study_name, else the config's name). Re-running the same config continues it: completed
+trials count towards tune.num_samples and are not redone; trials a dead driver left RUNNING become FAIL.
+The study remembers the config it was made from; `--resume` continues it even though the config changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import re
+import signal
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from er_ray import tracking as T
+from er_ray.config import (
+    TICKET_METHODS,
+    ExperimentConfig,
+    SweepConfig,
+    UserError,
+    config_from_dict,
+    load_config,
+    settings,
+)
+
+OBJECTIVE, TAG_STUDY, TAG_TRIAL_ID, TAG_ERROR = T.OBJECTIVE, T.TAG_STUDY, T.TAG_TRIAL_ID, T.TAG_ERROR
+STUDY_CONFIG_ATTR = "er_ray.config"  # study user attribute: the flattened config the study was made from
+TAG_PARENT = T.TAG_PARENT
+
+TICKET_METRICS = (
+    T.CLEAN_ACC, T.SEARCH_SECONDS, T.FINETUNE_SECONDS, T.TRAIN_SECONDS, T.STOP_EPOCH, T.STOP_MINI_EPOCH,
+    T.CONVERGED, T.PARAM_COUNT, T.SIZE_MB, T.LATENCY_MS,
+)  # fmt: skip
+SEARCH_ONLY_METRICS = (T.STOP_EPOCH, T.STOP_MINI_EPOCH, T.CONVERGED)  # blank for full-model baselines
+ATTACK_METRICS = {f(r): r for r in T.ATTACKS for f in (T.aua, T.queries, T.success_rate)}  # name -> recipe
+NOT_TUNABLE = ("name", "tune", "ray", "tracking", "runtime")  # sections that say how to run, not what
+# keys that may change without making a different study (how much, where and on what it runs)
+UNFINGERPRINTED = ("ray.", "tracking.", "runtime.", "tune.num_samples", "tune.max_concurrent", "tune.storage",
+                   "tune.study_name")  # fmt: skip
+
+
+# ---------------------------------------------------------------- config, objective and space
+
+
+def objective_terms(objective: str) -> list[str]:
+    """'clean_acc+aua_textfooler' -> ['clean_acc', 'aua_textfooler'], each a known contract metric."""
+    terms = [t.strip() for t in objective.split("+")]
+    known = set(TICKET_METRICS) | set(ATTACK_METRICS)
+    for t in terms:
+        if t not in known:
+            raise UserError(f"bad tune.objective '{objective}': unknown metric '{t}' "
+                            f"(known: {', '.join(sorted(known))})")  # fmt: skip
+    return terms
+
+
+def check_objective(cfg: ExperimentConfig) -> list[str]:
+    """The objective's terms, refused before any trial when a method that may be sampled cannot produce one."""
+    terms = objective_terms(cfg.tune.objective)
+    space = cfg.tune.space.get("method")
+    methods = list(space.values or []) if space and space.kind == "choice" else [cfg.method]
+    no_search = [m for m in methods if m not in TICKET_METHODS]
+    needs_search = [t for t in terms if t in SEARCH_ONLY_METRICS]
+    if no_search and needs_search:
+        raise UserError(
+            f"tune.objective uses {needs_search[0]}, which method {no_search[0]} (no search) lacks"
+        )
+    return terms
+
+
+def attack_recipes(terms: list[str]) -> list[str]:
+    """Only the recipes the objective needs are run (an attack costs seconds per example)."""
+    return list(dict.fromkeys(ATTACK_METRICS[t] for t in terms if t in ATTACK_METRICS))
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"tune.space key '{key}': '{part}' is not a section")
+        node = child
+    node[leaf] = value
+
+
+def trial_config(base: dict[str, Any], params: dict[str, Any]) -> ExperimentConfig:
+    """The base config (a JSON dump) with sampled values at dotted keys, validated."""
+    raw = copy.deepcopy(base)
+    for key, value in params.items():
+        _set_dotted(raw, key, value)
+    cfg = config_from_dict(raw)
+    # one ticket per trial, at the config's own combo: the search then waits for no other grid point
+    cfg.sweep = SweepConfig()
+    return cfg
+
+
+def search_space(cfg: ExperimentConfig) -> dict[str, Any]:
+    """tune.space as Optuna distributions; both bounds (every choice) must make a valid config."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    if not cfg.tune.space:
+        raise UserError("tune.space is empty: declare the keys to search, "
+                        "e.g. search.lambda_head: {kind: loguniform, low: 1.0e-5, high: 1.0e-3}")  # fmt: skip
+    base = cfg.model_dump(mode="json")
+    dists: dict[str, Any] = {}
+    for key, p in cfg.tune.space.items():
+        if key.split(".")[0] in NOT_TUNABLE:
+            raise UserError(f"tune.space key '{key}': {key.split('.')[0]} is not tunable")
+        if p.kind == "choice":
+            bad = [v for v in p.values or [] if v is not None and not isinstance(v, (bool, int, float, str))]
+            if bad:
+                raise UserError(
+                    f"tune.space.{key}: choices must be numbers, strings or booleans, got {bad[0]!r}"
+                )
+            dists[key], probes = CategoricalDistribution(p.values), list(p.values or [])
+        elif p.kind == "int":
+            if p.low != int(p.low) or p.high != int(p.high):
+                raise UserError(f"tune.space.{key}: an int range needs whole-number bounds")
+            dists[key], probes = IntDistribution(int(p.low), int(p.high)), [int(p.low), int(p.high)]
+        else:
+            dists[key], probes = FloatDistribution(p.low, p.high, log=p.kind == "loguniform"), [p.low, p.high]
+        for value in probes:  # catch typos and impossible values here, not in trial after trial
+            try:
+                trial_config(base, {key: value})
+            except UserError as err:
+                raise UserError(f"tune.space.{key}: {value!r} is not a valid value ({err})") from None
+    return dists
+
+
+def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Tune runs each trial in its own directory: relative paths would point elsewhere there."""
+    cfg = cfg.model_copy(deep=True)
+    cfg.runtime.output_dir = Path(cfg.runtime.output_dir).expanduser().resolve()
+    for attr in ("train_file", "eval_file"):
+        if getattr(cfg.data, attr) is not None:
+            setattr(cfg.data, attr, Path(getattr(cfg.data, attr)).expanduser().resolve())
+    model = Path(cfg.model.name_or_path).expanduser()
+    if model.exists():
+        cfg.model.name_or_path = str(model.resolve())
+    return cfg
+
+
+def storage_url(cfg: ExperimentConfig) -> str:
+    if cfg.tune.storage:
+        return cfg.tune.storage
+    path = Path(cfg.runtime.output_dir).resolve() / "optuna.db"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+def study_name(cfg: ExperimentConfig) -> str:
+    return cfg.tune.study_name or cfg.name
+
+
+def redact(url: str) -> str:
+    """A storage or tracking URL without its password (it goes into run params and messages)."""
+    return re.sub(r"://([^/:@]+):[^/@]*@", r"://\1:***@", url)
+
+
+def fingerprint(cfg: ExperimentConfig) -> dict[str, str]:
+    flat = T.flatten(cfg.model_dump(mode="json"))
+    return {k: json.dumps(v) for k, v in flat.items() if not k.startswith(UNFINGERPRINTED)}
+
+
+# ---------------------------------------------------------------- one trial (runs in a Ray worker)
+
+
+def _ticket_metrics(r: Any) -> dict[str, float | None]:
+    return {
+        T.CLEAN_ACC: r.clean_acc, T.SEARCH_SECONDS: r.search_seconds, T.FINETUNE_SECONDS: r.finetune_seconds,
+        T.TRAIN_SECONDS: r.train_seconds, T.STOP_EPOCH: r.stop_epoch, T.STOP_MINI_EPOCH: r.stop_mini_epoch,
+        T.CONVERGED: None if r.converged is None else float(r.converged), T.PARAM_COUNT: r.params,
+        T.SIZE_MB: r.size_mb, T.LATENCY_MS: r.latency_ms,
+    }  # fmt: skip
+
+
+def evaluate_trial(cfg: ExperimentConfig, out: Path, terms: list[str]) -> dict[str, Any]:
+    """The whole pipeline for one sampled config, in this process: contract metrics, the objective, and the
+    device and threads the timings were measured with."""
+    from er_ray.convergence import Combo
+    from er_ray.methods import full_model_pipeline, prepare, search_stage, ticket_pipeline
+
+    prep = prepare(cfg)
+    c = prep.cfg
+    if c.uses_ticket():
+        combo = Combo(c.search.gamma, c.prune.head_ratio, c.prune.ffn_ratio)
+        result = ticket_pipeline(prep, search_stage(prep), combo, out)
+    else:
+        result = full_model_pipeline(prep, out)
+    metrics = _ticket_metrics(result)
+    recipes = attack_recipes(terms)
+    if recipes:
+        from er_ray.attacks import evaluate_robustness, load_victim
+
+        model, tokenizer = load_victim(result.ticket_dir)
+        acfg = c.attack.model_copy(update={"recipes": recipes, "num_examples": c.tune.attack_examples})
+        rob = evaluate_robustness(
+            model.to(prep.device), tokenizer, prep.eval, acfg, c.seed, c.data.max_length
+        )
+        for r in recipes:
+            metrics |= {
+                T.aua(r): rob.aua[r],
+                T.queries(r): rob.mean_queries[r],
+                T.success_rate(r): rob.success_rate[r],
+            }
+    missing = [t for t in terms if metrics.get(t) is None]
+    if missing:
+        raise UserError(
+            f"tune.objective needs {', '.join(missing)}, which method {c.method} does not produce"
+        )
+    values = {k: float(v) for k, v in metrics.items() if v is not None}
+    values[OBJECTIVE] = sum(values[t] for t in terms)
+    return {**values, T.PARAM_DEVICE: result.device, T.PARAM_THREADS: result.threads}
+
+
+def _trainable(config: dict[str, Any], base: dict, terms: list[str], out_root: str, threads: int) -> None:
+    import torch
+    from ray import tune
+
+    torch.set_num_threads(threads)
+    cfg = trial_config(base, config)
+    tune.report(evaluate_trial(cfg, Path(out_root) / tune.get_context().get_trial_id(), terms))
+
+
+# ---------------------------------------------------------------- the driver
+
+
+def open_study(cfg: ExperimentConfig, resume: bool) -> tuple[Any, Any]:
+    """(study, storage): created, or loaded when the same config made it (any config with `resume`)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url, name = storage_url(cfg), study_name(cfg)
+    storage = optuna.storages.RDBStorage(url)
+    direction = "maximize" if cfg.tune.mode == "max" else "minimize"
+    now = fingerprint(cfg)
+    if name not in optuna.get_all_study_names(storage):
+        if resume:
+            raise UserError(f"nothing to resume: no study '{name}' in {redact(url)}")
+        study = optuna.create_study(study_name=name, storage=storage, direction=direction)
+        study.set_user_attr(STUDY_CONFIG_ATTR, now)
+        return study, storage
+    study = optuna.load_study(study_name=name, storage=storage)
+    if study.direction.name.lower() != direction:
+        raise UserError(f"study '{name}' in {redact(url)} {study.direction.name.lower()}s its objective; "
+                        f"tune.mode={cfg.tune.mode} needs another tune.study_name")  # fmt: skip
+    before = study.user_attrs.get(STUDY_CONFIG_ATTR, {})
+    changed = sorted(k for k in now.keys() | before.keys() if now.get(k) != before.get(k))
+    if changed and not resume:
+        raise UserError(f"study '{name}' in {redact(url)} was made from another config (changed: "
+                        f"{', '.join(changed[:4])}{', ...' if len(changed) > 4 else ''}); pass --resume to "
+                        f"continue it anyway, or set tune.study_name")  # fmt: skip
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study.tell(t.number, state=TrialState.FAIL)  # left by a driver that died: never to be told
+    return study, storage
+
+
+def completed(study: Any) -> int:
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+
+def _mlflow(cfg: ExperimentConfig, study: str) -> tuple[Any, str]:
+    """(client, experiment id); runs of this study that a killed driver left RUNNING end KILLED."""
+    from mlflow.tracking import MlflowClient
+
+    uri = cfg.tracking.uri or settings().mlflow_uri or T.default_tracking_uri(cfg.runtime.output_dir)
+    client = MlflowClient(uri)
+    name = cfg.tracking.experiment or cfg.name
+    exp = client.get_experiment_by_name(name)
+    exp_id = exp.experiment_id if exp else client.create_experiment(name)
+    stale = f"tags.`{TAG_STUDY}` = '{study}' and attributes.status = 'RUNNING'"
+    for r in client.search_runs([exp_id], filter_string=stale, max_results=1000):
+        client.set_terminated(r.info.run_id, "KILLED")
+    return client, exp_id
+
+
+def _contract_params(cfg: ExperimentConfig) -> dict[str, Any]:
+    ticket = cfg.uses_ticket()
+    return {
+        T.PARAM_METHOD: cfg.method, T.PARAM_DATASET: cfg.data.name, T.PARAM_MODEL: cfg.model.name_or_path,
+        T.PARAM_GAMMA: cfg.search.gamma if ticket else None,
+        T.PARAM_HEAD_RATIO: cfg.prune.head_ratio if ticket else 0.0,
+        T.PARAM_FFN_RATIO: cfg.prune.ffn_ratio if ticket else 0.0,
+    }  # fmt: skip
+
+
+class TrialLogger:
+    """Each finished or failed trial becomes one child run of the invocation's parent, in one batch.
+
+    Mixed into a `ray.tune.Callback` by `tune_study` (importing ray.tune here would slow every CLI call).
+    """
+
+    def __init__(self, client: Any, experiment_id: str, parent_id: str, base: dict, study: str) -> None:
+        self.client, self.experiment_id, self.parent_id, self.base, self.study = (
+            client, experiment_id, parent_id, base, study)  # fmt: skip
+        self.finished = 0
+        self.failed = 0
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._log(trial, "FINISHED")
+        self.finished += 1
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._log(trial, "FAILED")
+        self.failed += 1
+
+    def _log(self, trial: Any, status: str) -> None:
+        sampled = dict(trial.config)
+        params: dict[str, Any] = dict(sampled)
+        try:
+            params |= _contract_params(trial_config(self.base, sampled))
+        except UserError:
+            pass
+        result = trial.last_result or {}
+        params |= {k: result[k] for k in (T.PARAM_DEVICE, T.PARAM_THREADS) if k in result}
+        known = {*TICKET_METRICS, *ATTACK_METRICS, OBJECTIVE}
+        metrics = {k: v for k, v in result.items() if k in known and isinstance(v, (int, float))}
+        tags = {T.TAG_KIND: "trial", T.TAG_NAME: self.base.get("name", ""), TAG_PARENT: self.parent_id,
+                TAG_STUDY: self.study, TAG_TRIAL_ID: trial.trial_id}  # fmt: skip
+        if status == "FAILED":
+            tags[TAG_ERROR] = _error_line(trial)
+        run_id = self.client.create_run(
+            self.experiment_id, run_name=f"trial-{trial.trial_id}", tags=tags
+        ).info.run_id
+        end = "FAILED"
+        try:
+            T.log_batch(self.client, run_id, metrics=metrics,
+                        params={k: v for k, v in params.items() if v is not None})  # fmt: skip
+            end = status
+        finally:
+            self.client.set_terminated(run_id, end)
+
+
+def _error_line(trial: Any) -> str:
+    """The exception line of a failed trial's traceback (the whole file stays in Tune's trial dir)."""
+    # at on_trial_error the error file is in the trial's local staging dir; get_error() reads synced storage
+    path = trial.error_file
+    text = Path(path).read_text(errors="replace") if path and Path(path).exists() else trial.get_error() or ""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return (lines[-1] if lines else "unknown error")[:500]
+
+
+@dataclass
+class TuneSummary:
+    study_name: str
+    storage: str  # redacted
+    num_samples: int
+    completed: int  # COMPLETE trials in the study after this invocation
+    new_trials: int  # finished in this invocation
+    failed_trials: int  # failed (after retries) in this invocation
+    interrupted: bool = False
+    parent_run_id: str | None = None
+    best_value: float | None = None
+    best_params: dict[str, Any] = field(default_factory=dict)
+
+    def lines(self) -> list[str]:
+        out = [f"study '{self.study_name}' in {self.storage}: {self.completed} of {self.num_samples} trials "
+               f"complete ({self.new_trials} new, {self.failed_trials} failed)"]  # fmt: skip
+        if self.best_value is not None:
+            out.append(f"best {OBJECTIVE} {self.best_value:.4f} at {json.dumps(self.best_params)}")
+        if self.interrupted:
+            out.append("interrupted: run the same command again to continue the study")
+        return out
+
+
+def _best(study: Any) -> tuple[float | None, dict]:
+    if not completed(study):
+        return None, {}
+    return study.best_value, dict(study.best_params)
+
+
+def _open_parent(client: Any, exp_id: str, cfg: ExperimentConfig, study: str, url: str) -> str:
+    """The invocation's run: resolved config (passwords masked) as params, provenance as tags."""
+    from er_ray import data
+
+    tags = {T.TAG_KIND: "parent", T.TAG_NAME: cfg.name, TAG_STUDY: study, "er_ray.command": "tune"}
+    parent = client.create_run(exp_id, run_name=f"tune-{study}", tags=tags).info.run_id
+    try:
+        flat = T.flatten(cfg.model_dump(mode="json"))
+        params = {k: redact(v) if isinstance(v, str) else v for k, v in flat.items()}
+        provenance = T.provenance(data.local_files(cfg.data, settings().data_dir))
+        T.log_batch(client, parent, params={**params, "study": study, "storage": url}, tags=provenance)
+    except BaseException:
+        client.set_terminated(parent, "FAILED")
+        raise
+    return parent
+
+
+def _tuner(cfg: ExperimentConfig, study: Any, storage: Any, terms: list[str], num_samples: int,
+           callback: Any) -> Any:  # fmt: skip
+    import optuna
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    name = study.study_name
+    # a fresh seed per invocation: a resumed study must not replay its first random samples
+    sampler = optuna.samplers.TPESampler(seed=cfg.seed + len(study.trials))
+    searcher = OptunaSearch(space=search_space(cfg), metric=OBJECTIVE, mode=cfg.tune.mode, sampler=sampler,
+                            study_name=name, storage=storage)  # fmt: skip
+    out_root = Path(cfg.runtime.output_dir) / cfg.name / "tune" / name
+    threads = cfg.runtime.threads or max(1, int(cfg.ray.search_cpus))
+    trainable = tune.with_parameters(_trainable, base=cfg.model_dump(mode="json"), terms=terms,
+                                     out_root=str(out_root), threads=threads)  # fmt: skip
+    return tune.Tuner(
+        tune.with_resources(trainable, {"cpu": cfg.ray.search_cpus, "gpu": cfg.ray.search_gpus}),
+        tune_config=tune.TuneConfig(
+            search_alg=ConcurrencyLimiter(searcher, max_concurrent=cfg.tune.max_concurrent),
+            num_samples=num_samples,
+            reuse_actors=True,  # one process imports torch once for a run of trials
+        ),
+        run_config=tune.RunConfig(
+            name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
+            storage_path=str(out_root / "ray_results"),
+            callbacks=[callback],
+            failure_config=tune.FailureConfig(max_failures=cfg.ray.max_retries),
+        ),
+    )
+
+
+def tune_study(cfg: ExperimentConfig, resume: bool = False) -> TuneSummary:
+    """Run (or continue) the study until tune.num_samples trials are complete; returns what happened."""
+    from ray import tune
+
+    from er_ray.orchestration.ray_env import init_ray
+
+    terms = check_objective(cfg)
+    cfg = absolute_paths(cfg)
+    search_space(cfg)  # bad keys and values fail here, before Ray, MLflow or the study are touched
+    study, storage = open_study(cfg, resume)
+    name, url = study.study_name, redact(storage_url(cfg))
+    summary = TuneSummary(name, url, cfg.tune.num_samples, completed(study), 0, 0)
+    remaining = cfg.tune.num_samples - summary.completed
+    if remaining <= 0:
+        summary.best_value, summary.best_params = _best(study)
+        return summary
+
+    init_ray(cfg)
+    client, exp_id = _mlflow(cfg, name)
+    parent = summary.parent_run_id = _open_parent(client, exp_id, cfg, name, url)
+    status = "FAILED"
+    try:
+        logger = type("TrialLoggerCallback", (TrialLogger, tune.Callback), {})(
+            client, exp_id, parent, cfg.model_dump(mode="json"), name
+        )
+        _tuner(cfg, study, storage, terms, remaining, logger).fit()
+        # Tune stops gracefully on the first Ctrl-C and returns: fewer trials ended than were asked for
+        summary.new_trials, summary.failed_trials = logger.finished, logger.failed
+        summary.interrupted = logger.finished + logger.failed < remaining
+        summary.completed = completed(study)
+        summary.best_value, summary.best_params = _best(study)
+        metrics = {"trials_completed": summary.completed, "trials_new": logger.finished,
+                   "trials_failed": logger.failed, f"best_{OBJECTIVE}": summary.best_value}  # fmt: skip
+        T.log_batch(client, parent, metrics=metrics, tags={"best_params": json.dumps(summary.best_params)})
+        status = "KILLED" if summary.interrupted else "FAILED" if logger.failed else "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        client.set_terminated(parent, status)
+    return summary
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "tune", help="Optuna over tune.space through Ray Tune; each trial runs the pipeline"
+    )
+    p.add_argument("config", type=Path, help="experiment YAML with a tune section")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set tune.num_samples=20 (repeatable)")  # fmt: skip
+    p.add_argument("--resume", action="store_true",
+                   help="continue the study even if the config changed since it was made")  # fmt: skip
+    p.set_defaults(func=run)
+    return p
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def run(args: argparse.Namespace) -> int:
+    """0: the study has num_samples complete trials; 1: trials failed; 130: interrupted (re-run continues)."""
+    from er_ray.cli import check_config  # lazy: the CLI imports this module
+
+    cfg = load_config(args.config, args.overrides)
+    check_config(cfg)
+    # `ray job stop` sends SIGTERM: make it an interrupt, so the MLflow runs end KILLED, not RUNNING
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main else None
+    try:
+        summary = tune_study(cfg, resume=args.resume)
+    except KeyboardInterrupt:
+        print("er-ray tune: interrupted; run the same command again to continue the study")
+        return 130
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+    print("\n".join(summary.lines()))
+    if summary.interrupted:
+        return 130
+    return 1 if summary.failed_trials else 0

@@ -1,0 +1,184 @@
+"""`er-ray tune` on the tiny backbone: Optuna study in sqlite, resume, MLflow runs, failures, interrupts."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from types import SimpleNamespace
+
+import optuna
+import pytest
+import torch
+import yaml
+from conftest import tiny_experiment
+from optuna.trial import TrialState
+
+from er_ray import tracking as T
+from er_ray.config import UserError
+from er_ray.orchestration import optuna_tune as ot
+
+SPACE = ("{search.lambda_head: {kind: loguniform, low: 1.0e-4, high: 1.0e-2},"
+         " finetune.lr: {kind: choice, values: [0.001, 0.002]}}")  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """Ray started once for the session (about 4 s), or the one another test file started."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    return ray
+
+
+def write_config(model_dir: Path, tmp_path: Path, **over) -> Path:
+    over = {"tune.objective": "clean_acc", "tune.num_samples": 2, "tune.space": SPACE, "ray.search_cpus": 1,
+            "ray.max_retries": 0, **over}  # fmt: skip
+    cfg = tiny_experiment(model_dir, tmp_path / "out", **over)
+    path = tmp_path / "tune.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    return path
+
+
+def cli(*argv: object) -> int:
+    parser = argparse.ArgumentParser()
+    ot.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["tune", *map(str, argv)])
+    return args.func(args)
+
+
+def study_of(tmp_path: Path, name: str = "tiny") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / 'out' / 'optuna.db'}")
+
+
+def runs_of(tmp_path: Path, kind: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    return [r for r in runs if r.data.tags.get(T.TAG_KIND) == kind]
+
+
+def test_objective_and_space_are_checked_before_anything_runs(tiny_model_dir, tmp_path):
+    assert ot.objective_terms("clean_acc + aua_textfooler") == ["clean_acc", "aua_textfooler"]
+    assert ot.attack_recipes(["clean_acc", "aua_textbugger", "queries_textbugger"]) == ["textbugger"]
+    with pytest.raises(UserError, match="unknown metric 'acc'"):
+        ot.objective_terms("acc")
+    cfg = tiny_experiment(tiny_model_dir, tmp_path, **{"tune.space": SPACE, "sweep.gammas": "[0.1, 0.2]"})
+    assert set(ot.search_space(cfg)) == {"search.lambda_head", "finetune.lr"}
+    assert ot.trial_config(cfg.model_dump(mode="json"), {"finetune.lr": 0.002}).sweep.gammas == []
+    bad = {
+        "{search.lamda_head: {kind: uniform, low: 0.1, high: 0.2}}": "unknown config key",
+        "{search.gamma: {kind: uniform, low: 0.5, high: 2.0}}": "2.0 is not a valid value",
+        "{ray.search_cpus: {kind: int, low: 1, high: 2}}": "not tunable",
+        "{search.patience: {kind: int, low: 1.5, high: 3}}": "whole-number",
+        "{sweep.gammas: {kind: choice, values: [[0.1], [0.2]]}}": "numbers, strings or booleans",
+    }
+    for space, message in bad.items():
+        with pytest.raises(UserError, match=message):
+            ot.search_space(tiny_experiment(tiny_model_dir, tmp_path, **{"tune.space": space}))
+    ft = tiny_experiment(tiny_model_dir, tmp_path, **{"tune.objective": "clean_acc+stop_epoch"})
+    assert ot.check_objective(ft) == ["clean_acc", "stop_epoch"]
+    ft.tune.space = {"method": {"kind": "choice", "values": ["earlyrobust", "finetune"]}}
+    with pytest.raises(UserError, match="stop_epoch, which method finetune"):  # no search, no stop point
+        ot.check_objective(ft)
+    with pytest.raises(UserError, match="tune.space is empty"):
+        ot.search_space(tiny_experiment(tiny_model_dir, tmp_path))
+    assert ot.redact("postgresql://me:secret@db:5432/optuna") == "postgresql://me:***@db:5432/optuna"
+
+
+@pytest.fixture
+def one_torch_thread():
+    """The tiny model trains in 0.3 s on one thread; two threads on a busy 2-core machine spin for 10-20 s."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_a_trial_attacks_only_what_the_objective_names(tiny_model_dir, tmp_path, monkeypatch,
+                                                       one_torch_thread):  # fmt: skip
+    import er_ray.attacks as attacks
+
+    seen = {}
+
+    def evaluate_robustness(model, tokenizer, dataset, cfg, seed, max_length, indices=None):
+        seen.update(recipes=cfg.recipes, examples=cfg.num_examples, rows=len(dataset))
+        rates = {r: 0.25 for r in cfg.recipes}
+        return SimpleNamespace(aua=rates, success_rate=rates, mean_queries={r: 7.0 for r in cfg.recipes})
+
+    monkeypatch.setattr(attacks, "evaluate_robustness", evaluate_robustness, raising=False)
+    cfg = tiny_experiment(tiny_model_dir, tmp_path, **{"tune.attack_examples": 5})
+    metrics = ot.evaluate_trial(cfg, tmp_path / "trial", ot.objective_terms("clean_acc+aua_textbugger"))
+    assert seen == {"recipes": ["textbugger"], "examples": 5, "rows": 24}
+    assert metrics[ot.OBJECTIVE] == pytest.approx(metrics[T.CLEAN_ACC] + 0.25)
+    assert metrics[T.queries("textbugger")] == 7.0 and (tmp_path / "trial" / "ticket.json").exists()
+
+
+def test_tune_logs_every_trial_and_resumes_the_study(tiny_model_dir, tmp_path, ray_session):
+    path = write_config(tiny_model_dir, tmp_path)
+    assert cli(path) == 0
+    study = study_of(tmp_path)
+    first = {
+        t.number: (t.params, t.datetime_complete) for t in study.trials if t.state == TrialState.COMPLETE
+    }
+    assert len(first) == 2 and all(set(p) == {"search.lambda_head", "finetune.lr"} for p, _ in first.values())
+    stale = study.ask().number  # as a driver killed mid-trial leaves it: RUNNING forever
+
+    assert cli(path, "--set", "tune.num_samples=3") == 0  # the same study, one more trial
+    study = study_of(tmp_path)
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(done) == 3
+    assert {t.number: (t.params, t.datetime_complete) for t in done if t.number in first} == first
+    assert study.trials[stale].state == TrialState.FAIL
+
+    parents, trials = runs_of(tmp_path, "parent"), runs_of(tmp_path, "trial")
+    assert len(parents) == 2 and all(r.info.status == "FINISHED" for r in parents)
+    assert len(trials) == 3 and all(r.info.status == "FINISHED" for r in trials)
+    assert {r.data.tags[ot.TAG_PARENT] for r in trials} == {r.info.run_id for r in parents}
+    by_lambda = {str(t.params["search.lambda_head"]): t for t in done}
+    for run in trials:
+        t = by_lambda[run.data.params["search.lambda_head"]]  # the sampled params, as Optuna has them
+        assert run.data.params["finetune.lr"] == str(t.params["finetune.lr"])
+        assert run.data.params[T.PARAM_METHOD] == "earlyrobust" and run.data.params[T.PARAM_GAMMA] == "0.2"
+        assert run.data.metrics[ot.OBJECTIVE] == run.data.metrics[T.CLEAN_ACC] == pytest.approx(t.value)
+        assert {T.SEARCH_SECONDS, T.PARAM_COUNT, T.STOP_EPOCH} <= set(run.data.metrics)
+
+    assert cli(path, "--set", "tune.num_samples=3") == 0  # complete: nothing runs, no run opened
+    assert len(runs_of(tmp_path, "parent")) == 2 and len(study_of(tmp_path).trials) == 4
+    with pytest.raises(UserError, match="--resume"):
+        cli(path, "--set", "tune.num_samples=3", "--set", "search.lr=0.002")
+    assert cli(path, "--set", "tune.num_samples=3", "--set", "search.lr=0.002", "--resume") == 0
+    with pytest.raises(UserError, match="nothing to resume"):
+        cli(path, "--set", "tune.study_name=other", "--resume")
+
+
+def test_failed_and_interrupted_invocations_leave_no_running_run(tiny_model_dir, tmp_path, ray_session,
+                                                                 monkeypatch):  # fmt: skip
+    missing = tmp_path / "no-such-model"  # valid for the schema, fails inside the trial
+    space = f"{{model.name_or_path: {{kind: choice, values: [{missing}]}}}}"
+    path = write_config(tiny_model_dir, tmp_path, **{"tune.num_samples": 1, "tune.space": space})
+    assert cli(path) == 1
+    (trial,) = runs_of(tmp_path, "trial")
+    assert trial.info.status == "FAILED" and "no-such-model" in trial.data.tags[ot.TAG_ERROR]
+    assert [r.info.status for r in runs_of(tmp_path, "parent")] == ["FAILED"]
+    assert [t.state for t in study_of(tmp_path).trials] == [TrialState.FAIL]
+
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
+    stale = {T.TAG_KIND: "parent", ot.TAG_STUDY: "tiny"}
+    client.create_run(trial.info.experiment_id, tags=stale)  # as a SIGKILLed driver leaves it: RUNNING
+    monkeypatch.setattr(tune.Tuner, "fit", lambda self: None)  # as Tune returns after a first Ctrl-C
+    assert cli(path) == 130
+
+    def interrupt(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tune.Tuner, "fit", interrupt)
+    assert cli(path) == 130
+    statuses = sorted(r.info.status for r in runs_of(tmp_path, "parent"))
+    assert statuses == ["FAILED", "KILLED", "KILLED", "KILLED"]  # the stale one, and two interrupted
