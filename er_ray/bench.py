@@ -68,3 +68,29 @@ def run_benchmark(
     print(f"  plain / ticket  = {med['plain'] / med['ticket']:.2f}x (ticket speedup)")
     print(f"  freelb / ticket = {freelb / med['ticket']:.2f}x")
     return med
+
+
+def sweep_cost(trajectory: str, gammas: list[float], patience: int | None = None) -> dict[str, float]:
+    """What a gamma sweep served by one search costs against a single gamma, read off a recorded trajectory.
+
+    The sweep's search runs until its slowest gamma converges; a single-gamma search stops at its own point;
+    separate searches would each run to their own point.
+    """
+    from er_ray.convergence import Combo, stop_points
+    from er_ray.search import Trajectory
+
+    traj = Trajectory.load(trajectory)
+    own = next(iter(traj.stops))  # the config's own combo leads the grid
+    combos = [Combo(g, own.head_ratio, own.ffn_ratio) for g in gammas]
+    stops = stop_points(traj.coefficients(), combos, patience or traj.patience, traj.scope)  # type: ignore[arg-type]
+    seconds = {c.gamma: traj.mini_epochs[stops[c].mini_epoch].seconds for c in combos}
+    capped = [c.gamma for c in combos if not stops[c].converged]
+    single = traj.mini_epochs[traj.stops[own].mini_epoch].seconds
+    out = {"sweep_over_single": max(seconds.values()) / single,
+           "separate_over_sweep": sum(seconds.values()) / max(seconds.values())}  # fmt: skip
+    print("search seconds at each gamma's stop point: " + ", ".join(f"{g:g}: {s:.1f}" for g, s in seconds.items()))
+    if capped:
+        print(f"  not converged within the recorded trajectory (its last point used): {capped}")
+    print(f"  {len(gammas)}-value sweep / single gamma {own.gamma:g} = {out['sweep_over_single']:.2f}x search time")
+    print(f"  {len(gammas)} separate searches / one sweep search = {out['separate_over_sweep']:.2f}x")
+    return out

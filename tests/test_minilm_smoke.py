@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from er_ray.config import config_from_dict
@@ -10,7 +11,15 @@ from er_ray.model import count_parameters, heads_per_layer, load_backbone, neuro
 from er_ray.ticket import load_ticket
 
 
-def test_earlyrobust_on_minilm_end_to_end(tmp_path):
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # a real model uses both cores
+    yield
+    torch.set_num_threads(before)
+
+
+def test_earlyrobust_on_minilm_end_to_end(tmp_path, two_threads):
     cfg = config_from_dict({
         "name": "smoke", "seed": 1,
         "data": {"name": "sst2", "max_train_examples": 48, "max_eval_examples": 32, "max_length": 32},

@@ -86,6 +86,10 @@ def test_fan_out_one_ticket_per_combo_and_mlflow_states(ray_session, tiny_model_
     assert len(hist) >= 2 and all(0 <= m.value <= 1 for m in hist)
     for r in _runs(uri, "ticket"):
         assert {T.CLEAN_ACC, T.TRAIN_SECONDS, T.FINETUNE_SECONDS} <= set(r.data.metrics)
+    (timing_file,) = (tmp_path / "tiny" / "runs").glob("*/timing.json")
+    timing = json.loads(timing_file.read_text())
+    assert 0 < timing["overhead_share"] < 1 and timing["training_seconds"] > 0
+    assert _runs(uri, "parent")[0].data.metrics["overhead_share"] == pytest.approx(timing["overhead_share"])
 
 
 def test_failure_ends_runs_failed(ray_session, tiny_model_dir, tmp_path):

@@ -27,6 +27,12 @@ def test_search_records_every_mini_epoch_and_l1_shrinks_coefficients(tiny_model_
     traj.save(tmp_path / "t.pt")
     again = Trajectory.load(tmp_path / "t.pt")
     assert again.stops == traj.stops and torch.equal(again.mini_epochs[3].ffn, traj.mini_epochs[3].ffn)
+    # the sweep-cost benchmark reads stop points for other gammas off the same file
+    from er_ray.bench import sweep_cost
+
+    cost = sweep_cost(str(tmp_path / "t.pt"), [0.5, 0.9])
+    assert 0 < cost["sweep_over_single"] <= 1  # looser gammas stop no later than the capped 0.01
+    assert 1 <= cost["separate_over_sweep"] <= 2
 
 
 def test_gamma_read_off_one_trajectory_equals_its_own_search(tiny_model_dir, tmp_path):

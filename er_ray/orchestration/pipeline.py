@@ -162,7 +162,9 @@ def _attack(cfg: ExperimentConfig, ticket_dir: Path) -> dict:
 
     summary_file = ticket_dir / ATTACK_DIR / "summary.json"
     if not summary_file.exists():
+        t0 = time.perf_counter()
         result = run_attack_pool(ticket_dir, cfg.data, cfg.attack, cfg.seed, max_length=cfg.data.max_length)
+        result.info["wall_seconds"] = time.perf_counter() - t0
         result.save(ticket_dir / ATTACK_DIR)
     return json.loads(summary_file.read_text())
 
@@ -227,15 +229,19 @@ def _fill_attack(tracker: Tracker, run_id: str, ticket_dir: Path, cfg: Experimen
 
 def run_pipeline(cfg: ExperimentConfig, resume: bool = False) -> list[dict]:
     """Every method of the config, every ticket of its grid; returns one summary row per ticket."""
+    started = time.perf_counter()
     run_dir = run_dir_for(cfg, resume)
     init_ray(cfg)
     tracker = Tracker.open(cfg, run_dir, resume)
     rows: list[dict] = []
+    searches: dict[str, float] = {}
     try:
         pending: dict[Any, tuple[ExperimentConfig, str, bool]] = {}
         for method in cfg.methods():
             mcfg = cfg.for_method(method)
             traj = _search(mcfg, run_dir, tracker, resume) if mcfg.uses_ticket() else None
+            if traj:
+                searches[method] = traj.mini_epochs[-1].seconds
             primary = Combo(mcfg.search.gamma, mcfg.prune.head_ratio, mcfg.prune.ffn_ratio)
             for combo in traj.stops if traj else [None]:
                 out = run_dir / method / ticket_name(combo)
@@ -257,12 +263,28 @@ def run_pipeline(cfg: ExperimentConfig, resume: bool = False) -> list[dict]:
             if key not in tracker.existing:
                 _log_ticket(mcfg, tracker, key, result, is_primary)
             rows.append(summary_row(result, Path(result["ticket_dir"])))
+        timing = wall_time_shares(time.perf_counter() - started, searches, rows, run_dir)
+        T.log_batch(tracker.client, tracker.parent_id, metrics=timing)
     except BaseException as err:
         tracker.close("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
     tracker.close("FINISHED")
     (run_dir / "summary.json").write_text(json.dumps(rows, indent=1))
+    (run_dir / "timing.json").write_text(json.dumps(timing, indent=1))
     return rows
+
+
+def wall_time_shares(wall: float, searches: dict[str, float], rows: list[dict], run_dir: Path) -> dict:
+    """Where this invocation's wall time went: training compute, attacking, and the rest (Ray start-up,
+    scheduling, checkpoints, model and data loading, MLflow). A resumed run counts only its own share."""
+    attack = 0.0
+    for summary in run_dir.glob(f"*/*/{ATTACK_DIR}/summary.json"):
+        attack += json.loads(summary.read_text()).get("info", {}).get("wall_seconds", 0.0)
+    training = sum(searches.values()) + sum(r["finetune_seconds"] for r in rows)
+    return {
+        "wall_seconds": wall, "training_seconds": training, "attack_seconds": attack,
+        "overhead_seconds": wall - training - attack, "overhead_share": (wall - training - attack) / wall,
+    }  # fmt: skip
 
 
 def summary_row(result: dict, ticket_dir: Path) -> dict:
