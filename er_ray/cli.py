@@ -42,36 +42,80 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_results(results: list) -> None:
+def print_results(rows: list[dict]) -> None:
+    """One line per ticket; blank where a value was not measured (never a zero)."""
     from rich.console import Console
     from rich.table import Table
 
+    from er_ray.tracking import ATTACKS, aua, queries
+
+    attacks = [a for a in ATTACKS if any(aua(a) in r for r in rows)]
     table = Table(title="er-ray results")
-    for col in ("method", "gamma", "heads", "ffn", "stop epoch", "clean %", "search s", "fine-tune s", "params"):
+    cols = ["method", "gamma", "heads", "ffn", "stop epoch", "clean %", *[f"aua % {a}" for a in attacks],
+            *[f"#query {a}" for a in attacks], "search s", "fine-tune s", "params"]  # fmt: skip
+    for col in cols:
         table.add_column(col, justify="right")
-    for r in results:
+
+    def fmt(v, spec: str) -> str:
+        return "" if v is None else format(v, spec)
+
+    for r in rows:
+        stop = "" if r["stop_epoch"] is None else f"{r['stop_epoch']:.2f}{'' if r['converged'] else ' (cap)'}"
         table.add_row(
-            r.method, "" if r.gamma is None else f"{r.gamma:g}", f"{r.head_ratio:.3g}", f"{r.ffn_ratio:.3g}",
-            "" if r.stop_epoch is None else f"{r.stop_epoch:.2f}{'' if r.converged else ' (cap)'}",
-            f"{100 * r.clean_acc:.1f}", f"{r.search_seconds:.1f}", f"{r.finetune_seconds:.1f}", f"{r.params:,}",
+            r["method"], fmt(r["gamma"], "g"), fmt(r["head_ratio"], ".3g"), fmt(r["ffn_ratio"], ".3g"), stop,
+            fmt(100 * r["clean_acc"], ".1f"), *[fmt(_pct(r.get(aua(a))), ".1f") for a in attacks],
+            *[fmt(r.get(queries(a)), ".1f") for a in attacks],
+            fmt(r["search_seconds"], ".1f"), fmt(r["finetune_seconds"], ".1f"), fmt(r["params"], ","),
         )  # fmt: skip
     Console().print(table)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from er_ray.methods import run_experiment
+def _pct(v: float | None) -> float | None:
+    return None if v is None else 100 * v
 
+
+def preflight(cfg: ExperimentConfig) -> None:
+    """Read the data and the tokenizer here, before any worker starts: bad data or a bad model name is then
+    a one-line error with nothing written (a worker's error would surface as a failed trial)."""
+    from er_ray import data
+    from er_ray.model import load_tokenizer
+
+    data.load_splits(cfg.data, cfg.seed, settings().data_dir)
+    load_tokenizer(cfg.model.name_or_path)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     check_config(cfg)
-    _, results = run_experiment(cfg, progress=True)
-    print_results(results)
+    preflight(cfg)
+    if args.no_ray:
+        from er_ray.methods import run_experiment
+
+        rows = []
+        for method in cfg.methods():
+            _, results = run_experiment(cfg.for_method(method), progress=True)
+            rows += [r.to_json() for r in results]
+    else:
+        from er_ray.orchestration.pipeline import run_pipeline
+
+        rows = run_pipeline(cfg, resume=args.resume)
+    print_results(rows)
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from er_ray.bench import run_benchmark
+    from er_ray import bench
 
-    run_benchmark(args.model, args.batch_size, args.max_length, args.repeats, args.threads)
+    if args.trajectory:
+        try:
+            gammas = [float(g) for g in args.gammas.split(",")]
+        except ValueError:
+            raise UserError(f"--gammas must be comma-separated numbers, got '{args.gammas}'") from None
+        if not args.trajectory.is_file():
+            raise UserError(f"no trajectory file at {args.trajectory}")
+        bench.sweep_cost(str(args.trajectory), gammas)
+    else:
+        bench.run_benchmark(args.model, args.batch_size, args.max_length, args.repeats, args.threads)
     return 0
 
 
@@ -83,8 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("run", help="run a config's pipeline (search, draw, rewind, fine-tune) in this process")
+    p = sub.add_parser("run", help="run a config's pipeline on Ray: search, tickets, attacks, MLflow")
     _config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue the latest run of this config after a crash")
+    p.add_argument("--no-ray", action="store_true",
+                   help="run search, draw, rewind and fine-tune in this process (no Ray, MLflow or attacks)")  # fmt: skip
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("bench", help="time a plain, a FreeLB and a pruned-ticket training step, interleaved")
@@ -93,14 +140,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--trajectory", type=Path, help="instead: the cost of a gamma sweep read off a trajectory.pt")
+    p.add_argument("--gammas", default="0.05,0.1,0.15,0.2", help="with --trajectory: the sweep's gamma values")
     p.set_defaults(func=cmd_bench)
 
-    import importlib.util
+    from er_ray.attacks import cli as attack_cli
+    from er_ray.orchestration import optuna_tune
+    from er_ray.report import cli as report_cli
 
-    if importlib.util.find_spec("er_ray.attacks.cli"):  # TODO(issue 3): import directly once it lands
-        from er_ray.attacks import cli as attack_cli
-
-        attack_cli.add_parser(sub)
+    for module in (attack_cli, optuna_tune, report_cli):
+        module.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,35 @@
+"""Loading the model under attack from a saved directory: a ticket or a plain Hugging Face model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from er_ray.config import UserError
+
+TICKET_FILE = "ticket.json"
+
+
+def load_victim(path: str | Path) -> tuple[torch.nn.Module, Any]:
+    """(model, tokenizer) from a ticket directory (has ticket.json) or a plain Hugging Face directory."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"model directory {path} does not exist")
+    if (path / TICKET_FILE).exists():
+        from er_ray.ticket import load_ticket  # lazy: the ticket module pulls in the pruning code
+
+        model, tokenizer = load_ticket(path)
+    else:
+        if not (path / "config.json").exists():
+            raise UserError(f"{path} is neither a ticket (no {TICKET_FILE}) nor a Hugging Face model (no config.json)")
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(path)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as err:
+            raise UserError(f"cannot load the model in {path}: {str(err).splitlines()[0]}") from None
+    model.eval()
+    return model, tokenizer
