@@ -166,3 +166,17 @@ def test_driver_killed_after_search_resumes_without_redoing_work(ray_session, ti
     tickets = [r for r in _runs(uri, "ticket") if r.info.status == "FINISHED"]
     assert len(tickets) == 4 and len({r.data.tags["er_ray.key"] for r in tickets}) == 4
     assert not [r for r in _runs(uri) if r.info.status == "RUNNING"]
+
+
+def test_run_folder_is_absolute_for_a_relative_output_dir(tmp_path, monkeypatch):
+    """Tune rejects relative storage paths; the default output_dir ('outputs') is relative."""
+    from er_ray.config import config_from_dict
+    from er_ray.orchestration.pipeline import run_dir_for
+
+    monkeypatch.chdir(tmp_path)
+    cfg = config_from_dict({"name": "rel", "runtime": {"output_dir": "outputs"}})
+    run_dir = run_dir_for(cfg, resume=False)
+    assert run_dir.is_absolute() and run_dir.is_dir() and run_dir.parent == tmp_path / "outputs" / "rel" / "runs"
+    assert run_dir_for(cfg, resume=True) == run_dir
+    with pytest.raises(Exception, match="nothing to resume"):
+        run_dir_for(config_from_dict({"name": "other"}), resume=True)

@@ -118,7 +118,7 @@ class Tracker:
 
 
 def run_dir_for(cfg: ExperimentConfig, resume: bool) -> Path:
-    runs = Path(cfg.runtime.output_dir) / cfg.name / "runs"
+    runs = Path(cfg.runtime.output_dir).resolve() / cfg.name / "runs"  # Tune needs absolute storage paths
     if resume:
         found = sorted(p for p in runs.glob("*") if p.is_dir()) if runs.is_dir() else []
         if not found:
