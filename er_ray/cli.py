@@ -67,7 +67,9 @@ def print_results(rows: list[dict]) -> None:
             *[fmt(r.get(queries(a)), ".1f") for a in attacks],
             fmt(r["search_seconds"], ".1f"), fmt(r["finetune_seconds"], ".1f"), fmt(r["params"], ","),
         )  # fmt: skip
-    Console().print(table)
+    # off a terminal (a log, CI) rich would squeeze the table into 80 columns
+    console = Console() if sys.stdout.isatty() else Console(width=240)
+    console.print(table)
 
 
 def _pct(v: float | None) -> float | None:
