@@ -81,15 +81,20 @@ class AdversaryConfig(_Strict):
     epsilon: float = Field(default=0.05, gt=0)  # PGD Frobenius-ball radius (Eqn 8)
 
 
-class SearchConfig(_Strict):
-    adversary: AdversaryConfig = AdversaryConfig()
-    lambda_head: float = Field(default=1e-4, ge=0)
-    lambda_ffn: float = Field(default=1e-4, ge=0)
+class _Optimization(_Strict):
+    """AdamW with a linear schedule: the same knobs for the search stage and fine-tuning."""
+
     lr: float = Field(default=2e-5, gt=0)
     batch_size: int = Field(default=32, ge=1)
     warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
     weight_decay: float = Field(default=0.01, ge=0)
     max_grad_norm: float = Field(default=1.0, gt=0)
+
+
+class SearchConfig(_Optimization):
+    adversary: AdversaryConfig = AdversaryConfig()
+    lambda_head: float = Field(default=1e-4, ge=0)
+    lambda_ffn: float = Field(default=1e-4, ge=0)
     # the schedule is defined over this cap, never over the stop point (see DESIGN: determinism)
     max_epochs: float = Field(default=1.0, gt=0)
     mini_epoch: float = Field(default=0.05, gt=0, le=1)  # fraction of an epoch ...
@@ -106,13 +111,8 @@ class PruneConfig(_Strict):
     weights: Literal["rewind", "reinit"] = "rewind"
 
 
-class FinetuneConfig(_Strict):
+class FinetuneConfig(_Optimization):
     epochs: float = Field(default=10, gt=0)
-    lr: float = Field(default=2e-5, gt=0)
-    batch_size: int = Field(default=32, ge=1)
-    warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
-    weight_decay: float = Field(default=0.01, ge=0)
-    max_grad_norm: float = Field(default=1.0, gt=0)
     eval_batch_size: int = Field(default=64, ge=1)
 
 
