@@ -89,3 +89,17 @@ def test_run_with_bad_data_leaves_no_output(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "neutral" in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_run_in_process_prints_the_results_table(tiny_model_dir, tmp_path, capsys):
+    import json as _json
+
+    from conftest import tiny_experiment
+
+    cfg = tmp_path / "tiny.json.yaml"
+    cfg.write_text(_json.dumps(tiny_experiment(tiny_model_dir, tmp_path).model_dump(mode="json")))
+    assert main(["run", str(cfg), "--no-ray"]) == 0
+    out = capsys.readouterr().out
+    assert "earlyrobust" in out and "clean %" in out
+    (result,) = (tmp_path / "tiny" / "earlyrobust").glob("*/result.json")
+    assert 0 <= _json.loads(result.read_text())["clean_acc"] <= 1
