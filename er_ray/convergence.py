@@ -21,11 +21,6 @@ def mask_distance(a: Masks, b: Masks) -> tuple[float, float]:
     return (a.head != b.head).float().mean().item(), (a.ffn != b.ffn).float().mean().item()
 
 
-def distance_curve(masks: Sequence[Masks]) -> list[tuple[float, float]]:
-    """Distance of each mini-epoch's masks to the previous one (the first mini-epoch has none)."""
-    return [mask_distance(prev, cur) for prev, cur in itertools.pairwise(masks)]
-
-
 def stop_index(curve: Sequence[tuple[float, float]], gamma: float, patience: int) -> int | None:
     """Index into `curve` where both distances have been < gamma `patience` times in a row, else None."""
     run = 0

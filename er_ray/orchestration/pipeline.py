@@ -129,11 +129,11 @@ def run_dir_for(cfg: ExperimentConfig, resume: bool) -> Path:
     return run_dir
 
 
-def _ticket_params(r: dict, threads_from: dict) -> dict:
+def _ticket_params(r: dict) -> dict:
     return {
         T.PARAM_METHOD: r["method"], T.PARAM_DATASET: r["dataset"], T.PARAM_MODEL: r["model"],
         T.PARAM_GAMMA: r["gamma"], T.PARAM_HEAD_RATIO: r["head_ratio"], T.PARAM_FFN_RATIO: r["ffn_ratio"],
-        T.PARAM_DEVICE: r["device"], T.PARAM_THREADS: r["threads"], **threads_from,
+        T.PARAM_DEVICE: r["device"], T.PARAM_THREADS: r["threads"],
     }  # fmt: skip
 
 
@@ -205,7 +205,7 @@ def _log_ticket(cfg: ExperimentConfig, tracker: Tracker, key: str, result: dict,
 
     def fill(run_id: str) -> None:
         metrics = _ticket_metrics(result) | (_attack_metrics(summary) if summary else {})
-        T.log_batch(tracker.client, run_id, metrics=metrics, params=_ticket_params(result, {}),
+        T.log_batch(tracker.client, run_id, metrics=metrics, params=_ticket_params(result),
                     tags={T.TAG_PRIMARY: "1" if primary else "0"},
                     series={"finetune_loss": list(enumerate(result["finetune_losses"]))})  # fmt: skip
         tracker.client.log_artifact(run_id, str(ticket_dir / "ticket.json"), "ticket")
