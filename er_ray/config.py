@@ -57,6 +57,9 @@ class DataConfig(_Strict):
     max_train_examples: int | None = Field(default=None, gt=0)
     max_eval_examples: int | None = Field(default=None, gt=0)
     max_length: int = Field(default=128, ge=8, le=4096)
+    # the training and evaluation subsets and the attack sample; None = the config's `seed`. A sweep over
+    # seeds varies only the training randomness, so every seed trains and is attacked on the same rows.
+    seed: int | None = None
 
     @model_validator(mode="after")
     def _custom_needs_files(self) -> DataConfig:
@@ -125,6 +128,9 @@ class SweepConfig(_Strict):
     # grid: every combination; cross: vary one list at a time around the config's own values (Figures 3, 4)
     mode: Literal["grid", "cross"] = "grid"
     methods: list[Method] | None = None  # the methods the sweep applies to; None = every ticket method
+    # training seeds (classifier-head init, batch order, perturbation init, dropout): every method runs once
+    # per seed; empty = the config's own `seed`
+    seeds: list[int] = []
 
 
 AttackName = Literal["textfooler", "textbugger", "bertattack"]
@@ -221,8 +227,21 @@ class ExperimentConfig(_Strict):
         """The methods one invocation runs: `ray.methods`, else the single `method`."""
         return list(self.ray.methods) or [self.method]
 
-    def for_method(self, method: str) -> ExperimentConfig:
-        return self.model_copy(update={"method": method}, deep=True)
+    def seeds(self) -> list[int]:
+        """The training seeds one invocation runs: `sweep.seeds`, else the single `seed`."""
+        return list(dict.fromkeys(self.sweep.seeds)) or [self.seed]
+
+    @property
+    def sample_seed(self) -> int:
+        """The seed of the data subsets and the attack sample (fixed across a seed sweep)."""
+        return self.seed if self.data.seed is None else self.data.seed
+
+    def for_method(self, method: str, seed: int | None = None) -> ExperimentConfig:
+        """One (method, seed) of the sweep: the training seed changes, the sampled rows do not."""
+        cfg = self.model_copy(update={"method": method}, deep=True)
+        if seed is not None:
+            cfg.data.seed, cfg.seed = self.sample_seed, seed
+        return cfg
 
     def uses_ticket(self) -> bool:
         return self.method in TICKET_METHODS

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from er_ray import data as data_mod
-from er_ray.config import ExperimentConfig, settings
+from er_ray.config import ExperimentConfig, UserError, settings
 from er_ray.convergence import Combo, StopPoint
 from er_ray.model import count_parameters, load_backbone, load_tokenizer
 from er_ray.search import MiniEpoch, SearchStage, Trajectory
@@ -48,40 +48,74 @@ def resolve_method(cfg: ExperimentConfig) -> ExperimentConfig:
 
 
 @dataclass
-class Prepared:
-    """Data, tokenizer and device shared by every stage of one experiment."""
+class SplitData:
+    """What a run reads and tokenizes once (every method and seed shares it; Ray ships it by object store)."""
 
-    cfg: ExperimentConfig
     tokenizer: Any
     train: data_mod.TextDataset
     eval: data_mod.TextDataset
     train_encoded: list[dict]
     eval_encoded: list[dict]
+
+
+def load_data(cfg: ExperimentConfig) -> SplitData:
+    """The config's training and evaluation subsets (drawn with `sample_seed`), tokenized."""
+    tokenizer = load_tokenizer(cfg.model.name_or_path)
+    train_ds, eval_ds = data_mod.load_splits(cfg.data, cfg.sample_seed, settings().data_dir)
+    ml = cfg.data.max_length
+    return SplitData(tokenizer, train_ds, eval_ds, data_mod.encode(train_ds, tokenizer, ml),
+                     data_mod.encode(eval_ds, tokenizer, ml))
+
+
+@dataclass
+class Prepared:
+    """Data, tokenizer and device shared by every stage of one (method, seed)."""
+
+    cfg: ExperimentConfig
+    data: SplitData
     device: torch.device
     progress: bool = False  # progress bars (CLI runs)
 
     @property
+    def tokenizer(self) -> Any:
+        return self.data.tokenizer
+
+    @property
+    def train(self) -> data_mod.TextDataset:
+        return self.data.train
+
+    @property
+    def eval(self) -> data_mod.TextDataset:
+        return self.data.eval
+
+    @property
     def num_labels(self) -> int:
-        return self.train.num_labels
+        return self.data.train.num_labels
 
     def batches(self, batch_size: int, train: bool = True) -> Batches:
+        d = self.data
         if train:
-            return Batches(self.train_encoded, self.tokenizer, batch_size, self.cfg.seed, shuffle=True)
-        return Batches(self.eval_encoded, self.tokenizer, batch_size, self.cfg.seed, shuffle=False)
+            return Batches(d.train_encoded, d.tokenizer, batch_size, self.cfg.seed, shuffle=True)
+        return Batches(d.eval_encoded, d.tokenizer, batch_size, self.cfg.seed, shuffle=False)
 
 
-def prepare(cfg: ExperimentConfig, progress: bool = False) -> Prepared:
+def prepare(cfg: ExperimentConfig, progress: bool = False, data: SplitData | None = None) -> Prepared:
+    """The method's settings resolved, the data (loaded here unless given) and the device."""
     cfg = resolve_method(cfg)
     if cfg.runtime.threads:
         torch.set_num_threads(cfg.runtime.threads)
-    tokenizer = load_tokenizer(cfg.model.name_or_path)
-    train_ds, eval_ds = data_mod.load_splits(cfg.data, cfg.seed, settings().data_dir)
-    ml = cfg.data.max_length
-    return Prepared(
-        cfg, tokenizer, train_ds, eval_ds,
-        data_mod.encode(train_ds, tokenizer, ml), data_mod.encode(eval_ds, tokenizer, ml),
-        pick_device(cfg.runtime.device), progress,
-    )  # fmt: skip
+    return Prepared(cfg, data if data is not None else load_data(cfg), pick_device(cfg.runtime.device), progress)
+
+
+def check_config(cfg: ExperimentConfig) -> None:
+    """Schema is checked by loading; here the local paths it names (nothing is downloaded or loaded)."""
+    from er_ray.model import resolve_model_path
+
+    data_mod.check_data(cfg.data, settings().data_dir)
+    path = resolve_model_path(cfg.model.name_or_path)
+    local = path.startswith((".", "/", "~")) or Path(path).expanduser().exists()
+    if local and not (Path(path).expanduser() / "config.json").is_file():
+        raise UserError(f"model.name_or_path '{cfg.model.name_or_path}' is not a Hugging Face model directory")
 
 
 # ---------------------------------------------------------------- stages
@@ -170,6 +204,8 @@ class TicketResult:
     kept_heads: list[list[int]] = field(default_factory=list)
     kept_neurons: list[list[int]] = field(default_factory=list)
     finetune_losses: list[float] = field(default_factory=list)
+    seed: int | None = None
+    finetune_interval: list[float] = field(default_factory=list)  # wall clock (epoch s): when it trained
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -191,26 +227,33 @@ def ticket_name(combo: Combo | None) -> str:
     return "full" if combo is None else f"g{combo.gamma:g}-h{combo.head_ratio:.4g}-f{combo.ffn_ratio:.4g}"
 
 
+def stop_fields(combo: Combo | None, stop: StopPoint | None, point: MiniEpoch | None) -> dict[str, Any]:
+    """A ticket's combo and stop point, as TicketResult fields (two combos sharing a ticket differ in these)."""
+    return {
+        "gamma": combo.gamma if combo else None,
+        "head_ratio": combo.head_ratio if combo else 0.0, "ffn_ratio": combo.ffn_ratio if combo else 0.0,
+        "stop_mini_epoch": stop.mini_epoch if stop else None, "stop_epoch": point.epoch if point else None,
+        "converged": stop.converged if stop else None, "search_seconds": point.seconds if point else 0.0,
+    }
+
+
 def _finish(
     prep: Prepared, model: nn.Module, masks: Masks, out: Path, combo: Combo | None, stop: StopPoint | None,
     point: MiniEpoch | None, adversarial: bool,
 ) -> TicketResult:  # fmt: skip
     cfg = prep.cfg
+    began = time.time()
     acc, ft_seconds, losses = fine_tune(prep, model, adversarial)
-    search_seconds = point.seconds if point else 0.0
+    interval = [began, time.time()]
     tmp = _atomic_dir(out)
     try:
         result = TicketResult(
             method=cfg.method, dataset=cfg.data.name, model=cfg.model.name_or_path,
-            gamma=combo.gamma if combo else None,
-            head_ratio=combo.head_ratio if combo else 0.0, ffn_ratio=combo.ffn_ratio if combo else 0.0,
-            stop_mini_epoch=stop.mini_epoch if stop else None, stop_epoch=point.epoch if point else None,
-            converged=stop.converged if stop else None,
-            clean_acc=acc, search_seconds=search_seconds, finetune_seconds=ft_seconds,
-            train_seconds=search_seconds + ft_seconds, params=count_parameters(model), size_mb=0.0,
+            **stop_fields(combo, stop, point), clean_acc=acc, finetune_seconds=ft_seconds,
+            train_seconds=(point.seconds if point else 0.0) + ft_seconds, params=count_parameters(model), size_mb=0.0,
             latency_ms=latency_ms(model, prep), device=prep.device.type, threads=torch.get_num_threads(),
             ticket_dir=str(out), kept_heads=masks.kept_heads(), kept_neurons=masks.kept_neurons(),
-            finetune_losses=losses,
+            finetune_losses=losses, seed=cfg.seed, finetune_interval=interval,
         )  # fmt: skip
         save_ticket(model.cpu(), masks, cfg.model.name_or_path, tmp, prep.tokenizer,
                     meta={k: v for k, v in result.to_json().items() if k not in ("kept_heads", "kept_neurons")})
@@ -224,12 +267,17 @@ def _finish(
     return result
 
 
+def ticket_masks(prep: Prepared, traj: Trajectory, combo: Combo) -> Masks:
+    """The ticket a combo draws at its stop point (two combos with equal masks make the same ticket)."""
+    return draw(prep, traj.at(combo), combo)
+
+
 def ticket_pipeline(prep: Prepared, traj: Trajectory, combo: Combo, out: Path) -> TicketResult:
     """Draw at this combo's stop point, rewind (or re-init), fine-tune, save."""
     cfg = prep.cfg
     stop = traj.stops[combo]
     point = traj.mini_epochs[stop.mini_epoch]
-    masks = draw(prep, point, combo)
+    masks = ticket_masks(prep, traj, combo)
     model = build_ticket(cfg.model.name_or_path, prep.num_labels, masks, cfg.seed, cfg.prune.weights)
     return _finish(prep, model.to(prep.device), masks, out, combo, stop, point, adversarial=False)
 

@@ -1,6 +1,8 @@
-"""MLflow: the contract of run kinds, parameter and metric names, and batched logging.
+"""MLflow: the one module that writes it. The contract of run kinds, parameter and metric names; where the
+store and its artifacts live; the parent run with provenance; child runs keyed for resume; batched logging.
 
-`er-ray report` and the MLflow UI comparison rely on these names; they are defined here once.
+`er-ray run`, `er-ray tune` and `er-ray report` all log through here; the report and the MLflow UI
+comparison rely on these names, defined here once.
 
 Runs of one invocation:
   parent (kind=parent)  the whole `er-ray run` / `er-ray tune` invocation: resolved config, provenance
@@ -31,6 +33,7 @@ TAG_TRIAL_ID = "er_ray.trial_id"
 TAG_ERROR = "er_ray.error"  # a failed trial's error, one line
 OBJECTIVE = "objective"  # the tuned objective of a trial
 TAG_PRIMARY = "er_ray.primary"  # "1" on the ticket at the config's own gamma and ratios (Table 1's row)
+TAG_SHARED = "er_ray.shared_with"  # a combo whose masks equal another's: the ticket run holding the weights
 KINDS = ("parent", "search", "ticket", "attack", "trial")
 
 PARAM_METHOD = "method"
@@ -41,7 +44,8 @@ PARAM_HEAD_RATIO = "head_ratio"
 PARAM_FFN_RATIO = "ffn_ratio"
 PARAM_DEVICE = "device"  # timing conditions, stated by the report
 PARAM_THREADS = "threads"
-PARAMS = (PARAM_METHOD, PARAM_DATASET, PARAM_MODEL, PARAM_GAMMA, PARAM_HEAD_RATIO, PARAM_FFN_RATIO)
+PARAM_SEED = "seed"  # the training seed (a sweep dimension like gamma)
+PARAMS = (PARAM_METHOD, PARAM_DATASET, PARAM_MODEL, PARAM_GAMMA, PARAM_HEAD_RATIO, PARAM_FFN_RATIO, PARAM_SEED)
 
 CLEAN_ACC = "clean_acc"  # fraction in [0, 1]
 SEARCH_SECONDS = "search_seconds"
@@ -56,6 +60,12 @@ CONVERGED = "converged"  # 1 = the stop rule fired, 0 = the search cap was used
 PARAM_COUNT = "param_count"
 SIZE_MB = "size_mb"
 LATENCY_MS = "latency_ms"
+# the parent run of `er-ray run`: where this invocation's wall time went
+WALL_SECONDS = "wall_seconds"
+BUSY_SECONDS = "busy_seconds"  # union of the intervals in which training or attacking ran
+OVERHEAD_SHARE = "overhead_share"  # 1 - busy / wall
+STAGE_SECONDS = "stage_seconds"  # sum of every stage's own time (> wall when stages overlap)
+CONCURRENCY = "concurrency"  # stage_seconds / wall
 
 
 def aua(attack: str) -> str:
@@ -82,6 +92,114 @@ def default_tracking_uri(output_dir: str | Path) -> str:
     path = Path(output_dir).resolve() / "mlflow.db"
     path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"
+
+
+def tracking_uri(cfg: Any) -> str:
+    """The one rule: `tracking.uri`, else MLFLOW_TRACKING_URI, else `<runtime.output_dir>/mlflow.db`."""
+    from er_ray.config import settings
+
+    return cfg.tracking.uri or settings().mlflow_uri or default_tracking_uri(cfg.runtime.output_dir)
+
+
+def open_store(cfg: Any) -> tuple[Any, str]:
+    """(client, experiment id) of the config's experiment, created if new; a local sqlite store keeps its
+    artifacts in `mlartifacts/` beside the database (not in ./mlruns of whatever the cwd is)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(cfg)
+    client = MlflowClient(uri)
+    name = cfg.tracking.experiment or cfg.name
+    exp = client.get_experiment_by_name(name)
+    if exp:
+        return client, exp.experiment_id
+    where = None
+    if uri.startswith("sqlite:///"):
+        where = (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+    return client, client.create_experiment(name, artifact_location=where)
+
+
+def now_ms(t: float | None = None) -> int:
+    """MLflow's timestamps: milliseconds since the epoch (of `t`, a time.time(), or now)."""
+    import time
+
+    return int((time.time() if t is None else t) * 1000)
+
+
+class Tracker:
+    """A parent run and its children. Children carry a key tag (their work item), so a resumed invocation
+    finds what is FINISHED and never logs it twice; whatever this tracker opened it also closes.
+
+    Runs open when their work starts and close when it ends (`start_time` / `end_time` may be given as the
+    time the worker reported), so MLflow's run times are the stages' real times.
+    """
+
+    def __init__(self, client: Any, experiment_id: str, parent_id: str) -> None:
+        self.client, self.experiment_id, self.parent_id = client, experiment_id, parent_id
+        self.existing: dict[str, str] = {}  # key -> FINISHED child run id
+        self.open_runs: dict[str, str] = {}  # key -> RUNNING child run id opened here
+
+    @classmethod
+    def open(cls, cfg: Any, name: str, tags: dict[str, str], params: dict[str, Any],
+             resume_id: str | None = None, artifacts: dict[str, Any] | None = None) -> Tracker:
+        """A new parent run (with provenance, params and JSON artifacts), or `resume_id` reopened: its
+        FINISHED children are collected and children a dead driver left RUNNING end KILLED."""
+        from er_ray import data
+        from er_ray.config import settings
+
+        client, exp_id = open_store(cfg)
+        if resume_id:
+            client.update_run(resume_id, status="RUNNING")
+            tracker = cls(client, exp_id, resume_id)
+            filt = f"tags.`{TAG_PARENT}` = '{resume_id}'"
+            for run in client.search_runs([exp_id], filter_string=filt, max_results=50000):
+                key = run.data.tags.get(TAG_KEY)
+                if run.info.status == "FINISHED" and key:
+                    tracker.existing[key] = run.info.run_id
+                elif run.info.status == "RUNNING":
+                    client.set_terminated(run.info.run_id, "KILLED")
+            return tracker
+        run_tags = {TAG_KIND: "parent", TAG_NAME: cfg.name, **tags}
+        parent = client.create_run(exp_id, run_name=name, tags=run_tags).info.run_id
+        try:
+            prov = provenance(data.local_files(cfg.data, settings().data_dir))
+            log_batch(client, parent, params=params, tags=prov)
+            for file, obj in (artifacts or {}).items():
+                log_json(client, parent, obj, file)
+        except BaseException:
+            client.set_terminated(parent, "FAILED")
+            raise
+        return cls(client, exp_id, parent)
+
+    def start(self, key: str, kind: str, name: str, parent: str | None = None, start_time: float | None = None,
+              tags: dict[str, str] | None = None) -> str:
+        """Open a RUNNING child run for the work item `key`."""
+        all_tags = {TAG_PARENT: parent or self.parent_id, TAG_KIND: kind, TAG_KEY: key, **(tags or {})}
+        run_id = self.client.create_run(self.experiment_id, start_time=now_ms(start_time), run_name=name,
+                                        tags=all_tags).info.run_id
+        self.open_runs[key] = run_id
+        return run_id
+
+    def finish(self, key: str, status: str = "FINISHED", end_time: float | None = None) -> str:
+        run_id = self.open_runs.pop(key)
+        self.client.set_terminated(run_id, status, end_time=now_ms(end_time))
+        if status == "FINISHED":
+            self.existing[key] = run_id
+        return run_id
+
+    def log(self, run_id: str, **values: Any) -> None:
+        log_batch(self.client, run_id, **values)
+
+    def artifact(self, run_id: str, path: str | Path, where: str | None = None) -> None:
+        if Path(path).is_dir():
+            self.client.log_artifacts(run_id, str(path), where)
+        else:
+            self.client.log_artifact(run_id, str(path), where)
+
+    def close(self, status: str) -> None:
+        """End every child still open here (KILLED unless the parent FINISHED) and then the parent."""
+        for key in list(self.open_runs):
+            self.finish(key, "KILLED" if status != "FINISHED" else "FAILED")
+        self.client.set_terminated(self.parent_id, status)
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

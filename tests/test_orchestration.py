@@ -15,9 +15,9 @@ import torch
 from conftest import tiny_experiment
 
 from er_ray import tracking as T
-from er_ray.convergence import Combo, grid
+from er_ray.convergence import Combo
 from er_ray.methods import prepare, search_stage
-from er_ray.orchestration.search_tune import GRID_CURVES, ConvergenceStopper, run_search
+from er_ray.orchestration.search_tune import PENDING, ConvergenceStopper, run_search
 
 
 @pytest.fixture(scope="module")
@@ -37,15 +37,11 @@ def _runs(uri: str, kind: str | None = None):
     return [r for r in runs if kind is None or r.data.tags.get(T.TAG_KIND) == kind]
 
 
-def test_stopper_needs_every_combo_converged():
-    stopper = ConvergenceStopper(grid([0.1, 0.3], [0.25], [0.2, 0.4]), patience=2)
-    low, mid = [0.05, 0.05], [0.2, 0.2]
-    result = {GRID_CURVES: json.dumps([[0.25, 0.2, [low, low]], [0.25, 0.4, [mid, mid]]])}
-    assert not stopper("t", result)  # ffn ratio 0.4 meets gamma 0.3 but not 0.1
-    result = {GRID_CURVES: json.dumps([[0.25, 0.2, [mid, low, low]], [0.25, 0.4, [low, low]]])}
-    assert stopper("t", result)
-    assert not stopper("t", {GRID_CURVES: json.dumps([[0.25, 0.2, [low]], [0.25, 0.4, [low]]])})  # patience
-    assert not stopper("t", {"mask_distance_heads": 0.0}) and not stopper.stop_all()
+def test_stopper_waits_until_no_combo_is_pending():
+    stopper = ConvergenceStopper()
+    assert not stopper("t", {PENDING: 2}) and not stopper("t", {PENDING: 1})
+    assert stopper("t", {PENDING: 0})
+    assert not stopper("t", {"mask_distance_heads": 0.0}) and not stopper.stop_all()  # no count: keep going
 
 
 def test_tune_search_equals_the_in_process_search(ray_session, tiny_model_dir, tmp_path):
@@ -87,18 +83,26 @@ def test_fan_out_one_ticket_per_combo_and_mlflow_states(ray_session, tiny_model_
     for r in _runs(uri, "ticket"):
         assert {T.CLEAN_ACC, T.TRAIN_SECONDS, T.FINETUNE_SECONDS} <= set(r.data.metrics)
     (timing_file,) = (tmp_path / "tiny" / "runs").glob("*/timing.json")
-    timing = json.loads(timing_file.read_text())
-    assert 0 < timing["overhead_share"] < 1 and timing["training_seconds"] > 0
-    assert _runs(uri, "parent")[0].data.metrics["overhead_share"] == pytest.approx(timing["overhead_share"])
+    (timing,) = json.loads(timing_file.read_text())  # one invocation
+    assert 0 < timing[T.BUSY_SECONDS] < timing[T.WALL_SECONDS]
+    assert timing[T.OVERHEAD_SHARE] == pytest.approx(1 - timing[T.BUSY_SECONDS] / timing[T.WALL_SECONDS])
+    assert _runs(uri, "parent")[0].data.metrics[T.OVERHEAD_SHARE] == pytest.approx(timing[T.OVERHEAD_SHARE])
+    for r in _runs(uri):  # every ticket and search run carries its seed
+        if r.data.tags[T.TAG_KIND] in ("search", "ticket"):
+            assert r.data.params[T.PARAM_SEED] == "3"
 
 
 def test_failure_ends_runs_failed(ray_session, tiny_model_dir, tmp_path):
+    from transformers import AutoConfig, AutoTokenizer
+
     from er_ray.orchestration.pipeline import run_pipeline
 
-    # the search trial fails on its worker (no model there); no retries, so it fails at once
-    cfg = _sweep_config(tiny_model_dir, tmp_path, **{"model.name_or_path": str(tmp_path / "gone"),
-                                                      "ray.max_retries": 0})  # fmt: skip
-    with pytest.raises(RuntimeError, match="search stage failed"):
+    # tokenizer and config but no weights: the driver reads the data, the search trial fails on its worker
+    broken = tmp_path / "no-weights"
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(broken)
+    AutoConfig.from_pretrained(tiny_model_dir).save_pretrained(broken)
+    cfg = _sweep_config(tiny_model_dir, tmp_path, **{"model.name_or_path": str(broken), "ray.max_retries": 0})
+    with pytest.raises(RuntimeError, match="search stage .*failed"):
         run_pipeline(cfg)
     runs = _runs(cfg.tracking.uri)
     assert runs and not [r for r in runs if r.info.status == "RUNNING"]
@@ -136,7 +140,7 @@ def test_killed_ticket_worker_is_retried(ray_session, tiny_model_dir, tmp_path):
     assert [r.info.status for r in _runs(cfg.tracking.uri, "ticket")] == ["FINISHED"]
 
 
-def test_driver_killed_after_search_resumes_without_redoing_work(ray_session, tiny_model_dir, tmp_path):
+def test_driver_killed_mid_sweep_resumes_without_redoing_work(ray_session, tiny_model_dir, tmp_path):
     cfg_file = tmp_path / "cfg.yaml"
     cfg = _sweep_config(tiny_model_dir, tmp_path, **{"finetune.epochs": 20})
     cfg_file.write_text(json.dumps(cfg.model_dump(mode="json")))  # JSON is YAML
@@ -145,27 +149,30 @@ def test_driver_killed_after_search_resumes_without_redoing_work(ray_session, ti
     driver = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     runs = tmp_path / "tiny" / "runs"
     deadline = time.time() + 240
-    while time.time() < deadline and not list(runs.glob("*/earlyrobust/*/result.json")):
+    while time.time() < deadline and not list(runs.glob("*/earlyrobust/seed3/*/result.json")):
         time.sleep(0.3)
-    driver.kill()  # the driver dies between tickets, after the search stage
+    driver.kill()  # the driver dies once a ticket has finished (tickets start while the search goes on)
     driver.wait()
     (run_dir,) = runs.iterdir()
-    traj_file = run_dir / "earlyrobust" / "trajectory.pt"
-    done = {p: p.stat().st_mtime for p in run_dir.glob("earlyrobust/*/result.json")}
-    assert traj_file.exists() and done
-    traj_mtime = traj_file.stat().st_mtime
+    traj_file = run_dir / "earlyrobust" / "seed3" / "trajectory.pt"
+    traj_mtime = traj_file.stat().st_mtime if traj_file.exists() else None
+    done = {p: p.stat().st_mtime for p in run_dir.glob("earlyrobust/seed3/*/result.json")}
+    assert done
 
     from er_ray.orchestration.pipeline import run_pipeline
 
     rows = run_pipeline(cfg, resume=True)
-    assert len(rows) == 4 and traj_file.stat().st_mtime == traj_mtime  # no second search
+    assert len(rows) == 4 and traj_file.exists()
+    assert traj_mtime is None or traj_file.stat().st_mtime == traj_mtime  # no second search
     assert all(p.stat().st_mtime == m for p, m in done.items())  # finished tickets were not retrained
     uri = cfg.tracking.uri
     assert [r.info.status for r in _runs(uri, "parent")] == ["FINISHED"]
-    assert len(_runs(uri, "search")) == 1
+    assert [r.info.status for r in _runs(uri, "search") if r.info.status == "FINISHED"] == ["FINISHED"]
     tickets = [r for r in _runs(uri, "ticket") if r.info.status == "FINISHED"]
     assert len(tickets) == 4 and len({r.data.tags["er_ray.key"] for r in tickets}) == 4
     assert not [r for r in _runs(uri) if r.info.status == "RUNNING"]
+    history = json.loads((run_dir / "timing.json").read_text())  # the killed invocation never wrote its own
+    assert len(history) == 1 and 0 <= history[0][T.OVERHEAD_SHARE] < 1
 
 
 def test_run_folder_is_absolute_for_a_relative_output_dir(tmp_path, monkeypatch):

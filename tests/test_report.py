@@ -3,7 +3,6 @@ missing metrics; Figures 2-5 written as valid PNGs; the MLflow server shows the 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -21,7 +20,7 @@ import torch
 
 from er_ray import tracking
 from er_ray.config import UserError
-from er_ray.report import build_report, cli
+from er_ray.report import build_report
 from er_ray.report.store import TAG_PARENT, TAG_PRIMARY
 from er_ray.report.table import (
     COL_CLEAN,
@@ -286,9 +285,9 @@ def test_unknown_experiment_or_run_is_a_user_error(store, tmp_path):
 
 
 def test_cli_prints_the_table(store, tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    cli.add_parser(parser.add_subparsers())
-    args = parser.parse_args(["report", "--run", store["parent"], "--out", str(tmp_path), "--no-log",
+    from er_ray.cli import build_parser
+
+    args = build_parser().parse_args(["report", "--run", store["parent"], "--out", str(tmp_path), "--no-log",
                               "--tracking-uri", store["uri"]])  # fmt: skip
     assert args.func(args) == 0
     out = capsys.readouterr().out

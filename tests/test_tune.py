@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -41,9 +40,9 @@ def write_config(model_dir: Path, tmp_path: Path, **over) -> Path:
 
 
 def cli(*argv: object) -> int:
-    parser = argparse.ArgumentParser()
-    ot.add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["tune", *map(str, argv)])
+    from er_ray.cli import build_parser
+
+    args = build_parser().parse_args(["tune", *map(str, argv)])
     return args.func(args)
 
 

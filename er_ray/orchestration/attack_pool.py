@@ -1,12 +1,19 @@
-"""A pool of Ray actors running the robustness evaluation: each actor loads the model and the attack resources
-once; examples are handed out in small shards by index; results are merged in example order; a shard whose actor
-dies is redone on another actor (records are keyed by (recipe, index), so nothing is lost or counted twice)."""
+"""The attack service: a fixed set of Ray actors that load the attack resources (vectors, sentence encoder,
+masked LM, spaCy) once per run and take work units from one queue fed by every finished ticket.
+
+A unit is (ticket, recipe, shard of example indices) or (ticket, clean accuracy). An actor loads a ticket's
+weights when a unit needs them and keeps the last few. Each example is attacked with its own seed, so results
+do not depend on which actor ran which shard; records are merged in example order; a unit whose actor dies is
+redone on a fresh actor (records are keyed by (recipe, index): nothing is lost or counted twice).
+
+The service never blocks: the driver waits on `refs()` together with its other work and hands each finished
+ref to `handle`. `run_attack_pool` is the blocking use for one model (`er-ray attack --actors N`).
+"""
 
 from __future__ import annotations
 
-import os
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,12 +22,14 @@ import ray
 
 from er_ray.config import AttackConfig, DataConfig, UserError
 
+VICTIMS_CACHED = 3  # tickets an actor keeps loaded (units of one ticket mostly arrive together)
+
 
 class AttackActor:
-    """One process holding a victim and the attacks of `cfg.recipes` (built once, reused for every shard)."""
+    """One process holding the attack resources, and the victims of its last few units."""
 
-    def __init__(self, model_dir: str, dataset: Any, cfg: dict, max_length: int, cache_dir: str,
-                 resource_options: dict, threads: int, device: str, exit_at: tuple | None = None):
+    def __init__(self, dataset: Any, cfg: dict, max_length: int, cache_dir: str, resource_options: dict,
+                 threads: int, device: str, events: Any = None):
         import torch
 
         from er_ray.attacks.env import prepare_textattack
@@ -28,54 +37,49 @@ class AttackActor:
         prepare_textattack(Path(cache_dir))
         torch.set_num_threads(threads)
         from er_ray.attacks.evaluate import default_resources
-        from er_ray.attacks.recipes import build_recipe
-        from er_ray.attacks.victim import load_victim
-        from er_ray.attacks.wrapper import DynamicPaddingWrapper
 
         self.cfg = AttackConfig.model_validate(cfg)
-        model, tokenizer = load_victim(model_dir)
-        self.wrapper = DynamicPaddingWrapper(model.to(device), tokenizer, max_length, self.cfg.batch_size)
-        self.dataset = dataset
-        offline = None
+        self.dataset, self.max_length, self.device, self.events = dataset, max_length, device, events
+        self.offline = None
         if self.cfg.resources == "offline":
-            offline = default_resources("bertattack" in self.cfg.recipes, Path(cache_dir), **resource_options)
-        self.info = dict(offline.info) if offline is not None else {}
-        self.attacks = {r: build_recipe(r, self.wrapper, self.cfg.resources, offline=offline,
-                                        batch_size=self.cfg.batch_size, query_budget=self.cfg.query_budget)
-                        for r in self.cfg.recipes}
-        self.exit_at = exit_at  # (recipe, index, marker file): test hook, die once there
+            self.offline = default_resources("bertattack" in self.cfg.recipes, Path(cache_dir), **resource_options)
+        self.info = dict(self.offline.info) if self.offline is not None else {}
+        self.victims: OrderedDict[str, tuple[Any, dict]] = OrderedDict()
 
-    def clean(self) -> tuple[float, int]:
-        from er_ray.attacks.evaluate import clean_accuracy
+    def _victim(self, model_dir: str) -> tuple[Any, dict]:
+        """(wrapper, recipe -> attack) for a ticket, loaded on first use and kept while recent."""
+        if model_dir not in self.victims:
+            from er_ray.attacks.recipes import build_recipe
+            from er_ray.attacks.victim import load_victim
+            from er_ray.attacks.wrapper import DynamicPaddingWrapper
 
-        return clean_accuracy(self.wrapper, self.dataset)[0], len(self.dataset)
+            model, tokenizer = load_victim(model_dir)
+            wrapper = DynamicPaddingWrapper(model.to(self.device), tokenizer, self.max_length, self.cfg.batch_size)
+            attacks = {r: build_recipe(r, wrapper, self.cfg.resources, offline=self.offline,
+                                       batch_size=self.cfg.batch_size, query_budget=self.cfg.query_budget)
+                       for r in self.cfg.recipes}
+            self.victims[model_dir] = (wrapper, attacks)
+            while len(self.victims) > VICTIMS_CACHED:
+                self.victims.popitem(last=False)
+        self.victims.move_to_end(model_dir)
+        return self.victims[model_dir]
 
-    def run(self, recipe: str, indices: list[int], seed: int) -> list[dict]:
-        from er_ray.attacks.evaluate import attack_one
+    def work(self, key: str, model_dir: str, recipe: str, indices: list[int], seed: int) -> dict:
+        """One unit: Clean% on the whole dataset (recipe 'clean') or one recipe on `indices`."""
+        from er_ray.attacks.evaluate import attack_one, clean_accuracy
 
-        out = []
-        for i in indices:
-            if self.exit_at is not None and (recipe, i) == tuple(self.exit_at[:2]):
-                marker = Path(self.exit_at[2])
-                if not marker.exists():
-                    marker.touch()
-                    os._exit(1)  # an actor dying mid-shard, as a crash or OOM kill would
-            out.append(attack_one(self.attacks[recipe], self.dataset, i, recipe, seed))
-        return out
+        began = time.time()
+        if self.events is not None:  # the driver opens the ticket's attack run at its first unit's start
+            self.events.put(("attack_started", key, began))
+        wrapper, attacks = self._victim(model_dir)
+        if recipe == "clean":
+            out: dict = {"clean": (clean_accuracy(wrapper, self.dataset)[0], len(self.dataset))}
+        else:
+            out = {"records": [attack_one(attacks[recipe], self.dataset, i, recipe, seed) for i in indices]}
+        return out | {"interval": [began, time.time()]}
 
     def describe(self) -> dict:
         return self.info
-
-
-@dataclass
-class PoolStats:
-    shards: int = 0
-    actor_deaths: int = 0
-    shards_redone: int = 0
-    actors_started: int = 0
-    startup_seconds: float = 0.0  # until every first actor had loaded the model and the resources
-    wall_seconds: float = 0.0  # from then until the last shard
-    events: list[str] = field(default_factory=list)
 
 
 def shard(indices: list[int], recipes: list[str], actors: int, per_actor: int = 4) -> list[tuple[str, list[int]]]:
@@ -85,94 +89,161 @@ def shard(indices: list[int], recipes: list[str], actors: int, per_actor: int = 
     return [(r, indices[k : k + size]) for r in recipes for k in range(0, len(indices), size)]
 
 
-class AttackPool:
-    """Start `cfg.actors` actors with `cfg.cpus_per_actor` CPUs and `cfg.gpus_per_actor` GPUs each."""
+@dataclass
+class PoolStats:
+    shards: int = 0
+    actor_deaths: int = 0
+    shards_redone: int = 0
+    actors_started: int = 0
+    startup_seconds: float = 0.0  # from the service's start until its first actor had loaded everything
+    wall_seconds: float = 0.0  # from the ticket's first unit's start to its last unit's end
+    events: list[str] = field(default_factory=list)
 
-    max_redo = 3  # a shard that kills this many actors is a bug, not bad luck
 
-    def __init__(self, model_dir: str | Path, dataset: Any, cfg: AttackConfig, max_length: int,
-                 cache_dir: Path, resource_options: dict | None = None, exit_at: tuple | None = None):
+@dataclass
+class _Ticket:
+    model_dir: str
+    indices: list[int]
+    seed: int
+    units_left: int
+    records: dict = field(default_factory=dict)
+    clean: tuple[float, int] | None = None
+    intervals: list[list[float]] = field(default_factory=list)
+    stats: PoolStats = field(default_factory=PoolStats)
+
+
+@dataclass
+class Finished:
+    """A ticket whose every unit is done: its result, and the wall intervals its units ran in."""
+
+    key: str
+    result: Any  # RobustnessResult
+    intervals: list[list[float]]
+
+
+class AttackService:
+    """`cfg.actors` actors with `cfg.cpus_per_actor` CPUs and `cfg.gpus_per_actor` GPUs each, started at once,
+    fed from one queue of units."""
+
+    max_redo = 3  # a unit that kills this many actors is a bug, not bad luck
+
+    def __init__(self, dataset: Any, cfg: AttackConfig, max_length: int, cache_dir: Path,
+                 resource_options: dict | None = None, events: Any = None):
         from er_ray.orchestration.ray_env import init_ray
 
         init_ray()
-        resource_options = {"masked_lm": cfg.masked_lm, **(resource_options or {})}
-        self.cfg, self.stats = cfg, PoolStats()
-        threads = max(1, int(cfg.cpus_per_actor))
-        device = "cuda" if cfg.gpus_per_actor > 0 else "cpu"
+        self.cfg, self.dataset, self.started = cfg, dataset, time.time()
+        options = {"masked_lm": cfg.masked_lm, **(resource_options or {})}
         self._remote = ray.remote(num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor, max_restarts=0)(
             AttackActor)
-        self._args = (str(model_dir), ray.put(dataset), cfg.model_dump(), max_length, str(cache_dir),
-                      resource_options or {}, threads, device)
-        self._exit_at = exit_at
-        self.actors = [self._start() for _ in range(cfg.actors)]
+        self._args = (ray.put(dataset), cfg.model_dump(), max_length, str(Path(cache_dir).resolve()), options,
+                      max(1, int(cfg.cpus_per_actor)), "cuda" if cfg.gpus_per_actor > 0 else "cpu", events)
+        self.actors_started = 0
+        self.idle = [self._start() for _ in range(cfg.actors)]
+        self.ready: dict[Any, Any] = {a.describe.remote(): a for a in self.idle}  # load-complete probes
+        self.startup_seconds: float | None = None
+        self.info: dict = {}
+        self.work: deque[tuple[str, str, list[int]]] = deque()
+        self.running: dict[Any, tuple[Any, tuple[str, str, list[int]]]] = {}
+        self.tickets: dict[str, _Ticket] = {}
+        self.redo: dict[tuple, int] = {}
 
     def _start(self) -> Any:
-        self.stats.actors_started += 1
-        return self._remote.remote(*self._args, exit_at=self._exit_at)
+        self.actors_started += 1
+        return self._remote.remote(*self._args)
 
-    def run(self, indices: list[int], seed: int, progress: bool = True) -> tuple[list[dict], tuple[float, int], dict]:
-        """All recipes on `indices`, plus Clean% on the whole dataset. Returns (records, clean, resource info)."""
-        from tqdm import tqdm
+    def submit(self, key: str, model_dir: str | Path, indices: list[int], seed: int) -> None:
+        """Queue a ticket's units: Clean% first, then every recipe on shards of `indices`."""
+        if not Path(model_dir).is_dir():
+            raise UserError(f"model directory {model_dir} does not exist")
+        units = [("clean", [])] + shard(list(indices), list(self.cfg.recipes), self.cfg.actors)
+        ticket = _Ticket(str(Path(model_dir).resolve()), list(indices), seed, len(units))
+        ticket.stats.shards = len(units) - 1
+        self.tickets[key] = ticket
+        self.work.extend((key, recipe, idx) for recipe, idx in units)
+        self._dispatch()
 
-        t0 = time.perf_counter()
-        try:  # wait until every actor has loaded its model and resources (and fail early if one cannot)
-            info = ray.get([a.describe.remote() for a in self.actors])[0]
-        except ray.exceptions.RayActorError as err:
-            raise (_init_error(err) if err.actor_init_failed else err) from None
-        self.stats.startup_seconds = round(time.perf_counter() - t0, 2)
-        t0 = time.perf_counter()
-        work = deque([("clean", [])] + shard(indices, list(self.cfg.recipes), len(self.actors)))
-        self.stats.shards = len(work) - 1
-        redo: dict[tuple[str, tuple[int, ...]], int] = {}
-        records: dict[tuple[str, int], dict] = {}
-        clean: tuple[float, int] | None = None
-        running: dict[Any, tuple[Any, tuple[str, list[int]]]] = {}
-        idle = list(self.actors)
-        bar = tqdm(total=len(indices) * len(self.cfg.recipes), desc="attack", unit="ex", disable=not progress)
-        while work or running:
-            while work and idle:
-                actor, unit = idle.pop(), work.popleft()
-                ref = actor.clean.remote() if unit[0] == "clean" else actor.run.remote(unit[0], unit[1], seed)
-                running[ref] = (actor, unit)
-            done, _ = ray.wait(list(running), num_returns=1)
-            actor, unit = running.pop(done[0])
+    def _dispatch(self) -> None:
+        while self.work and self.idle:
+            actor, unit = self.idle.pop(), self.work.popleft()
+            key, recipe, idx = unit
+            t = self.tickets[key]
+            self.running[actor.work.remote(key, t.model_dir, recipe, idx, t.seed)] = (actor, unit)
+
+    def refs(self) -> list:
+        """What the driver waits on (with its other work)."""
+        return [*self.ready, *self.running]
+
+    def busy(self) -> bool:
+        return bool(self.work or self.running)
+
+    def handle(self, ref: Any) -> list[Finished]:
+        """Take one finished ref of `refs()`; returns the tickets it completed."""
+        if ref in self.ready:
+            actor = self.ready.pop(ref)
             try:
-                value = ray.get(done[0])
+                self.info = ray.get(ref)
             except ray.exceptions.RayActorError as err:
-                if err.actor_init_failed:  # a bad model dir or missing resources: every actor would fail
-                    raise _init_error(err) from None
-                self._replace(actor, unit, redo, work, idle)
-                continue
-            idle.append(actor)
-            if unit[0] == "clean":
-                clean = value
-                continue
-            for rec in value:
-                records[(rec["recipe"], rec["index"])] = rec
-            bar.update(len(value))
-        bar.close()
-        self.stats.wall_seconds = round(time.perf_counter() - t0, 2)
-        assert clean is not None
-        return list(records.values()), clean, info
+                raise (_init_error(err) if err.actor_init_failed else err) from None
+            if self.startup_seconds is None:
+                self.startup_seconds = round(time.time() - self.started, 2)
+            del actor
+            return []
+        actor, unit = self.running.pop(ref)
+        key, recipe, idx = unit
+        ticket = self.tickets[key]
+        try:
+            value = ray.get(ref)
+        except ray.exceptions.RayActorError as err:
+            if err.actor_init_failed:  # a bad model dir or missing resources: every actor would fail
+                raise _init_error(err) from None
+            self._replace(actor, unit, ticket)
+            return []
+        self.idle.append(actor)
+        ticket.intervals.append(value["interval"])
+        if recipe == "clean":
+            ticket.clean = value["clean"]
+        for rec in value.get("records", []):
+            ticket.records[(rec["recipe"], rec["index"])] = rec
+        ticket.units_left -= 1
+        done = []
+        if ticket.units_left == 0:
+            done.append(self._assemble(key, self.tickets.pop(key)))
+        self._dispatch()
+        return done
 
-    def _replace(self, actor: Any, unit: tuple, redo: dict, work: deque, idle: list) -> None:
-        key = (unit[0], tuple(unit[1]))
-        redo[key] = redo.get(key, 0) + 1
-        self.stats.actor_deaths += 1
-        self.stats.shards_redone += 1
-        self.stats.events.append(f"actor died during {unit[0]} {list(unit[1])[:3]}...; shard requeued")
-        if redo[key] >= self.max_redo:
-            raise RuntimeError(f"shard {unit[0]} {list(unit[1])} killed {redo[key]} actors; giving up")
-        work.appendleft(unit)
-        self.actors = [a for a in self.actors if a is not actor]
-        fresh = self._start()
-        self.actors.append(fresh)
-        idle.append(fresh)
+    def _replace(self, actor: Any, unit: tuple, ticket: _Ticket) -> None:
+        redo_key = (unit[0], unit[1], tuple(unit[2]))
+        self.redo[redo_key] = self.redo.get(redo_key, 0) + 1
+        ticket.stats.actor_deaths += 1
+        ticket.stats.shards_redone += 1
+        ticket.stats.events.append(f"actor died during {unit[1]} {list(unit[2])[:3]}...; unit requeued")
+        if self.redo[redo_key] >= self.max_redo:
+            raise RuntimeError(f"unit {unit[1]} {list(unit[2])} killed {self.redo[redo_key]} actors; giving up")
+        ray.kill(actor)
+        self.work.appendleft(unit)
+        self.idle.append(self._start())
+        self._dispatch()
+
+    def _assemble(self, key: str, t: _Ticket) -> Finished:
+        from er_ray.attacks.evaluate import assemble
+
+        recipes = list(self.cfg.recipes)
+        records = list(t.records.values())
+        seconds = {r: round(sum(x["seconds"] for x in records if x["recipe"] == r), 2) for r in recipes}
+        t.stats.actors_started = self.actors_started
+        t.stats.startup_seconds = self.startup_seconds or 0.0
+        t.stats.wall_seconds = round(max(e for _, e in t.intervals) - min(s for s, _ in t.intervals), 2)
+        info = {**self.info, "pool": {"actors": self.cfg.actors, "cpus_per_actor": self.cfg.cpus_per_actor,
+                                      "gpus_per_actor": self.cfg.gpus_per_actor, **vars(t.stats)}}
+        assert t.clean is not None
+        result = assemble(records, recipes, t.clean, seconds, t.indices, t.seed, self.cfg.resources, info)
+        return Finished(key, result, t.intervals)
 
     def shutdown(self) -> None:
-        for a in self.actors:
+        for a in [*self.idle, *(a for a, _ in self.running.values())]:
             ray.kill(a)
-        self.actors = []
+        self.idle, self.running = [], {}
 
 
 def _init_error(err: Exception) -> Exception:
@@ -182,6 +253,13 @@ def _init_error(err: Exception) -> Exception:
         if line.startswith(("er_ray.config.UserError:", "UserError:")):
             return UserError(line.split(":", 1)[1].strip())
     return RuntimeError(f"an attack actor failed to start: {lines[-1] if lines else err}")
+
+
+def attack_dataset(data: DataConfig, seed: int, split: str | None = None) -> Any:
+    """The split attacks are run on: all of it (Clean%), the attack sample drawn from it by seed."""
+    from er_ray.data import load_split
+
+    return load_split(data, split or data.eval_split, seed, None)
 
 
 def run_attack_pool(
@@ -196,30 +274,35 @@ def run_attack_pool(
     cache_dir: Path | None = None,
     resource_options: dict | None = None,
     progress: bool = True,
-    exit_at: tuple | None = None,
 ):
-    """Evaluate the saved model in `model_dir` with a pool of cfg.actors actors. `dataset` is a TextDataset or a
-    DataConfig (then `split`, default its eval split, is loaded whole for Clean%). Returns a RobustnessResult whose
-    info holds the pool's statistics."""
-    from er_ray.attacks.evaluate import assemble, attack_sample
+    """Evaluate the saved model in `model_dir` with cfg.actors actors, blocking. `dataset` is a TextDataset or
+    a DataConfig (then `split`, default its eval split, is loaded whole for Clean%). Returns a RobustnessResult
+    whose info holds the pool's statistics."""
+    from tqdm import tqdm
+
+    from er_ray.attacks.evaluate import attack_sample
     from er_ray.config import settings
 
     if isinstance(dataset, DataConfig):
-        from er_ray.data import load_split
-
         max_length = max_length or dataset.max_length
-        dataset = load_split(dataset, split or dataset.eval_split, seed, None)
+        dataset = attack_dataset(dataset, seed, split)
     if not Path(model_dir).is_dir():
         raise UserError(f"model directory {model_dir} does not exist")
-    model_dir = Path(model_dir).resolve()  # workers need not share the driver's working directory
-    cache_dir = Path(cache_dir or settings().cache_dir).resolve()
     indices = list(indices) if indices is not None else attack_sample(dataset, cfg.num_examples, seed)
-    pool = AttackPool(model_dir, dataset, cfg, max_length or 128, cache_dir, resource_options, exit_at)
+    service = AttackService(dataset, cfg, max_length or 128, Path(cache_dir or settings().cache_dir),
+                            resource_options)
+    bar = tqdm(total=len(indices) * len(cfg.recipes), desc="attack", unit="ex", disable=not progress)
     try:
-        records, clean, info = pool.run(indices, seed, progress)
+        service.submit("model", model_dir, indices, seed)
+        while True:
+            (ref,), _ = ray.wait(service.refs(), num_returns=1)
+            units_before = len(service.running)
+            finished = service.handle(ref)
+            if len(service.running) <= units_before:
+                bar.n = sum(len(t.records) for t in service.tickets.values())
+                bar.refresh()
+            if finished:
+                return finished[0].result
     finally:
-        pool.shutdown()
-    seconds = {r: round(sum(x["seconds"] for x in records if x["recipe"] == r), 2) for r in cfg.recipes}
-    info = {**info, "pool": {"actors": cfg.actors, "cpus_per_actor": cfg.cpus_per_actor,
-                             "gpus_per_actor": cfg.gpus_per_actor, **vars(pool.stats)}}
-    return assemble(records, list(cfg.recipes), clean, seconds, indices, seed, cfg.resources, info)
+        bar.close()
+        service.shutdown()

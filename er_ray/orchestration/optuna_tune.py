@@ -17,8 +17,6 @@ import argparse
 import copy
 import json
 import re
-import signal
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -33,7 +31,6 @@ from er_ray.config import (
     UserError,
     config_from_dict,
     load_config,
-    settings,
 )
 
 OBJECTIVE, TAG_STUDY, TAG_TRIAL_ID, TAG_ERROR = T.OBJECTIVE, T.TAG_STUDY, T.TAG_TRIAL_ID, T.TAG_ERROR
@@ -277,13 +274,7 @@ def completed(study: Any) -> int:
 
 def _mlflow(cfg: ExperimentConfig, study: str) -> tuple[Any, str]:
     """(client, experiment id); runs of this study that a killed driver left RUNNING end KILLED."""
-    from mlflow.tracking import MlflowClient
-
-    uri = cfg.tracking.uri or settings().mlflow_uri or T.default_tracking_uri(cfg.runtime.output_dir)
-    client = MlflowClient(uri)
-    name = cfg.tracking.experiment or cfg.name
-    exp = client.get_experiment_by_name(name)
-    exp_id = exp.experiment_id if exp else client.create_experiment(name)
+    client, exp_id = T.open_store(cfg)
     stale = f"tags.`{TAG_STUDY}` = '{study}' and attributes.status = 'RUNNING'"
     for r in client.search_runs([exp_id], filter_string=stale, max_results=1000):
         client.set_terminated(r.info.run_id, "KILLED")
@@ -385,21 +376,12 @@ def _best(study: Any) -> tuple[float | None, dict]:
     return study.best_value, dict(study.best_params)
 
 
-def _open_parent(client: Any, exp_id: str, cfg: ExperimentConfig, study: str, url: str) -> str:
+def _open_parent(cfg: ExperimentConfig, study: str, url: str) -> str:
     """The invocation's run: resolved config (passwords masked) as params, provenance as tags."""
-    from er_ray import data
-
-    tags = {T.TAG_KIND: "parent", T.TAG_NAME: cfg.name, TAG_STUDY: study, "er_ray.command": "tune"}
-    parent = client.create_run(exp_id, run_name=f"tune-{study}", tags=tags).info.run_id
-    try:
-        flat = T.flatten(cfg.model_dump(mode="json"))
-        params = {k: redact(v) if isinstance(v, str) else v for k, v in flat.items()}
-        provenance = T.provenance(data.local_files(cfg.data, settings().data_dir))
-        T.log_batch(client, parent, params={**params, "study": study, "storage": url}, tags=provenance)
-    except BaseException:
-        client.set_terminated(parent, "FAILED")
-        raise
-    return parent
+    flat = T.flatten(cfg.model_dump(mode="json"))
+    params = {k: redact(v) if isinstance(v, str) else v for k, v in flat.items()}
+    tags = {TAG_STUDY: study, "er_ray.command": "tune"}
+    return T.Tracker.open(cfg, f"tune-{study}", tags, {**params, "study": study, "storage": url}).parent_id
 
 
 def _tuner(cfg: ExperimentConfig, study: Any, storage: Any, terms: list[str], num_samples: int,
@@ -453,7 +435,7 @@ def tune_study(cfg: ExperimentConfig, resume: bool = False) -> TuneSummary:
 
     init_ray(cfg)
     client, exp_id = _mlflow(cfg, name)
-    parent = summary.parent_run_id = _open_parent(client, exp_id, cfg, name, url)
+    parent = summary.parent_run_id = _open_parent(cfg, name, url)
     status = "FAILED"
     try:
         logger = type("TrialLoggerCallback", (TrialLogger, tune.Callback), {})(
@@ -480,40 +462,17 @@ def tune_study(cfg: ExperimentConfig, resume: bool = False) -> TuneSummary:
 # ---------------------------------------------------------------- CLI
 
 
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "tune", help="Optuna over tune.space through Ray Tune; each trial runs the pipeline"
-    )
-    p.add_argument("config", type=Path, help="experiment YAML with a tune section")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set tune.num_samples=20 (repeatable)")  # fmt: skip
-    p.add_argument("--resume", action="store_true",
-                   help="continue the study even if the config changed since it was made")  # fmt: skip
-    p.set_defaults(func=run)
-    return p
-
-
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
 def run(args: argparse.Namespace) -> int:
     """0: the study has num_samples complete trials; 1: trials failed; 130: interrupted (re-run continues)."""
-    from er_ray.cli import check_config  # lazy: the CLI imports this module
+    from er_ray.methods import check_config
 
     cfg = load_config(args.config, args.overrides)
     check_config(cfg)
-    # `ray job stop` sends SIGTERM: make it an interrupt, so the MLflow runs end KILLED, not RUNNING
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _interrupt) if main else None
     try:
         summary = tune_study(cfg, resume=args.resume)
     except KeyboardInterrupt:
         print("er-ray tune: interrupted; run the same command again to continue the study")
         return 130
-    finally:
-        if main:
-            signal.signal(signal.SIGTERM, previous)
     print("\n".join(summary.lines()))
     if summary.interrupted:
         return 130

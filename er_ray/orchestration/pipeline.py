@@ -1,13 +1,26 @@
-"""`er-ray run` on Ray: Tune search stage -> one task per (gamma, head ratio, ffn ratio) -> attack pool,
-all logged to MLflow by this driver (tasks and actors return results; sqlite allows one writer).
+"""`er-ray run` on Ray: an event loop over a whole sweep (methods x seeds x gamma/ratio grid).
 
-Resume: every ticket is written to its own folder atomically and every MLflow child run carries a key
-tag, so a rerun with `resume=True` skips finished searches, tickets, attacks and runs.
+- Search stages are trials of ONE Tune run (one per (method, seed) with a search), running concurrently as
+  resources allow; `Tuner.fit()` runs in a background thread and its callback streams results, trajectories
+  and ends onto a queue (Tune installs no signal handler off the main thread: Ctrl-C reaches this loop).
+- A combo's ticket task is submitted as soon as its stop rule fires in a reported trajectory, while the
+  search goes on for the other combos; full-model baselines are tasks submitted at the start.
+- Finished tickets feed one attack service (a fixed set of actors, see attack_pool).
+- Workers tell the driver when they start working (a Ray queue), so MLflow runs open when the work starts
+  and close when it ends. Only this driver writes MLflow (sqlite allows one writer), through tracking.py.
+- Combos whose masks are identical (same method and seed) share one fine-tuned ticket and one attack.
+
+Resume: trajectories, tickets and attack results are written atomically into the run folder, MLflow child
+runs carry key tags, and Tune restores unfinished trials from their checkpoints; a rerun with `resume=True`
+redoes nothing that finished.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import queue
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,103 +31,75 @@ import ray
 from er_ray import tracking as T
 from er_ray.config import ExperimentConfig, UserError, settings
 from er_ray.convergence import Combo
-from er_ray.methods import ticket_name
+from er_ray.methods import (
+    SplitData,
+    load_data,
+    prepare,
+    resolve_method,
+    stop_fields,
+    ticket_masks,
+    ticket_name,
+)
+from er_ray.orchestration import search_tune as S
 from er_ray.orchestration.ray_env import init_ray
-from er_ray.search import Trajectory
+from er_ray.search import Trajectory, search_grid
 
 RESULT_FILE = "result.json"
 ATTACK_DIR = "attack"
-TAG_KEY, TAG_PARENT = T.TAG_KEY, T.TAG_PARENT
+SUMMARY_FILE = "summary.json"
+TIMING_FILE = "timing.json"
+PARENT_ID_FILE = "mlflow_parent_run_id"
 
 
 # ---------------------------------------------------------------- work on the workers
 
 
 @ray.remote
-def ticket_task(experiment: dict, traj_path: str | None, combo: dict | None, out: str, threads: int) -> dict:
+def ticket_task(experiment: dict, data: SplitData, traj: Trajectory | None, combo: dict | None, out: str,
+                threads: int, events: Any, key: str) -> dict:
     """Draw + rewind + fine-tune one ticket (or train a full-model baseline); returns its TicketResult."""
     import torch
 
-    from er_ray.methods import full_model_pipeline, prepare, ticket_pipeline
+    from er_ray.methods import full_model_pipeline, ticket_pipeline
 
+    events.put(("ticket_started", key, time.time()))
     torch.set_num_threads(threads)
-    prep = prepare(ExperimentConfig.model_validate(experiment))
-    if traj_path is None:
+    prep = prepare(ExperimentConfig.model_validate(experiment), data=data)
+    if traj is None:
         return full_model_pipeline(prep, Path(out)).to_json()
-    return ticket_pipeline(prep, Trajectory.load(traj_path), Combo(**combo), Path(out)).to_json()
+    return ticket_pipeline(prep, traj, Combo(**combo), Path(out)).to_json()
 
 
-# ---------------------------------------------------------------- MLflow bookkeeping
+# ---------------------------------------------------------------- what one run tracks
 
 
 @dataclass
-class Tracker:
-    """The parent run and its children; every run this driver opens is closed, whatever happens."""
+class Job:
+    """One ticket (or full-model baseline) of the sweep."""
 
-    client: Any
-    experiment_id: str
-    parent_id: str
-    existing: dict[str, str] = field(default_factory=dict)  # key -> FINISHED child run id
-
-    @classmethod
-    def open(cls, cfg: ExperimentConfig, run_dir: Path, resume: bool) -> Tracker:
-        from mlflow.tracking import MlflowClient
-
-        uri = cfg.tracking.uri or settings().mlflow_uri or T.default_tracking_uri(cfg.runtime.output_dir)
-        client = MlflowClient(uri)
-        name = cfg.tracking.experiment or cfg.name
-        exp = client.get_experiment_by_name(name)
-        if exp:
-            exp_id = exp.experiment_id
-        else:  # a local store keeps its artifacts beside it, not in ./mlruns of whatever the cwd is
-            local = uri.startswith("sqlite:")
-            where = (Path(cfg.runtime.output_dir).resolve() / "mlartifacts").as_uri() if local else None
-            exp_id = client.create_experiment(name, artifact_location=where)
-        id_file = run_dir / "mlflow_parent_run_id"
-        if resume and id_file.exists():
-            parent = id_file.read_text().strip()
-            client.update_run(parent, status="RUNNING")
-        else:
-            parent = client.create_run(exp_id, run_name=f"{cfg.name}-{run_dir.name}", tags={
-                T.TAG_KIND: "parent", T.TAG_NAME: cfg.name, "run_dir": str(run_dir)}).info.run_id  # fmt: skip
-            id_file.write_text(parent)
-            from er_ray import data
-
-            T.log_batch(client, parent, params={"methods": ",".join(cfg.methods()), T.PARAM_DATASET: cfg.data.name,
-                                                T.PARAM_MODEL: cfg.model.name_or_path, "seed": cfg.seed},
-                        tags=T.provenance(data.local_files(cfg.data, settings().data_dir)))  # fmt: skip
-            T.log_json(client, parent, cfg.model_dump(mode="json"), "config.json")
-        tracker = cls(client, exp_id, parent)
-        filt = f"tags.`{TAG_PARENT}` = '{parent}'"
-        for run in client.search_runs([exp_id], filter_string=filt, max_results=5000):
-            key = run.data.tags.get(TAG_KEY)
-            if run.info.status == "FINISHED" and key:
-                tracker.existing[key] = run.info.run_id
-            elif run.info.status == "RUNNING":  # left by a driver that died: it never finished
-                client.set_terminated(run.info.run_id, "KILLED")
-        return tracker
-
-    def child(self, key: str, kind: str, name: str, parent: str | None = None) -> str:
-        tags = {TAG_PARENT: parent or self.parent_id, T.TAG_KIND: kind, TAG_KEY: key}
-        return self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
-
-    def log_child(self, key: str, kind: str, name: str, fill, parent: str | None = None) -> str:
-        """Create, fill and finish one child run; a failure ends it FAILED (KILLED on interrupt)."""
-        run_id = self.child(key, kind, name, parent)
-        try:
-            fill(run_id)
-        except BaseException as err:
-            self.client.set_terminated(run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
-            raise
-        self.client.set_terminated(run_id, "FINISHED")
-        self.existing[key] = run_id
-        return run_id
-
-    def close(self, status: str) -> None:
-        self.client.set_terminated(self.parent_id, status)
+    key: str  # "ticket/<method>/seed<seed>/<ticket name>": folder and MLflow key
+    cfg: ExperimentConfig
+    combo: Combo | None
+    out: Path
+    primary: bool
+    owner: str | None = None  # the job holding the weights, when this combo's masks equal its masks
+    result: dict | None = None
+    run_id: str | None = None
+    attacked: bool = False
 
 
-# ---------------------------------------------------------------- the pipeline
+@dataclass
+class Trial:
+    """One search stage of the sweep: (method, seed)."""
+
+    key: str
+    cfg: ExperimentConfig
+    folder: Path
+    traj: Trajectory | None = None
+    traj_ref: Any = None
+    done: bool = False
+    logged_steps: set[int] = field(default_factory=set)
+    masks: dict[str, str] = field(default_factory=dict)  # masks digest -> job key holding that ticket
 
 
 def run_dir_for(cfg: ExperimentConfig, resume: bool) -> Path:
@@ -129,12 +114,402 @@ def run_dir_for(cfg: ExperimentConfig, resume: bool) -> Path:
     return run_dir
 
 
-def _ticket_params(r: dict) -> dict:
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def union_seconds(intervals: list[list[float]], lo: float, hi: float) -> float:
+    """Length of the union of [start, end] intervals, clipped to [lo, hi]."""
+    total, reach = 0.0, lo
+    for s, e in sorted((max(s, lo), min(e, hi)) for s, e in intervals):
+        if e > reach:
+            total += e - max(s, reach)
+            reach = e
+    return total
+
+
+# ---------------------------------------------------------------- the event loop
+
+
+class Sweep:
+    """Every (method, seed) search, ticket and attack of one `er-ray run`, driven by what finishes next."""
+
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path, data: SplitData, tracker: T.Tracker, resume: bool):
+        from ray.util.queue import Queue
+
+        self.cfg, self.run_dir, self.data, self.tracker, self.resume = cfg, run_dir, data, tracker, resume
+        self.began = time.time()
+        self.data_ref = ray.put(data)
+        self.events = Queue(actor_options={"num_cpus": 0})  # workers -> driver: "I started"
+        self.tune_events: queue.Queue = queue.Queue()
+        self.channel = str(run_dir)
+        S.CHANNELS[self.channel] = self.tune_events
+        self.trials: dict[str, Trial] = {}
+        self.jobs: dict[str, Job] = {}
+        self.running: dict[Any, str] = {}  # ticket task ref -> job key
+        self.busy: list[list[float]] = []  # wall intervals of training and attacking in this invocation
+        self.stage_seconds = 0.0
+        self.fit_thread: threading.Thread | None = None
+        self.fit_outcome: list[Any] = []
+        self.service: Any = None
+        self.attack_data: Any = None
+
+    # ------------------------------------------------------------ setup
+
+    def start(self) -> None:
+        searches: dict[str, ExperimentConfig] = {}
+        for method in self.cfg.methods():
+            for seed in self.cfg.seeds():
+                mcfg = self.cfg.for_method(method, seed)
+                folder = self.run_dir / method / f"seed{seed}"
+                if not mcfg.uses_ticket():
+                    self._add_job(mcfg, None, folder / ticket_name(None), primary=True)
+                    continue
+                trial = self.trials[f"{method}/seed{seed}"] = Trial(f"{method}/seed{seed}", mcfg, folder)
+                final = folder / S.TRAJECTORY_FILE
+                if final.exists():  # its search finished in an earlier invocation
+                    self._on_trajectory(trial, Trajectory.load(final))
+                    self._complete(trial)
+                else:
+                    searches[trial.key] = mcfg
+        if self.cfg.ray.attack:
+            self._start_attacks()
+        if searches:
+            tuner = S.search_tuner(searches, self.run_dir, self.data_ref, self.channel, self.resume)
+            self.fit_thread = threading.Thread(target=self._fit, args=(tuner,), daemon=True, name="tune-fit")
+            self.fit_thread.start()
+
+    def _fit(self, tuner: Any) -> None:
+        try:
+            self.fit_outcome.append(tuner.fit())
+        except BaseException as err:  # reported to the main thread, which decides
+            self.fit_outcome.append(err)
+
+    def _start_attacks(self) -> None:
+        from er_ray.attacks.evaluate import attack_sample
+        from er_ray.orchestration.attack_pool import AttackService, attack_dataset
+
+        c = self.cfg
+        self.attack_data = attack_dataset(c.data, c.sample_seed)
+        self.attack_indices = attack_sample(self.attack_data, c.attack.num_examples, c.sample_seed)
+        self.service = AttackService(self.attack_data, c.attack, c.data.max_length, settings().cache_dir,
+                                     events=self.events)
+
+    # ------------------------------------------------------------ the loop
+
+    def run(self) -> None:
+        while not self._finished():
+            self._drain_tune()
+            self._drain_workers()
+            refs = [*self.running, *(self.service.refs() if self.service else [])]
+            if not refs:
+                time.sleep(0.1)
+                continue
+            ready, _ = ray.wait(refs, num_returns=1, timeout=0.25)
+            for ref in ready:
+                if ref in self.running:
+                    self._on_ticket(self.running.pop(ref), ref)
+                else:
+                    for fin in self.service.handle(ref):
+                        self._on_attack(fin)
+        self._drain_workers()
+
+    def _finished(self) -> bool:
+        searching = self.fit_thread is not None and (self.fit_thread.is_alive() or not self.tune_events.empty())
+        if self.fit_thread is not None and not self.fit_thread.is_alive() and self.tune_events.empty():
+            self._after_fit()
+        attacking = self.service is not None and self.service.busy()
+        unattacked = self.service is not None and any(
+            j.result and not j.attacked and not j.owner for j in self.jobs.values())
+        return not (searching or self.running or attacking or unattacked or self._unfinished_trials())
+
+    def _unfinished_trials(self) -> bool:
+        return any(not t.done for t in self.trials.values())
+
+    def _drain_tune(self) -> None:
+        while True:
+            try:
+                ev = self.tune_events.get_nowait()
+            except queue.Empty:
+                return
+            trial = self.trials[ev.key]
+            if ev.kind == "start":
+                self._open_search(trial)
+            elif ev.kind == "result":
+                self._on_result(trial, ev.value)
+            elif ev.kind == "trajectory":
+                self._on_trajectory(trial, ev.value)
+            elif ev.kind == "complete":
+                self._complete(trial)
+            elif ev.kind == "error":
+                raise RuntimeError(f"search stage {trial.key} failed: {ev.value}")
+
+    def _after_fit(self) -> None:
+        """fit() has returned: every trial's final checkpoint, including trials finished before a resume."""
+        outcome = self.fit_outcome.pop() if self.fit_outcome else None
+        self.fit_thread = None
+        if isinstance(outcome, BaseException):
+            raise RuntimeError(f"search stage failed: {outcome}") from outcome
+        for result in outcome or []:
+            key = result.config["trial"]["key"]
+            if result.error is not None:
+                raise RuntimeError(f"search stage {key} failed: {result.error}") from result.error
+            trial = self.trials[key]
+            if not trial.done:
+                self._on_trajectory(trial, S.load_trajectory(result.checkpoint))
+                self._complete(trial)
+
+    def _drain_workers(self) -> None:
+        for kind, key, at in self.events.get_nowait_batch(self.events.qsize()) if self.events.qsize() else []:
+            if kind == "ticket_started":
+                self._open_ticket(self.jobs[key], at)
+            elif kind == "attack_started" and f"{key}/attack" not in self.tracker.open_runs:
+                self._open_attack(self.jobs[key], at)
+
+    # ------------------------------------------------------------ search stages
+
+    def _search_key(self, trial: Trial) -> str:
+        return f"search/{trial.key}"
+
+    def _open_search(self, trial: Trial) -> None:
+        key = self._search_key(trial)
+        if key in self.tracker.existing or key in self.tracker.open_runs:
+            return
+        c = trial.cfg
+        run_id = self.tracker.start(key, "search", f"search-{trial.key.replace('/', '-')}")
+        combos = [vars(x) for x in search_grid(c)]
+        self.tracker.log(run_id, params={
+            T.PARAM_METHOD: c.method, T.PARAM_SEED: c.seed, T.PARAM_DATASET: c.data.name,
+            T.PARAM_MODEL: c.model.name_or_path, "combos": json.dumps(combos), "scope": c.prune.scope,
+            "adversary": resolve_method(c).search.adversary.kind, "lambda_head": c.search.lambda_head,
+            "lambda_ffn": c.search.lambda_ffn, "patience": c.search.patience})
+        trial.logged_steps = set()
+
+    def _on_result(self, trial: Trial, result: dict) -> None:
+        self._open_search(trial)
+        self.busy.append([result[S.BUSY_START], result[S.BUSY_END]])
+        self.stage_seconds += result[S.BUSY_END] - result[S.BUSY_START]
+        run_id = self.tracker.open_runs.get(self._search_key(trial))
+        step = int(result["mini_epoch"])
+        if run_id and step not in trial.logged_steps:
+            names = (T.MASK_DISTANCE_HEADS, T.MASK_DISTANCE_FFN, T.SEARCH_LOSS, T.SEARCH_SECONDS)
+            self.tracker.log(run_id, metrics={n: result.get(n) for n in names}, step=step)
+            trial.logged_steps.add(step)
+
+    def _on_trajectory(self, trial: Trial, traj: Trajectory) -> None:
+        """Submit the ticket of every combo whose stop rule has fired in this trajectory."""
+        trial.traj, trial.traj_ref = traj, None
+        for combo, stop in traj.stops.items():
+            if stop.converged:
+                self._ticket_for(trial, combo)
+
+    def _complete(self, trial: Trial) -> None:
+        """The search has ended: every remaining combo takes the last mini-epoch (the cap)."""
+        if trial.done:
+            return
+        traj = trial.traj
+        assert traj is not None, f"search {trial.key} ended without a trajectory"
+        for combo in traj.stops:
+            self._ticket_for(trial, combo)
+        trial.folder.mkdir(parents=True, exist_ok=True)
+        final = trial.folder / S.TRAJECTORY_FILE
+        if not final.exists():
+            tmp = final.with_suffix(".tmp")
+            traj.save(tmp)
+            tmp.replace(final)
+        key = self._search_key(trial)
+        if key not in self.tracker.existing:
+            self._open_search(trial)
+            run_id = self.tracker.open_runs[key]
+            series = {n: [(s, v) for s, v in pts if s not in trial.logged_steps]
+                      for n, pts in S.curves(traj).items()}  # backfill what a restored trial did not report
+            self.tracker.log(run_id, series=series)
+            self.tracker.artifact(run_id, final)
+            stops = [{"combo": vars(c), "stop": vars(s), "epoch": traj.mini_epochs[s.mini_epoch].epoch}
+                     for c, s in traj.stops.items()]
+            T.log_json(self.tracker.client, run_id, stops, "stop_points.json")
+            self.tracker.finish(key)
+        trial.done = True
+
+    # ------------------------------------------------------------ tickets
+
+    def _add_job(self, cfg: ExperimentConfig, combo: Combo | None, out: Path, primary: bool,
+                 owner: str | None = None, traj_ref: Any = None) -> Job:
+        key = f"ticket/{cfg.method}/seed{cfg.seed}/{out.name}"
+        job = self.jobs[key] = Job(key, cfg, combo, out, primary, owner)
+        if owner:
+            self._maybe_share(job)
+            return job
+        if (out / RESULT_FILE).exists():  # finished before a crash: no retraining
+            self._done_ticket(job, json.loads((out / RESULT_FILE).read_text()))
+            return job
+        c = cfg.ray
+        ref = ticket_task.options(
+            num_cpus=c.ticket_cpus, num_gpus=c.ticket_gpus, max_retries=c.max_retries, retry_exceptions=False,
+        ).remote(cfg.model_dump(mode="json"), self.data_ref, traj_ref, vars(combo) if combo else None, str(out),
+                 max(1, int(c.ticket_cpus)), self.events, key)
+        self.running[ref] = key
+        return job
+
+    def _ticket_for(self, trial: Trial, combo: Combo) -> None:
+        out = trial.folder / ticket_name(combo)
+        key = f"ticket/{trial.cfg.method}/seed{trial.cfg.seed}/{out.name}"
+        if key in self.jobs:
+            return
+        prep = prepare(trial.cfg, data=self.data)
+        masks = ticket_masks(prep, trial.traj, combo)
+        digest = hashlib.sha1(json.dumps([masks.kept_heads(), masks.kept_neurons()]).encode()).hexdigest()
+        owner = trial.masks.setdefault(digest, key)
+        if trial.traj_ref is None:
+            trial.traj_ref = ray.put(trial.traj)
+        c = trial.cfg
+        primary = combo == Combo(c.search.gamma, c.prune.head_ratio, c.prune.ffn_ratio)
+        self._add_job(c, combo, out, primary, owner if owner != key else None, trial.traj_ref)
+
+    def _on_ticket(self, key: str, ref: Any) -> None:
+        job = self.jobs[key]
+        result = ray.get(ref)  # a task that failed after its retries raises here: the run fails
+        self.busy.append(result["finetune_interval"])
+        self.stage_seconds += result["finetune_interval"][1] - result["finetune_interval"][0]
+        self._done_ticket(job, result)
+
+    def _done_ticket(self, job: Job, result: dict) -> None:
+        job.result = result
+        if job.key not in self.tracker.existing:
+            if job.key not in self.tracker.open_runs:  # finished before its start was heard (or on resume)
+                self._open_ticket(job, result["finetune_interval"][0] if result.get("finetune_interval") else None)
+            run_id = self.tracker.open_runs[job.key]
+            self._log_ticket(run_id, job, result)
+            end = result["finetune_interval"][1] if result.get("finetune_interval") else None
+            job.run_id = self.tracker.finish(job.key, end_time=end)
+        else:
+            job.run_id = self.tracker.existing[job.key]
+        self._attack(job)
+        for other in self.jobs.values():
+            if other.owner == job.key:
+                self._maybe_share(other)
+
+    def _open_ticket(self, job: Job, at: float | None) -> None:
+        if job.key in self.tracker.existing or job.key in self.tracker.open_runs:
+            return
+        name = f"{job.cfg.method}-seed{job.cfg.seed}-{job.out.name}"
+        run_id = self.tracker.start(job.key, "ticket", name, start_time=at,
+                                    tags={T.TAG_PRIMARY: "1" if job.primary else "0"})
+        self.tracker.log(run_id, params=_ticket_params(job.cfg, job.combo))
+
+    def _log_ticket(self, run_id: str, job: Job, result: dict) -> None:
+        self.tracker.log(run_id, metrics=_ticket_metrics(result),
+                         series={"finetune_loss": list(enumerate(result["finetune_losses"]))})
+        if not job.owner:
+            self.tracker.artifact(run_id, job.out / "ticket.json", "ticket")
+            self.tracker.artifact(run_id, job.out / RESULT_FILE, "ticket")
+
+    def _maybe_share(self, job: Job) -> None:
+        """A combo with the same masks as `job.owner`: the owner's ticket and attack, its own stop point."""
+        owner = self.jobs[job.owner]
+        if owner.result is None or job.result is not None:
+            return
+        trial = self.trials[f"{job.cfg.method}/seed{job.cfg.seed}"]
+        stop = trial.traj.stops[job.combo]
+        fields = stop_fields(job.combo, stop, trial.traj.mini_epochs[stop.mini_epoch])
+        result = {**owner.result, **fields}
+        result["train_seconds"] = fields["search_seconds"] + owner.result["finetune_seconds"]
+        job.result = result
+        if job.key not in self.tracker.existing:
+            self._open_ticket(job, time.time())
+            run_id = self.tracker.open_runs[job.key]
+            self._log_ticket(run_id, job, result)
+            self.tracker.log(run_id, tags={T.TAG_SHARED: owner.run_id})
+            job.run_id = self.tracker.finish(job.key)
+        if owner.attacked:
+            self._copy_attack(job, owner)
+
+    # ------------------------------------------------------------ attacks
+
+    def _attack(self, job: Job) -> None:
+        if self.service is None:
+            return
+        summary_file = job.out / ATTACK_DIR / SUMMARY_FILE
+        if summary_file.exists():  # attacked before a crash
+            self._log_attack(job, json.loads(summary_file.read_text()), None)
+        else:
+            self.service.submit(job.key, job.out, self.attack_indices, self.cfg.sample_seed)
+
+    def _on_attack(self, fin: Any) -> None:
+        job = self.jobs[fin.key]
+        self.busy.extend(fin.intervals)
+        self.stage_seconds += sum(e - s for s, e in fin.intervals)
+        fin.result.save(job.out / ATTACK_DIR)
+        self._log_attack(job, json.loads((job.out / ATTACK_DIR / SUMMARY_FILE).read_text()), fin.intervals)
+
+    def _open_attack(self, job: Job, at: float | None) -> None:
+        key = f"{job.key}/attack"
+        if key in self.tracker.existing or key in self.tracker.open_runs:
+            return
+        run_id = self.tracker.start(key, "attack", f"attack-{job.cfg.method}-seed{job.cfg.seed}-{job.out.name}",
+                                    parent=job.run_id, start_time=at)
+        a = self.cfg.attack
+        self.tracker.log(run_id, params={
+            "recipes": ",".join(a.recipes), "resources": a.resources, "num_examples": len(self.attack_indices),
+            "actors": a.actors, "attack_seed": self.cfg.sample_seed, T.PARAM_SEED: job.cfg.seed,
+            T.PARAM_METHOD: job.cfg.method})
+
+    def _log_attack(self, job: Job, summary: dict, intervals: list | None) -> None:
+        key = f"{job.key}/attack"
+        metrics = _attack_metrics(summary)
+        if key not in self.tracker.existing:
+            self._open_attack(job, min(s for s, _ in intervals) if intervals else None)
+            run_id = self.tracker.open_runs[key]
+            self.tracker.log(run_id, metrics={T.CLEAN_ACC: summary["clean_acc"], **metrics})
+            self.tracker.artifact(run_id, job.out / ATTACK_DIR, "attack")
+            self.tracker.finish(key, end_time=max(e for _, e in intervals) if intervals else None)
+            self.tracker.log(job.run_id, metrics=metrics)
+        job.attacked = True
+        for other in self.jobs.values():
+            if other.owner == job.key and other.result is not None:
+                self._copy_attack(other, job)
+
+    def _copy_attack(self, job: Job, owner: Job) -> None:
+        if not job.attacked:
+            summary = json.loads((owner.out / ATTACK_DIR / SUMMARY_FILE).read_text())
+            self.tracker.log(job.run_id, metrics=_attack_metrics(summary))
+            job.attacked = True
+
+    # ------------------------------------------------------------ the end
+
+    def rows(self) -> list[dict]:
+        out = []
+        for job in self.jobs.values():
+            row = summary_row(job.result)
+            summary_file = self.jobs[job.owner or job.key].out / ATTACK_DIR / SUMMARY_FILE
+            if summary_file.exists():
+                row |= _attack_metrics(json.loads(summary_file.read_text()))
+            out.append(row)
+        return out
+
+    def timing(self) -> dict[str, float]:
+        """This invocation only: wall time, the union of busy intervals, and the stages' summed time."""
+        end = time.time()
+        wall = end - self.began
+        busy = union_seconds(self.busy, self.began, end)
+        return {T.WALL_SECONDS: wall, T.BUSY_SECONDS: busy, T.OVERHEAD_SHARE: 1 - busy / wall,
+                T.STAGE_SECONDS: self.stage_seconds, T.CONCURRENCY: self.stage_seconds / wall}
+
+    def close(self) -> None:
+        S.CHANNELS.pop(self.channel, None)
+        if self.service is not None:
+            self.service.shutdown()
+
+
+def _ticket_params(cfg: ExperimentConfig, combo: Combo | None) -> dict:
     return {
-        T.PARAM_METHOD: r["method"], T.PARAM_DATASET: r["dataset"], T.PARAM_MODEL: r["model"],
-        T.PARAM_GAMMA: r["gamma"], T.PARAM_HEAD_RATIO: r["head_ratio"], T.PARAM_FFN_RATIO: r["ffn_ratio"],
-        T.PARAM_DEVICE: r["device"], T.PARAM_THREADS: r["threads"],
-    }  # fmt: skip
+        T.PARAM_METHOD: cfg.method, T.PARAM_SEED: cfg.seed, T.PARAM_DATASET: cfg.data.name,
+        T.PARAM_MODEL: cfg.model.name_or_path, T.PARAM_GAMMA: combo.gamma if combo else None,
+        T.PARAM_HEAD_RATIO: combo.head_ratio if combo else 0.0, T.PARAM_FFN_RATIO: combo.ffn_ratio if combo else 0.0,
+        T.PARAM_DEVICE: cfg.runtime.device, T.PARAM_THREADS: max(1, int(cfg.ray.ticket_cpus)),
+    }
 
 
 def _ticket_metrics(r: dict) -> dict:
@@ -144,7 +519,7 @@ def _ticket_metrics(r: dict) -> dict:
         T.STOP_EPOCH: r["stop_epoch"], T.STOP_MINI_EPOCH: r["stop_mini_epoch"],
         T.CONVERGED: None if r["converged"] is None else float(r["converged"]),
         T.PARAM_COUNT: r["params"], T.SIZE_MB: r["size_mb"], T.LATENCY_MS: r["latency_ms"],
-    }  # fmt: skip
+    }
 
 
 def _attack_metrics(summary: dict) -> dict:
@@ -156,140 +531,52 @@ def _attack_metrics(summary: dict) -> dict:
     return out
 
 
-def _attack(cfg: ExperimentConfig, ticket_dir: Path) -> dict:
-    """The ticket's robustness (cached in its folder, so a resume does not attack it again)."""
-    from er_ray.orchestration.attack_pool import run_attack_pool
-
-    summary_file = ticket_dir / ATTACK_DIR / "summary.json"
-    if not summary_file.exists():
-        result = run_attack_pool(ticket_dir, cfg.data, cfg.attack, cfg.seed, max_length=cfg.data.max_length)
-        result.save(ticket_dir / ATTACK_DIR)
-    return json.loads(summary_file.read_text())
+def summary_row(result: dict) -> dict:
+    keys = ("method", "seed", "gamma", "head_ratio", "ffn_ratio", "stop_epoch", "converged", "clean_acc",
+            "search_seconds", "finetune_seconds", "train_seconds", "params")
+    return {k: result.get(k) for k in keys}
 
 
-def _search(cfg: ExperimentConfig, run_dir: Path, tracker: Tracker, resume: bool) -> Trajectory:
-    from er_ray.orchestration.search_tune import curves, run_search
-
-    method_dir = run_dir / cfg.method
-    traj_file = method_dir / "trajectory.pt"
-    if traj_file.exists():
-        traj = Trajectory.load(traj_file)
-    else:
-        traj, _ = run_search(cfg, run_dir / "tune", resume=resume)
-        method_dir.mkdir(parents=True, exist_ok=True)
-        tmp = traj_file.with_suffix(".tmp")
-        traj.save(tmp)
-        tmp.replace(traj_file)
-    key = f"search/{cfg.method}"
-    if key not in tracker.existing:
-
-        def fill(run_id: str) -> None:
-            params = {T.PARAM_METHOD: cfg.method, T.PARAM_DATASET: cfg.data.name, T.PARAM_MODEL: cfg.model.name_or_path,
-                      T.PARAM_GAMMA: cfg.search.gamma, T.PARAM_HEAD_RATIO: cfg.prune.head_ratio,
-                      T.PARAM_FFN_RATIO: cfg.prune.ffn_ratio, "scope": cfg.prune.scope,
-                      "adversary": cfg.search.adversary.kind, "lambda_head": cfg.search.lambda_head,
-                      "lambda_ffn": cfg.search.lambda_ffn, "patience": cfg.search.patience}  # fmt: skip
-            T.log_batch(tracker.client, run_id, params=params, series=curves(traj))
-            tracker.client.log_artifact(run_id, str(traj_file))
-            stops = [{"combo": vars(c), "stop": vars(s), "epoch": traj.mini_epochs[s.mini_epoch].epoch}
-                     for c, s in traj.stops.items()]  # fmt: skip
-            T.log_json(tracker.client, run_id, stops, "stop_points.json")
-
-        tracker.log_child(key, "search", f"search-{cfg.method}", fill)
-    return traj
-
-
-def _log_ticket(cfg: ExperimentConfig, tracker: Tracker, key: str, result: dict, primary: bool) -> None:
-    ticket_dir = Path(result["ticket_dir"])
-    summary = _attack(cfg, ticket_dir) if cfg.ray.attack else None
-
-    def fill(run_id: str) -> None:
-        metrics = _ticket_metrics(result) | (_attack_metrics(summary) if summary else {})
-        T.log_batch(tracker.client, run_id, metrics=metrics, params=_ticket_params(result),
-                    tags={T.TAG_PRIMARY: "1" if primary else "0"},
-                    series={"finetune_loss": list(enumerate(result["finetune_losses"]))})  # fmt: skip
-        tracker.client.log_artifact(run_id, str(ticket_dir / "ticket.json"), "ticket")
-        tracker.client.log_artifact(run_id, str(ticket_dir / RESULT_FILE), "ticket")
-        if summary:
-            tracker.log_child(f"{key}/attack", "attack", f"attack-{ticket_dir.name}",
-                              lambda a: _fill_attack(tracker, a, ticket_dir, cfg, summary), parent=run_id)  # fmt: skip
-
-    tracker.log_child(key, "ticket", f"{result['method']}-{ticket_dir.name}", fill)
-
-
-def _fill_attack(tracker: Tracker, run_id: str, ticket_dir: Path, cfg: ExperimentConfig, summary: dict) -> None:
-    params = {"recipes": ",".join(cfg.attack.recipes), "resources": cfg.attack.resources,
-              "num_examples": len(summary["indices"]), "actors": cfg.attack.actors, "seed": summary["seed"]}  # fmt: skip
-    T.log_batch(tracker.client, run_id, metrics={T.CLEAN_ACC: summary["clean_acc"], **_attack_metrics(summary)},
-                params=params)  # fmt: skip
-    tracker.client.log_artifacts(run_id, str(ticket_dir / ATTACK_DIR), "attack")
+def _parent(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> T.Tracker:
+    id_file = run_dir / PARENT_ID_FILE
+    if resume and id_file.exists():
+        return T.Tracker.open(cfg, "", {}, {}, resume_id=id_file.read_text().strip())
+    params = {"methods": ",".join(cfg.methods()), "seeds": ",".join(map(str, cfg.seeds())),
+              T.PARAM_DATASET: cfg.data.name, T.PARAM_MODEL: cfg.model.name_or_path,
+              T.PARAM_SEED: cfg.seed, "run_dir": str(run_dir)}
+    tracker = T.Tracker.open(cfg, f"{cfg.name}-{run_dir.name}", {"run_dir": str(run_dir)}, params,
+                             artifacts={"config.json": cfg.model_dump(mode="json")})
+    id_file.write_text(tracker.parent_id)
+    return tracker
 
 
 def run_pipeline(cfg: ExperimentConfig, resume: bool = False) -> list[dict]:
-    """Every method of the config, every ticket of its grid; returns one summary row per ticket."""
-    started = time.perf_counter()
+    """Every method x seed of the config, every ticket of its grid; returns one summary row per ticket."""
+    data = load_data(cfg)  # bad data or model name: one line, before anything is written
     run_dir = run_dir_for(cfg, resume)
     init_ray(cfg)
-    tracker = Tracker.open(cfg, run_dir, resume)
-    rows: list[dict] = []
-    searches: dict[str, float] = {}
+    tracker = _parent(cfg, run_dir, resume)
+    sweep = Sweep(cfg, run_dir, data, tracker, resume)
     try:
-        pending: dict[Any, tuple[ExperimentConfig, str, bool]] = {}
-        for method in cfg.methods():
-            mcfg = cfg.for_method(method)
-            traj = _search(mcfg, run_dir, tracker, resume) if mcfg.uses_ticket() else None
-            if traj:
-                searches[method] = traj.mini_epochs[-1].seconds
-            primary = Combo(mcfg.search.gamma, mcfg.prune.head_ratio, mcfg.prune.ffn_ratio)
-            for combo in traj.stops if traj else [None]:
-                out = run_dir / method / ticket_name(combo)
-                key = f"ticket/{method}/{out.name}"
-                is_primary = combo is None or combo == primary
-                if (out / RESULT_FILE).exists():  # finished before a crash: no retraining
-                    pending[ray.put(json.loads((out / RESULT_FILE).read_text()))] = (mcfg, key, is_primary)
-                    continue
-                ref = ticket_task.options(
-                    num_cpus=mcfg.ray.ticket_cpus, num_gpus=mcfg.ray.ticket_gpus, max_retries=mcfg.ray.max_retries,
-                    retry_exceptions=False,
-                ).remote(mcfg.model_dump(mode="json"), str(run_dir / method / "trajectory.pt") if traj else None,
-                         vars(combo) if combo else None, str(out), max(1, int(mcfg.ray.ticket_cpus)))  # fmt: skip
-                pending[ref] = (mcfg, key, is_primary)
-        while pending:
-            (ref,), _ = ray.wait(list(pending), num_returns=1)
-            mcfg, key, is_primary = pending.pop(ref)
-            result = ray.get(ref)
-            if key not in tracker.existing:
-                _log_ticket(mcfg, tracker, key, result, is_primary)
-            rows.append(summary_row(result, Path(result["ticket_dir"])))
-        timing = wall_time_shares(time.perf_counter() - started, searches, rows, run_dir)
-        T.log_batch(tracker.client, tracker.parent_id, metrics=timing)
+        sweep.start()
+        sweep.run()
+        rows, timing = sweep.rows(), sweep.timing()
+        invocations = _record_timing(run_dir, timing)
+        tracker.log(tracker.parent_id, metrics=timing, step=invocations - 1)
     except BaseException as err:
         tracker.close("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
+    finally:
+        sweep.close()
     tracker.close("FINISHED")
-    (run_dir / "summary.json").write_text(json.dumps(rows, indent=1))
-    (run_dir / "timing.json").write_text(json.dumps(timing, indent=1))
+    _write_atomic(run_dir / SUMMARY_FILE, json.dumps(rows, indent=1))
     return rows
 
 
-def wall_time_shares(wall: float, searches: dict[str, float], rows: list[dict], run_dir: Path) -> dict:
-    """Where this invocation's wall time went: training compute, attacking (the pools' wall time once their
-    actors were up), and the rest (Ray start-up, scheduling and queueing, checkpoints, loading models, data
-    and attack resources, MLflow). Stages are assumed not to overlap (true when each takes the machine)."""
-    attack = 0.0
-    for summary in run_dir.glob(f"*/*/{ATTACK_DIR}/summary.json"):
-        attack += json.loads(summary.read_text()).get("info", {}).get("pool", {}).get("wall_seconds", 0.0)
-    training = sum(searches.values()) + sum(r["finetune_seconds"] for r in rows)
-    return {
-        "wall_seconds": wall, "training_seconds": training, "attack_seconds": attack,
-        "overhead_seconds": wall - training - attack, "overhead_share": (wall - training - attack) / wall,
-    }  # fmt: skip
-
-
-def summary_row(result: dict, ticket_dir: Path) -> dict:
-    row = {k: result[k] for k in ("method", "gamma", "head_ratio", "ffn_ratio", "stop_epoch", "converged",
-                                  "clean_acc", "search_seconds", "finetune_seconds", "train_seconds", "params")}  # fmt: skip
-    summary_file = ticket_dir / ATTACK_DIR / "summary.json"
-    if summary_file.exists():
-        row |= _attack_metrics(json.loads(summary_file.read_text()))
-    return row
+def _record_timing(run_dir: Path, timing: dict) -> int:
+    """timing.json lists every invocation of the run separately (never mixed); returns how many there were."""
+    path = run_dir / TIMING_FILE
+    history = json.loads(path.read_text()) if path.exists() else []
+    history.append(timing)
+    _write_atomic(path, json.dumps(history, indent=1))
+    return len(history)

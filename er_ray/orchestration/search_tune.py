@@ -1,15 +1,20 @@
-"""The search stage as a Ray Tune function trainable, stopped by a convergence `Stopper`.
+"""The search stages of a sweep as trials of ONE Ray Tune run: one function trainable per (method, seed), each
+stopped by the `ConvergenceStopper` once every (gamma, ratios) combo of its grid has converged.
 
-The trainable reports every mini-epoch: the mask distances at the config's own ratios (the contract
-metrics) and the distance curves of every ratio pair of the sweep grid; the Stopper applies the
-gamma/patience rule to those curves and ends the trial once every (gamma, ratios) combo has converged.
-The Stopper is stateless (it reads whole curves), so it behaves the same after a driver restart.
+The trainable reports plain values every mini-epoch (the mask distances at the config's own ratios, the loss,
+seconds, and how many combos have not converged yet) with a checkpoint holding the trajectory so far.
+`EventCallback` streams what Tune sees (results, checkpoints, ends, errors) onto a queue that the driver's
+event loop reads: the driver logs results live and submits a combo's ticket as soon as its stop rule fires.
+Tune pickles its run config (callbacks included) and restores it on resume, so the callback names its queue
+(`channel`) instead of holding it.
 """
 
 from __future__ import annotations
 
-import json
+import queue
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,117 +24,151 @@ from ray.tune.stopper import Stopper
 
 from er_ray import tracking as T
 from er_ray.config import ExperimentConfig
-from er_ray.convergence import Combo, stop_index
-from er_ray.methods import prepare
+from er_ray.methods import SplitData, prepare
 from er_ray.model import load_backbone
-from er_ray.search import MiniEpoch, SearchStage, Trajectory, search_grid
+from er_ray.search import MiniEpoch, SearchStage, Trajectory
 
 STATE_FILE = "search_state.pt"
 TRAJECTORY_FILE = "trajectory.pt"
-GRID_CURVES = "grid_curves"  # JSON: [[head_ratio, ffn_ratio, [[d_heads, d_ffn], ...]], ...]
+TUNE_DIR = "search"  # the Tune run's folder under the run's storage path
+PENDING = "combos_pending"  # reported: grid combos whose stop rule has not fired yet
+BUSY_START, BUSY_END = "busy_start", "busy_end"  # reported: wall clock span of the training since the last report
+
+CHANNELS: dict[str, queue.Queue] = {}  # channel name -> the driver's event queue (this process only)
 
 
 class ConvergenceStopper(Stopper):
-    """Stop a search trial when every combo of the grid meets the stop rule (both distances < gamma,
-    `patience` times in a row), read off the curves the trial reports."""
-
-    def __init__(self, combos: list[Combo], patience: int) -> None:
-        self.combos, self.patience = list(combos), patience
-
-    def converged(self, result: dict[str, Any]) -> bool:
-        if GRID_CURVES not in result:
-            return False
-        curves = {(h, f): [tuple(p) for p in c] for h, f, c in json.loads(result[GRID_CURVES])}
-        return all(
-            stop_index(curves.get(c.ratios, []), c.gamma, self.patience) is not None for c in self.combos
-        )
+    """Stop a search trial once the stop rule has fired for every combo of its grid (the trainable applies
+    the library's rule and reports how many are pending); running to the search cap is the fallback."""
 
     def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
-        return self.converged(result)
+        return result.get(PENDING, 1) == 0
 
     def stop_all(self) -> bool:
         return False
 
 
-def search_trainable(config: dict[str, Any]) -> None:
+def search_trainable(config: dict[str, Any], data: SplitData) -> None:
     """Tune function trainable: one search stage, resumable from its last checkpoint."""
-    cfg = ExperimentConfig.model_validate(config["experiment"])
+    cfg = ExperimentConfig.model_validate(config["trial"]["experiment"])
     threads = max(1, int(config.get("threads") or 1))
     torch.set_num_threads(threads)
-    prep = prepare(cfg)
-    model = load_backbone(prep.cfg.model.name_or_path, prep.num_labels, cfg.seed).to(prep.device)
-    stage = SearchStage(prep.cfg, model, prep.batches(cfg.search.batch_size), prep.device)
+    prep = prepare(cfg, data=data)
+    model = load_backbone(prep.cfg.model.name_or_path, prep.num_labels, prep.cfg.seed).to(prep.device)
+    stage = SearchStage(prep.cfg, model, prep.batches(prep.cfg.search.batch_size), prep.device)
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             if (Path(d) / STATE_FILE).exists():  # light checkpoints hold only the trajectory: start over
                 stage.load_state_dict(torch.load(Path(d) / STATE_FILE, weights_only=False))
     every = int(config.get("checkpoint_every") or 1)
+    since = [time.time()]
 
     def report(point: MiniEpoch) -> None:
         metrics = {
-            "mini_epoch": point.index,
-            "step": point.step,
-            "epoch": point.epoch,
-            T.SEARCH_SECONDS: point.seconds,
-            T.SEARCH_LOSS: point.loss,
-            T.MASK_DISTANCE_HEADS: point.head_distance,
-            T.MASK_DISTANCE_FFN: point.ffn_distance,
-            GRID_CURVES: json.dumps([[h, f, c] for (h, f), c in stage.rule.curves.items()]),
-            "threads": threads,
-            "device": prep.device.type,
+            "mini_epoch": point.index, "step": point.step, "epoch": point.epoch,
+            T.SEARCH_SECONDS: point.seconds, T.SEARCH_LOSS: point.loss,
+            T.MASK_DISTANCE_HEADS: point.head_distance, T.MASK_DISTANCE_FFN: point.ffn_distance,
+            PENDING: sum(c not in stage.rule.stops for c in stage.combos),
+            BUSY_START: since[0], BUSY_END: time.time(),
+            T.PARAM_THREADS: threads, T.PARAM_DEVICE: prep.device.type,
         }
         with tempfile.TemporaryDirectory() as d:
             stage.trajectory().save(Path(d) / TRAJECTORY_FILE)
             if point.index % every == 0:
                 torch.save(stage.state_dict(), Path(d) / STATE_FILE)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+        since[0] = time.time()
 
     # the Stopper ends the trial; running to the cap is the fallback
     stage.run(on_mini_epoch=report, stop_when_converged=False)
 
 
-def load_trajectory(checkpoint: tune.Checkpoint, cfg: ExperimentConfig) -> Trajectory:
-    """The trajectory in a search checkpoint, with stop points for the config's grid."""
-    from er_ray.convergence import stop_points
-
+def load_trajectory(checkpoint: tune.Checkpoint) -> Trajectory:
+    """The trajectory in a search checkpoint, stop points included (the trainable's stop rule made them)."""
     with checkpoint.as_directory() as d:
-        traj = Trajectory.load(Path(d) / TRAJECTORY_FILE)
-    traj.stops = stop_points(traj.coefficients(), search_grid(cfg), cfg.search.patience, cfg.prune.scope)
-    return traj
+        return Trajectory.load(Path(d) / TRAJECTORY_FILE)
+
+
+@dataclass
+class Event:
+    """What Tune saw, for the driver: kind is start | result | trajectory | complete | error."""
+
+    kind: str
+    key: str  # the trial's (method, seed) key
+    value: Any = None
+
+
+class EventCallback(tune.Callback):
+    """Puts every trial result, checkpointed trajectory, end and error on the driver's queue `channel`."""
+
+    def __init__(self, channel: str) -> None:
+        self.channel = channel
+
+    def _put(self, kind: str, trial: Any, value: Any = None) -> None:
+        sink = CHANNELS.get(self.channel)
+        if sink is not None:
+            sink.put(Event(kind, trial.config["trial"]["key"], value))
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._put("start", trial)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        self._put("result", trial, dict(result))
+
+    def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info: Any) -> None:
+        # read now: Tune deletes all but the newest checkpoints
+        self._put("trajectory", trial, load_trajectory(checkpoint))
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._put("complete", trial)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._put("error", trial, str(trial.error_file or "see the Tune trial folder"))
+
+
+def search_tuner(trials: dict[str, ExperimentConfig], storage: Path, data_ref: Any, channel: str,
+                 resume: bool) -> tune.Tuner:
+    """One Tune run whose trials are the search stages of `trials` (key -> config), or its restore."""
+    some = next(iter(trials.values()))
+    trainable = tune.with_resources(
+        tune.with_parameters(search_trainable, data=data_ref),
+        {"cpu": some.ray.search_cpus, "gpu": some.ray.search_gpus},
+    )
+    path = storage / TUNE_DIR
+    if resume and tune.Tuner.can_restore(str(path)):
+        return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
+    grid = [{"key": k, "experiment": c.model_dump(mode="json")} for k, c in trials.items()]
+    return tune.Tuner(
+        trainable,
+        param_space={
+            "trial": tune.grid_search(grid),
+            "threads": max(1, int(some.ray.search_cpus)),
+            "checkpoint_every": some.ray.checkpoint_every,
+        },
+        run_config=tune.RunConfig(
+            name=TUNE_DIR,
+            storage_path=str(storage),
+            stop=ConvergenceStopper(),
+            callbacks=[EventCallback(channel)],
+            failure_config=tune.FailureConfig(max_failures=some.ray.max_retries),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            verbose=0,
+        ),
+    )
 
 
 def run_search(cfg: ExperimentConfig, storage: Path, resume: bool = False) -> tuple[Trajectory, dict]:
-    """Run (or resume) the search trial for `cfg` under Tune; returns its trajectory and last result."""
-    name = f"search-{cfg.method}"
-    trainable = tune.with_resources(
-        search_trainable, {"cpu": cfg.ray.search_cpus, "gpu": cfg.ray.search_gpus}
-    )
-    path = storage / name
-    if resume and tune.Tuner.can_restore(str(path)):
-        tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
-    else:
-        param_space = {
-            "experiment": cfg.model_dump(mode="json"),
-            "threads": max(1, int(cfg.ray.search_cpus)),
-            "checkpoint_every": cfg.ray.checkpoint_every,
-        }
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space,
-            run_config=tune.RunConfig(
-                name=name,
-                storage_path=str(storage),
-                stop=ConvergenceStopper(search_grid(cfg), cfg.search.patience),
-                failure_config=tune.FailureConfig(max_failures=cfg.ray.max_retries),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                verbose=0,
-            ),
-        )
+    """One search stage under Tune, blocking (tests and notebooks): its trajectory and last result."""
+    import ray
+
+    from er_ray.methods import load_data
+
+    tuner = search_tuner({cfg.method: cfg}, storage, ray.put(load_data(cfg)), "", resume)
     (result,) = list(tuner.fit())
     if result.error is not None:
         raise RuntimeError(f"search stage failed: {result.error}") from result.error
-    return load_trajectory(result.checkpoint, cfg), dict(result.metrics or {})
+    return load_trajectory(result.checkpoint), dict(result.metrics or {})
 
 
 def curves(traj: Trajectory) -> dict[str, list[tuple[int, float]]]:

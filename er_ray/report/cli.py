@@ -1,4 +1,4 @@
-"""`er-ray report`: registered on the main parser by `add_parser`; imports nothing heavy until it runs."""
+"""`er-ray report` (declared in er_ray.cli): imports nothing heavy until it runs."""
 
 from __future__ import annotations
 
@@ -9,24 +9,6 @@ from pathlib import Path
 from er_ray.config import UserError, settings
 
 DEFAULT_STORE = Path("outputs") / "mlflow.db"
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("report", help="Table 1 and Figures 2-5 of the paper, read from MLflow")
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument(
-        "--experiment", metavar="NAME", help="MLflow experiment (its newest parent per method)"
-    )
-    which.add_argument("--run", metavar="PARENT_RUN_ID", help="one parent run")
-    p.add_argument("--out", type=Path, default=Path("outputs") / "report", metavar="DIR",
-                   help="output folder (default: outputs/report)")  # fmt: skip
-    p.add_argument("--tracking-uri", metavar="URI",
-                   help=f"MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///{DEFAULT_STORE})")  # fmt: skip
-    p.add_argument(
-        "--no-log", action="store_true", help="do not attach the files to the parent run in MLflow"
-    )
-    p.set_defaults(func=run)
-    return p
 
 
 def tracking_uri(arg: str | None) -> str:
