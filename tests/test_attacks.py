@@ -432,7 +432,9 @@ def ray_session():
     ray = pytest.importorskip("ray")
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        from er_ray.orchestration.ray_env import init_ray
+
+        init_ray(num_cpus=2)
     yield ray
     if started:
         ray.shutdown()

@@ -187,3 +187,29 @@ def test_run_folder_is_absolute_for_a_relative_output_dir(tmp_path, monkeypatch)
     assert run_dir_for(cfg, resume=True) == run_dir
     with pytest.raises(Exception, match="nothing to resume"):
         run_dir_for(config_from_dict({"name": "other"}), resume=True)
+
+
+def test_one_ctrl_c_ends_the_run_killed_and_resume_finishes_it(ray_session, tiny_model_dir, tmp_path):
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg = _sweep_config(tiny_model_dir, tmp_path, **{"search.max_epochs": 20, "finetune.epochs": 5})
+    cfg_file.write_text(json.dumps(cfg.model_dump(mode="json")))
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    # a terminal's Ctrl-C goes to the whole foreground process group: run the driver in its own
+    driver = subprocess.Popen([sys.executable, "-m", "er_ray.cli", "run", str(cfg_file)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(tmp_path.glob("tiny/runs/*/search/*/checkpoint_*")):
+        time.sleep(0.3)
+    assert driver.poll() is None, driver.communicate()[0][-2000:]
+    os.killpg(driver.pid, signal.SIGINT)  # once
+    out, _ = driver.communicate(timeout=120)
+    assert driver.returncode == 130, out[-2000:]
+    uri = cfg.tracking.uri
+    assert [r.info.status for r in _runs(uri, "parent")] == ["KILLED"]
+    assert not [r for r in _runs(uri) if r.info.status == "RUNNING"]
+
+    from er_ray.orchestration.pipeline import run_pipeline
+
+    assert len(run_pipeline(cfg, resume=True)) == 4
+    assert [r.info.status for r in _runs(uri, "parent")] == ["FINISHED"]
+    assert not [r for r in _runs(uri) if r.info.status == "RUNNING"]

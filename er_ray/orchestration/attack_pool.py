@@ -122,8 +122,10 @@ class Finished:
 
 
 class AttackService:
-    """`cfg.actors` actors with `cfg.cpus_per_actor` CPUs and `cfg.gpus_per_actor` GPUs each, started at once,
-    fed from one queue of units."""
+    """Up to `cfg.actors` actors with `cfg.cpus_per_actor` CPUs and `cfg.gpus_per_actor` GPUs each, fed from one
+    queue of units. Actors start when there is work; the driver may `release_idle` one when other stages wait
+    for the resources an idle actor holds (on a small machine actors would otherwise starve the searches and
+    tickets that make their work)."""
 
     max_redo = 3  # a unit that kills this many actors is a bug, not bad luck
 
@@ -139,8 +141,8 @@ class AttackService:
         self._args = (ray.put(dataset), cfg.model_dump(), max_length, str(Path(cache_dir).resolve()), options,
                       max(1, int(cfg.cpus_per_actor)), "cuda" if cfg.gpus_per_actor > 0 else "cpu", events)
         self.actors_started = 0
-        self.idle = [self._start() for _ in range(cfg.actors)]
-        self.ready: dict[Any, Any] = {a.describe.remote(): a for a in self.idle}  # load-complete probes
+        self.idle: list[Any] = []
+        self.ready: dict[Any, Any] = {}  # load-complete probes of started actors
         self.startup_seconds: float | None = None
         self.info: dict = {}
         self.work: deque[tuple[str, str, list[int]]] = deque()
@@ -149,8 +151,29 @@ class AttackService:
         self.redo: dict[tuple, int] = {}
 
     def _start(self) -> Any:
+        if not self.actors_started:
+            self.started = time.time()
         self.actors_started += 1
-        return self._remote.remote(*self._args)
+        actor = self._remote.remote(*self._args)
+        self.ready[actor.describe.remote()] = actor
+        return actor
+
+    def warm(self) -> None:
+        """Start every actor now, so resources load while other stages run."""
+        while self._alive() < self.cfg.actors:
+            self.idle.append(self._start())
+
+    def _alive(self) -> int:
+        return len(self.idle) + len(self.running)
+
+    def release_idle(self) -> bool:
+        """Stop one idle actor (its resources go to waiting stages); False when none is idle."""
+        if not self.idle or self.work:
+            return False
+        actor = self.idle.pop()
+        self.ready = {ref: a for ref, a in self.ready.items() if a is not actor}
+        ray.kill(actor)
+        return True
 
     def submit(self, key: str, model_dir: str | Path, indices: list[int], seed: int) -> None:
         """Queue a ticket's units: Clean% first, then every recipe on shards of `indices`."""
@@ -164,6 +187,8 @@ class AttackService:
         self._dispatch()
 
     def _dispatch(self) -> None:
+        while len(self.work) > len(self.idle) and self._alive() < self.cfg.actors:
+            self.idle.append(self._start())
         while self.work and self.idle:
             actor, unit = self.idle.pop(), self.work.popleft()
             key, recipe, idx = unit
@@ -180,14 +205,15 @@ class AttackService:
     def handle(self, ref: Any) -> list[Finished]:
         """Take one finished ref of `refs()`; returns the tickets it completed."""
         if ref in self.ready:
-            actor = self.ready.pop(ref)
+            self.ready.pop(ref)
             try:
                 self.info = ray.get(ref)
             except ray.exceptions.RayActorError as err:
-                raise (_init_error(err) if err.actor_init_failed else err) from None
+                if err.actor_init_failed:
+                    raise _init_error(err) from None
+                return []  # died or was released before it was ready: its units (if any) are redone
             if self.startup_seconds is None:
                 self.startup_seconds = round(time.time() - self.started, 2)
-            del actor
             return []
         actor, unit = self.running.pop(ref)
         key, recipe, idx = unit
@@ -222,7 +248,6 @@ class AttackService:
             raise RuntimeError(f"unit {unit[1]} {list(unit[2])} killed {self.redo[redo_key]} actors; giving up")
         ray.kill(actor)
         self.work.appendleft(unit)
-        self.idle.append(self._start())
         self._dispatch()
 
     def _assemble(self, key: str, t: _Ticket) -> Finished:

@@ -98,6 +98,7 @@ class Trial:
     traj: Trajectory | None = None
     traj_ref: Any = None
     done: bool = False
+    started: bool = False
     logged_steps: set[int] = field(default_factory=set)
     masks: dict[str, str] = field(default_factory=dict)  # masks digest -> job key holding that ticket
 
@@ -155,6 +156,7 @@ class Sweep:
         self.fit_outcome: list[Any] = []
         self.service: Any = None
         self.attack_data: Any = None
+        self.room_checked = 0.0
 
     # ------------------------------------------------------------ setup
 
@@ -175,7 +177,7 @@ class Sweep:
                 else:
                     searches[trial.key] = mcfg
         if self.cfg.ray.attack:
-            self._start_attacks()
+            self._start_attacks(len(searches))
         if searches:
             tuner = S.search_tuner(searches, self.run_dir, self.data_ref, self.channel, self.resume)
             self.fit_thread = threading.Thread(target=self._fit, args=(tuner,), daemon=True, name="tune-fit")
@@ -187,7 +189,7 @@ class Sweep:
         except BaseException as err:  # reported to the main thread, which decides
             self.fit_outcome.append(err)
 
-    def _start_attacks(self) -> None:
+    def _start_attacks(self, searches: int) -> None:
         from er_ray.attacks.evaluate import attack_sample
         from er_ray.orchestration.attack_pool import AttackService, attack_dataset
 
@@ -196,6 +198,11 @@ class Sweep:
         self.attack_indices = attack_sample(self.attack_data, c.attack.num_examples, c.sample_seed)
         self.service = AttackService(self.attack_data, c.attack, c.data.max_length, settings().cache_dir,
                                      events=self.events)
+        # actors load their resources while the searches run, when the cluster holds them beside the searches
+        # and a ticket; else they start with the first finished ticket
+        need = searches * c.ray.search_cpus + c.attack.actors * c.attack.cpus_per_actor + c.ray.ticket_cpus
+        if ray.cluster_resources().get("CPU", 0) >= need:
+            self.service.warm()
 
     # ------------------------------------------------------------ the loop
 
@@ -203,6 +210,7 @@ class Sweep:
         while not self._finished():
             self._drain_tune()
             self._drain_workers()
+            self._make_room()
             refs = [*self.running, *(self.service.refs() if self.service else [])]
             if not refs:
                 time.sleep(0.1)
@@ -215,6 +223,20 @@ class Sweep:
                     for fin in self.service.handle(ref):
                         self._on_attack(fin)
         self._drain_workers()
+
+    def _make_room(self) -> None:
+        """Release an idle attack actor when a search or ticket waits for the CPUs it holds (else, on a small
+        machine, actors waiting for tickets would starve the tickets)."""
+        now = time.time()
+        if self.service is None or not self.service.idle or now - self.room_checked < 1.0:
+            return
+        self.room_checked = now
+        c = self.cfg.ray
+        waiting = [c.ticket_cpus for k in self.running.values()
+                   if k not in self.tracker.open_runs and k not in self.tracker.existing]
+        waiting += [c.search_cpus for t in self.trials.values() if not t.done and not t.started]
+        if waiting and ray.available_resources().get("CPU", 0) < min(waiting):
+            self.service.release_idle()
 
     def _finished(self) -> bool:
         searching = self.fit_thread is not None and (self.fit_thread.is_alive() or not self.tune_events.empty())
@@ -235,6 +257,7 @@ class Sweep:
             except queue.Empty:
                 return
             trial = self.trials[ev.key]
+            trial.started = True
             if ev.kind == "start":
                 self._open_search(trial)
             elif ev.kind == "result":
@@ -564,7 +587,7 @@ def run_pipeline(cfg: ExperimentConfig, resume: bool = False) -> list[dict]:
         invocations = _record_timing(run_dir, timing)
         tracker.log(tracker.parent_id, metrics=timing, step=invocations - 1)
     except BaseException as err:
-        tracker.close("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        tracker.close("KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED")
         raise
     finally:
         sweep.close()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
 
 from er_ray.config import ExperimentConfig, settings
 
@@ -14,13 +16,28 @@ def init_ray(cfg: ExperimentConfig | None = None, num_cpus: int | None = None) -
     """
     # one checkpoint per mini-epoch is the design; Tune's warning about frequent experiment snapshots is noise
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # after an interrupt shuts Ray down, a Ray call still running in a thread (Tune's) must fail, not join
+    # whatever other Ray instance this machine runs
+    os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
     import ray
+    import ray._private.auto_init_hook as auto_init
+
+    auto_init.enable_auto_connect = False
 
     if ray.is_initialized():
         return
     address = (cfg.ray.address if cfg else None) or settings().ray_address
     # workers import er_ray from this checkout; keep their output quiet unless something fails
+    # ray.init replaces the driver's SIGTERM handler with one that exits at once: keep the caller's (the CLI
+    # turns SIGTERM into an interrupt, so runs end KILLED and can be resumed)
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        # "local": always a fresh Ray of our own; a bare init() would join whatever Ray instance this machine
+        # last started (another user's run, or the leftovers of a driver that was killed)
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                 log_to_driver=False)
+    if main and previous is not None:
+        signal.signal(signal.SIGTERM, previous)

@@ -127,6 +127,11 @@ class EventCallback(tune.Callback):
         self._put("error", trial, str(trial.error_file or "see the Tune trial folder"))
 
 
+def trial_dirname(trial: Any) -> str:
+    """`earlyrobust-seed1-<id>`, not Tune's default that spells out the whole config."""
+    return f"{trial.config['trial']['key'].replace('/', '-')}-{trial.trial_id}"
+
+
 def search_tuner(trials: dict[str, ExperimentConfig], storage: Path, data_ref: Any, channel: str,
                  resume: bool) -> tune.Tuner:
     """One Tune run whose trials are the search stages of `trials` (key -> config), or its restore."""
@@ -141,6 +146,7 @@ def search_tuner(trials: dict[str, ExperimentConfig], storage: Path, data_ref: A
     grid = [{"key": k, "experiment": c.model_dump(mode="json")} for k, c in trials.items()]
     return tune.Tuner(
         trainable,
+        tune_config=tune.TuneConfig(trial_dirname_creator=trial_dirname),
         param_space={
             "trial": tune.grid_search(grid),
             "threads": max(1, int(some.ray.search_cpus)),
