@@ -6,6 +6,7 @@ Bad input raises `UserError` anywhere below; here it becomes one line on stderr 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -23,11 +24,24 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                    help="override a config value, e.g. --set search.gamma=0.05 (repeatable)")  # fmt: skip
 
 
+def check_output_dir(path: Path) -> None:
+    """`runtime.output_dir` exists as a folder or can be made (nothing is created here)."""
+    path = path.expanduser()
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"runtime.output_dir {path} cannot be created: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"runtime.output_dir {path} cannot be created: {existing} is not writable")
+
+
 def check_config(cfg: ExperimentConfig) -> None:
     """Schema is checked by loading; here the local paths it names (nothing is downloaded or loaded)."""
     from er_ray import data
     from er_ray.model import resolve_model_path
 
+    check_output_dir(Path(cfg.runtime.output_dir))
     data.check_data(cfg.data, settings().data_dir)
     path = resolve_model_path(cfg.model.name_or_path)
     local = path.startswith((".", "/", "~")) or Path(path).expanduser().exists()
@@ -121,6 +135,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from er_ray.export import export_ticket
+
+    out = export_ticket(args.ticket, args.to, args.format)
+    print(f"{args.ticket} -> {out} ({args.format})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="er-ray", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -145,6 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trajectory", type=Path, help="instead: the cost of a gamma sweep read off a trajectory.pt")
     p.add_argument("--gammas", default="0.05,0.1,0.15,0.2", help="with --trajectory: the sweep's gamma values")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("export", help="a ticket as a folder that transformers (hf) or onnxruntime (onnx) loads")
+    p.add_argument("ticket", type=Path, metavar="TICKET", help="a ticket folder (holds ticket.json)")
+    p.add_argument("--to", type=Path, required=True, metavar="DIR", help="a new (or empty) folder")
+    p.add_argument("--format", choices=["hf", "onnx"], default="hf",
+                   help="hf: transformers' from_pretrained; onnx: model.onnx at the real shapes (default hf)")
+    p.set_defaults(func=cmd_export)
 
     from er_ray.attacks import cli as attack_cli
     from er_ray.orchestration import optuna_tune

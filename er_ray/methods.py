@@ -23,7 +23,7 @@ from er_ray import data as data_mod
 from er_ray.config import ExperimentConfig, settings
 from er_ray.convergence import Combo, StopPoint
 from er_ray.model import count_parameters, load_backbone, load_tokenizer
-from er_ray.search import MiniEpoch, SearchStage, Trajectory
+from er_ray.search import TRAJECTORY_FILE, MiniEpoch, SearchStage, Trajectory
 from er_ray.ticket import Masks, build_ticket, draw_masks, random_masks_like, save_ticket
 from er_ray.train import Batches, accuracy, make_optimizer, make_scheduler, pick_device, to_device, train
 
@@ -213,7 +213,8 @@ def _finish(
             finetune_losses=losses,
         )  # fmt: skip
         save_ticket(model.cpu(), masks, cfg.model.name_or_path, tmp, prep.tokenizer,
-                    meta={k: v for k, v in result.to_json().items() if k not in ("kept_heads", "kept_neurons")})
+                    meta={k: v for k, v in result.to_json().items() if k not in ("kept_heads", "kept_neurons")},
+                    labels=prep.train.label_names)
         result.size_mb = (tmp / "model.safetensors").stat().st_size / 2**20
         (tmp / "result.json").write_text(json.dumps(result.to_json(), indent=1))
         _commit_dir(tmp, out)
@@ -257,5 +258,5 @@ def run_experiment(
         return None, [full_model_pipeline(prep, out / ticket_name(None))]
     traj = search_stage(prep, on_mini_epoch)
     out.mkdir(parents=True, exist_ok=True)
-    traj.save(out / "trajectory.pt")
+    traj.save(out / TRAJECTORY_FILE)
     return traj, [ticket_pipeline(prep, traj, combo, out / ticket_name(combo)) for combo in traj.stops]

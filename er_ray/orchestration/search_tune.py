@@ -22,10 +22,16 @@ from er_ray.config import ExperimentConfig
 from er_ray.convergence import Combo, stop_index
 from er_ray.methods import prepare
 from er_ray.model import load_backbone
-from er_ray.search import MiniEpoch, SearchStage, Trajectory, search_grid
+from er_ray.search import (
+    TRAJECTORY_FILE,
+    MiniEpoch,
+    SearchStage,
+    Trajectory,
+    load_search_state,
+    save_search_state,
+    search_grid,
+)
 
-STATE_FILE = "search_state.pt"
-TRAJECTORY_FILE = "trajectory.pt"
 GRID_CURVES = "grid_curves"  # JSON: [[head_ratio, ffn_ratio, [[d_heads, d_ffn], ...]], ...]
 
 
@@ -62,8 +68,7 @@ def search_trainable(config: dict[str, Any]) -> None:
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            if (Path(d) / STATE_FILE).exists():  # light checkpoints hold only the trajectory: start over
-                stage.load_state_dict(torch.load(Path(d) / STATE_FILE, weights_only=False))
+            load_search_state(stage, d)  # light checkpoints hold only the trajectory: start over
     every = int(config.get("checkpoint_every") or 1)
 
     def report(point: MiniEpoch) -> None:
@@ -82,7 +87,7 @@ def search_trainable(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as d:
             stage.trajectory().save(Path(d) / TRAJECTORY_FILE)
             if point.index % every == 0:
-                torch.save(stage.state_dict(), Path(d) / STATE_FILE)
+                save_search_state(stage, d)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
     # the Stopper ends the trial; running to the cap is the fallback
