@@ -150,17 +150,22 @@ def build_ticket(
 # ---------------------------------------------------------------- save and load
 
 
-def _ffn_keys(model: nn.Module) -> list[tuple[str, str, str]]:
+def _ffn_keys(model: nn.Module) -> list[tuple[str, ...]]:
     """Per encoder layer, the state-dict keys of W1's weight and bias and of W2's weight."""
     names = {id(m): n for n, m in model.named_modules()}
     keys = ("intermediate.dense.weight", "intermediate.dense.bias", "output.dense.weight")
-    return [tuple(f"{names[id(layer)]}.{k}" for k in keys) for layer in encoder_layers(model)]  # type: ignore[misc]
+    return [tuple(f"{names[id(layer)]}.{k}" for k in keys) for layer in encoder_layers(model)]
+
+
+def _ffn_width(model: nn.Module) -> int:
+    """The widest layer's FFN: the one `intermediate_size` of the padded (stock) form."""
+    return max(layer.intermediate.dense.out_features for layer in encoder_layers(model))
 
 
 def padded_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The weights with every FFN zero-padded to the widest layer (the stock config's one intermediate_size)."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    width = max(layer.intermediate.dense.out_features for layer in encoder_layers(model))
+    width = _ffn_width(model)
     for w1, b1, w2 in _ffn_keys(model):
         extra = width - state[b1].numel()
         state[w1] = nn.functional.pad(state[w1], (0, 0, 0, extra))
@@ -191,7 +196,7 @@ def write_hf(model: nn.Module, out: Path) -> None:
     from safetensors.torch import save_file
 
     config = copy.deepcopy(model.config)
-    config.intermediate_size = max(layer.intermediate.dense.out_features for layer in encoder_layers(model))
+    config.intermediate_size = _ffn_width(model)
     config.architectures = [type(model).__name__]
     config.save_pretrained(out)
     save_file(padded_state_dict(model), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -249,31 +254,28 @@ def _error_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
-def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """A ticket's `model.safetensors`; a missing, truncated or corrupted file is a one-line `UserError`."""
-    from safetensors import SafetensorError
+def read_weights(path: str | Path, header_only: bool = False) -> dict[str, torch.Tensor]:
+    """A ticket's `model.safetensors` (with `header_only`, just validated: nothing is read into memory);
+    a missing, truncated or corrupted file is a one-line `UserError`."""
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     file = Path(path) / WEIGHTS_FILE
     try:
-        return load_file(str(file))
+        if not header_only:
+            return load_file(str(file))
+        with safe_open(str(file), framework="pt"):
+            return {}  # opening checks the header and that the file holds every byte it announces
     except (SafetensorError, OSError) as err:
         raise UserError(f"cannot read the ticket weights {file}: {_error_line(err)}") from None
 
 
 def check_ticket(path: str | Path) -> None:
     """Cheap checks before handing a ticket to workers: its info parses and its weights' header is whole."""
-    from safetensors import SafetensorError, safe_open
-
     info = read_ticket_info(path)
     if not {"config", "kept_heads", "kept_neurons", "shape"} <= info.keys():
         raise UserError(f"{Path(path) / TICKET_FILE} is not an er-ray ticket (keys missing)")
-    file = Path(path) / WEIGHTS_FILE
-    try:
-        with safe_open(str(file), framework="pt"):
-            pass  # opening validates the header and that the file holds all the bytes it announces
-    except (SafetensorError, OSError) as err:
-        raise UserError(f"cannot read the ticket weights {file}: {_error_line(err)}") from None
+    read_weights(path, header_only=True)
 
 
 def load_ticket(path: str | Path) -> tuple[nn.Module, Any]:
