@@ -93,8 +93,10 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
     cfg, split = attack_cli.resolve(args)
     if cfg.attack.actors > 1:
+        from er_ray.attacks.victim import check_victim
         from er_ray.orchestration.attack_pool import run_attack_pool
 
+        check_victim(args.model_dir)  # damaged weights: one line here, not an actor's traceback
         options = {"masked_lm": args.masked_lm or cfg.attack.masked_lm}
         result = run_attack_pool(args.model_dir, cfg.data, cfg.attack, cfg.seed, split=split,
                                  progress=not args.no_progress, resource_options=options)
@@ -132,6 +134,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from er_ray.export import export_ticket
+
+    out = export_ticket(args.ticket, args.to, args.format)
+    print(f"{args.ticket} -> {out} ({args.format})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="er-ray", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -153,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--trajectory", type=Path, help="instead: the cost of a gamma sweep read off a trajectory.pt")
+    p.add_argument("--trajectory", type=Path, help="instead: the cost of a gamma sweep read off a trajectory.safetensors")
     p.add_argument("--gammas", default="0.05,0.1,0.15,0.2", help="with --trajectory: the sweep's gamma values")
     p.set_defaults(func=cmd_bench)
 
@@ -175,6 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="output folder (default: <runtime.output_dir>/attacks/<model>-<data>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_attack)
+    p = sub.add_parser("export", help="a ticket as a folder that transformers (hf) or onnxruntime (onnx) loads")
+    p.add_argument("ticket", type=Path, metavar="TICKET", help="a ticket folder (holds ticket.json)")
+    p.add_argument("--to", type=Path, required=True, metavar="DIR", help="a new (or empty) folder")
+    p.add_argument("--format", choices=["hf", "onnx"], default="hf",
+                   help="hf: transformers' from_pretrained; onnx: model.onnx at the real shapes (default hf)")
+    p.set_defaults(func=cmd_export)
+
 
     p = sub.add_parser("tune", help="Optuna over tune.space through Ray Tune; each trial runs the pipeline")
     p.add_argument("config", type=Path, help="experiment YAML with a tune section")

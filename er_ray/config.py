@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -36,6 +36,10 @@ Method = Literal[
 METHODS: tuple[str, ...] = Method.__args__
 TICKET_METHODS = ("earlyrobust", "earlybert", "earlyrobust-no-l1", "earlyrobust-random", "earlyrobust-reinit")
 
+
+# bounds shared by the single values and the sweep lists
+Gamma = Annotated[float, Field(gt=0, le=1)]
+PruneRatio = Annotated[float, Field(ge=0, lt=1)]
 
 DatasetName = Literal["sst2", "imdb", "ag_news", "qnli", "qqp", "custom"]
 
@@ -102,13 +106,13 @@ class SearchConfig(_Optimization):
     max_epochs: float = Field(default=1.0, gt=0)
     mini_epoch: float = Field(default=0.05, gt=0, le=1)  # fraction of an epoch ...
     mini_epoch_steps: int | None = Field(default=None, ge=1)  # ... or a step count (small subsets)
-    gamma: float = Field(default=0.1, gt=0, le=1)
+    gamma: Gamma = 0.1
     patience: int = Field(default=5, ge=1)
 
 
 class PruneConfig(_Strict):
-    head_ratio: float = Field(default=1 / 6, ge=0, lt=1)
-    ffn_ratio: float = Field(default=0.3, ge=0, lt=1)
+    head_ratio: PruneRatio = 1 / 6
+    ffn_ratio: PruneRatio = 0.3
     scope: Literal["global", "layerwise"] = "global"
     ticket: Literal["drawn", "random"] = "drawn"
     weights: Literal["rewind", "reinit"] = "rewind"
@@ -122,9 +126,9 @@ class FinetuneConfig(_Optimization):
 class SweepConfig(_Strict):
     """Tickets served by one search trajectory; empty lists mean the config's own single value."""
 
-    gammas: list[float] = []
-    head_ratios: list[float] = []
-    ffn_ratios: list[float] = []
+    gammas: list[Gamma] = []
+    head_ratios: list[PruneRatio] = []
+    ffn_ratios: list[PruneRatio] = []
     # grid: every combination; cross: vary one list at a time around the config's own values (Figures 3, 4)
     mode: Literal["grid", "cross"] = "grid"
     methods: list[Method] | None = None  # the methods the sweep applies to; None = every ticket method
@@ -252,7 +256,7 @@ class ExperimentConfig(_Strict):
 
 def _format_error(err: ValidationError, raw: dict[str, Any]) -> str:
     first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "<root>"
+    key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"]).lstrip(".") or "<root>"
     value: Any = raw
     for part in first["loc"]:
         if isinstance(value, dict):
@@ -268,6 +272,8 @@ def _format_error(err: ValidationError, raw: dict[str, Any]) -> str:
         return f"unknown config key '{key}'"
     if first["type"] == "missing":
         return f"missing config key '{key}'"
+    if isinstance(value, dict):  # a whole section failed its own check: the message names the keys
+        return f"bad config section {key}: {msg}"
     return f"bad config value {key}={value!r}: {msg}"
 
 
@@ -278,8 +284,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, value = text.split("=", 1)
     if not key.strip():
         raise UserError(f"bad override '{text}': empty key")
+    if not value.strip():
+        raise UserError(f"bad override '{text}': empty value (write {key.strip()}=null to unset it)")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
+        parsed = yaml.safe_load(value)
     except yaml.YAMLError:
         parsed = value
     return key.strip().split("."), parsed

@@ -436,7 +436,8 @@ def local_files(cfg: DataConfig, data_dir: Path | None = None) -> list[Path]:
 
 
 def check_data(cfg: DataConfig, data_dir: Path | None = None) -> None:
-    """Validate the data settings without loading big files (only headers are read). Raises UserError."""
+    """Validate the data settings without loading the data (headers are read; with a label_map, the label
+    values too, which must all be keys of the map). Raises UserError."""
     _check_distinct(cfg)
     if cfg.name != "custom":
         local_files(cfg, data_dir)  # split names known; with source=local, the files exist
@@ -444,7 +445,15 @@ def check_data(cfg: DataConfig, data_dir: Path | None = None) -> None:
     for path in local_files(cfg):
         _require_columns(path, _columns(path), [cfg.text_column, cfg.text_pair_column, cfg.label_column])
     if cfg.label_map is not None:
-        _custom_labels(cfg)  # only validates the map; reads no file
+        mapping, _ = _custom_labels(cfg)
+        for path in local_files(cfg):
+            found = sorted(set(_column(_read_table(path), path, cfg.label_column)))
+            if found and not set(found) & mapping.keys():
+                raise UserError(
+                    f"data.label_map keys ({', '.join(map(repr, mapping))}) match none of the labels in {path} "
+                    f"(found: {', '.join(map(repr, found[:10]))})"
+                )
+            _map_labels(found, mapping, path)  # a label the map lacks: named here, not mid-run
 
 
 # ---------------------------------------------------------------- tokenization and batches

@@ -23,7 +23,7 @@ from er_ray import data as data_mod
 from er_ray.config import ExperimentConfig, UserError, settings
 from er_ray.convergence import Combo, StopPoint
 from er_ray.model import count_parameters, load_backbone, load_tokenizer
-from er_ray.search import MiniEpoch, SearchStage, Trajectory
+from er_ray.search import TRAJECTORY_FILE, MiniEpoch, SearchStage, Trajectory
 from er_ray.ticket import Masks, build_ticket, draw_masks, random_masks_like, save_ticket
 from er_ray.train import Batches, accuracy, make_optimizer, make_scheduler, pick_device, to_device, train
 
@@ -107,10 +107,23 @@ def prepare(cfg: ExperimentConfig, progress: bool = False, data: SplitData | Non
     return Prepared(cfg, data if data is not None else load_data(cfg), pick_device(cfg.runtime.device), progress)
 
 
+def check_output_dir(path: Path) -> None:
+    """`runtime.output_dir` exists as a folder or can be made (nothing is created here)."""
+    path = path.expanduser()
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"runtime.output_dir {path} cannot be created: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"runtime.output_dir {path} cannot be created: {existing} is not writable")
+
+
 def check_config(cfg: ExperimentConfig) -> None:
     """Schema is checked by loading; here the local paths it names (nothing is downloaded or loaded)."""
     from er_ray.model import resolve_model_path
 
+    check_output_dir(Path(cfg.runtime.output_dir))
     data_mod.check_data(cfg.data, settings().data_dir)
     path = resolve_model_path(cfg.model.name_or_path)
     local = path.startswith((".", "/", "~")) or Path(path).expanduser().exists()
@@ -256,7 +269,8 @@ def _finish(
             finetune_losses=losses, seed=cfg.seed, finetune_interval=interval,
         )  # fmt: skip
         save_ticket(model.cpu(), masks, cfg.model.name_or_path, tmp, prep.tokenizer,
-                    meta={k: v for k, v in result.to_json().items() if k not in ("kept_heads", "kept_neurons")})
+                    meta={k: v for k, v in result.to_json().items() if k not in ("kept_heads", "kept_neurons")},
+                    labels=prep.train.label_names)
         result.size_mb = (tmp / "model.safetensors").stat().st_size / 2**20
         (tmp / "result.json").write_text(json.dumps(result.to_json(), indent=1))
         _commit_dir(tmp, out)
@@ -305,5 +319,5 @@ def run_experiment(
         return None, [full_model_pipeline(prep, out / ticket_name(None))]
     traj = search_stage(prep, on_mini_epoch)
     out.mkdir(parents=True, exist_ok=True)
-    traj.save(out / "trajectory.pt")
+    traj.save(out / TRAJECTORY_FILE)
     return traj, [ticket_pipeline(prep, traj, combo, out / ticket_name(combo)) for combo in traj.stops]

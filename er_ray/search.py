@@ -11,10 +11,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from er_ray.config import ExperimentConfig
+from er_ray.config import ExperimentConfig, UserError
 from er_ray.convergence import Combo, StopPoint, StopRule, grid
 from er_ray.model import Coefficients
+from er_ray.tensorfile import load_tree, save_tree
 from er_ray.train import Batches, TrainState, make_optimizer, make_scheduler, train
+
+# safetensors + JSON (er_ray/tensorfile.py), never pickles: these files travel (MLflow, checkpoints)
+TRAJECTORY_FILE = "trajectory.safetensors"
+SEARCH_STATE_FILE = "search_state.safetensors"
 
 
 @dataclass
@@ -50,14 +55,18 @@ class Trajectory:
         blob = {f.name: getattr(self, f.name) for f in fields(self)}
         blob["mini_epochs"] = [asdict(m) for m in self.mini_epochs]
         blob["stops"] = [(asdict(c), asdict(s)) for c, s in self.stops.items()]
-        torch.save(blob, path)
+        save_tree(blob, path, "trajectory")
 
     @classmethod
     def load(cls, path: str | Path) -> Trajectory:
-        blob = torch.load(path, weights_only=False)
-        blob["mini_epochs"] = [MiniEpoch(**m) for m in blob["mini_epochs"]]
-        blob["stops"] = {Combo(**c): StopPoint(**s) for c, s in blob["stops"]}
-        return cls(**blob)
+        """Read a trajectory file; anything else (e.g. a pickle) is refused with a `UserError`."""
+        blob = load_tree(path, "trajectory")
+        try:
+            blob["mini_epochs"] = [MiniEpoch(**m) for m in blob["mini_epochs"]]
+            blob["stops"] = {Combo(**c): StopPoint(**s) for c, s in blob["stops"]}
+            return cls(**blob)
+        except (KeyError, TypeError, ValueError) as err:
+            raise UserError(f"{path} is not a trajectory of this er-ray version ({type(err).__name__}: {err})") from None
 
 
 def search_grid(cfg: ExperimentConfig) -> list[Combo]:
@@ -188,3 +197,17 @@ class SearchStage:
         for p in blob["points"]:
             self.rule.update(p["head"], p["ffn"])
             self.points.append(MiniEpoch(**p))
+
+
+def save_search_state(stage: SearchStage, folder: str | Path) -> Path:
+    """The stage's checkpoint (`SearchStage.state_dict`) as `SEARCH_STATE_FILE` in `folder`."""
+    return save_tree(stage.state_dict(), Path(folder) / SEARCH_STATE_FILE, "search state")
+
+
+def load_search_state(stage: SearchStage, folder: str | Path) -> bool:
+    """Restore `stage` from the checkpoint in `folder`; False when the folder holds none (start over)."""
+    file = Path(folder) / SEARCH_STATE_FILE
+    if not file.exists():
+        return False
+    stage.load_state_dict(load_tree(file, "search state"))
+    return True

@@ -3,17 +3,22 @@
 A mask set is two plain boolean tensors, `head` (layers, heads) and `ffn` (layers, neurons), True = kept.
 `prune_model` is the one function that turns any mask set into a physically smaller model; `load_ticket`
 re-derives the shapes from the saved kept indices.
+
+A ticket folder is also a stock Hugging Face model folder: `config.json` prunes the heads through the config's
+own `pruned_heads`, and since a BERT/RoBERTa config has one `intermediate_size`, `model.safetensors` holds every
+FFN zero-padded to the widest layer (zero W1 rows and biases, zero W2 columns: the padded neurons add exactly
+nothing). `load_ticket` cuts them off again, so er-ray's own model keeps the real widths.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import load_model, save_model
 from torch import nn
 
 from er_ray.config import UserError
@@ -145,15 +150,74 @@ def build_ticket(
 # ---------------------------------------------------------------- save and load
 
 
+def _ffn_keys(model: nn.Module) -> list[tuple[str, ...]]:
+    """Per encoder layer, the state-dict keys of W1's weight and bias and of W2's weight."""
+    names = {id(m): n for n, m in model.named_modules()}
+    keys = ("intermediate.dense.weight", "intermediate.dense.bias", "output.dense.weight")
+    return [tuple(f"{names[id(layer)]}.{k}" for k in keys) for layer in encoder_layers(model)]
+
+
+def _ffn_width(model: nn.Module) -> int:
+    """The widest layer's FFN: the one `intermediate_size` of the padded (stock) form."""
+    return max(layer.intermediate.dense.out_features for layer in encoder_layers(model))
+
+
+def padded_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights with every FFN zero-padded to the widest layer (the stock config's one intermediate_size)."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    width = _ffn_width(model)
+    for w1, b1, w2 in _ffn_keys(model):
+        extra = width - state[b1].numel()
+        state[w1] = nn.functional.pad(state[w1], (0, 0, 0, extra))
+        state[b1] = nn.functional.pad(state[b1], (0, extra))
+        state[w2] = nn.functional.pad(state[w2], (0, extra))
+    return state
+
+
+def _unpadded(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Cut padded FFN weights back to the model's real widths (tickets saved unpadded pass unchanged)."""
+    state, real = dict(state), model.state_dict()
+    for w1, b1, w2 in _ffn_keys(model):
+        if b1 in state:
+            n = real[b1].numel()
+            state[w1], state[b1], state[w2] = state[w1][:n], state[b1][:n], state[w2][:, :n]
+    return state
+
+
+def set_labels(model: nn.Module, labels: list[str] | None) -> None:
+    """id2label / label2id from the data's label names (kept as LABEL_i when the names don't fit)."""
+    if labels and len(labels) == model.config.num_labels and len(set(labels)) == len(labels):
+        model.config.id2label = dict(enumerate(labels))
+        model.config.label2id = {name: i for i, name in enumerate(labels)}
+
+
+def write_hf(model: nn.Module, out: Path) -> None:
+    """`config.json` and padded `model.safetensors`: the folder loads with `from_pretrained`, exact logits."""
+    from safetensors.torch import save_file
+
+    config = copy.deepcopy(model.config)
+    config.intermediate_size = _ffn_width(model)
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(out)
+    save_file(padded_state_dict(model), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+
+
 def save_ticket(
-    model: nn.Module, masks: Masks, base: str, out_dir: str | Path, tokenizer: Any = None, meta: dict | None = None
+    model: nn.Module,
+    masks: Masks,
+    base: str,
+    out_dir: str | Path,
+    tokenizer: Any = None,
+    meta: dict | None = None,
+    labels: list[str] | None = None,
 ) -> Path:
-    """Weights as safetensors, plus the kept indices, base model reference and config to rebuild it."""
+    """Weights (a Hugging Face folder, see the module doc), the kept indices, base model reference and config."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(out / WEIGHTS_FILE))
+    set_labels(model, labels)
+    write_hf(model, out)
     info = {
-        "format": 1,
+        "format": 2,  # 1: unpadded weights, no config.json (still read)
         "base_model": base,
         "config": model.config.to_dict(),
         "kept_heads": masks.kept_heads(),
@@ -186,6 +250,34 @@ def masks_from_info(info: dict) -> Masks:
     return masks
 
 
+def _error_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def read_weights(path: str | Path, header_only: bool = False) -> dict[str, torch.Tensor]:
+    """A ticket's `model.safetensors` (with `header_only`, just validated: nothing is read into memory);
+    a missing, truncated or corrupted file is a one-line `UserError`."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    file = Path(path) / WEIGHTS_FILE
+    try:
+        if not header_only:
+            return load_file(str(file))
+        with safe_open(str(file), framework="pt"):
+            return {}  # opening checks the header and that the file holds every byte it announces
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"cannot read the ticket weights {file}: {_error_line(err)}") from None
+
+
+def check_ticket(path: str | Path) -> None:
+    """Cheap checks before handing a ticket to workers: its info parses and its weights' header is whole."""
+    info = read_ticket_info(path)
+    if not {"config", "kept_heads", "kept_neurons", "shape"} <= info.keys():
+        raise UserError(f"{Path(path) / TICKET_FILE} is not an er-ray ticket (keys missing)")
+    read_weights(path, header_only=True)
+
+
 def load_ticket(path: str | Path) -> tuple[nn.Module, Any]:
     """Rebuild a saved ticket: the same architecture from the config and kept indices, then its weights."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
@@ -198,7 +290,10 @@ def load_ticket(path: str | Path) -> tuple[nn.Module, Any]:
     config.pruned_heads = {}
     model = AutoModelForSequenceClassification.from_config(config)
     prune_model(model, masks_from_info(info))
-    load_model(model, str(path / WEIGHTS_FILE))
+    try:
+        model.load_state_dict(_unpadded(read_weights(path), model), strict=True)
+    except RuntimeError as err:  # shapes or names that don't fit the ticket's structure
+        raise UserError(f"the weights in {path / WEIGHTS_FILE} do not fit its {TICKET_FILE}: {_error_line(err)}") from None
     model.eval()
     tok_source = path if (path / "tokenizer_config.json").exists() else info["base_model"]
     return model, load_tokenizer(str(tok_source))

@@ -385,7 +385,7 @@ def test_published_resources_refuse_offline(victim):
 
 
 def test_load_victim_dispatch(victim_dir, tmp_path, monkeypatch):
-    import er_ray.ticket
+    import er_ray.attacks.victim as victim
     from er_ray.attacks.victim import load_victim
     from er_ray.config import UserError
 
@@ -393,7 +393,8 @@ def test_load_victim_dispatch(victim_dir, tmp_path, monkeypatch):
     ticket.mkdir()
     (ticket / "ticket.json").write_text("{}")
     model = torch.nn.Linear(1, 1)
-    monkeypatch.setattr(er_ray.ticket, "load_ticket", lambda p: (model, f"tok:{p}"))
+    monkeypatch.setattr(victim, "check_ticket", lambda p: None)
+    monkeypatch.setattr(victim, "load_ticket", lambda p: (model, f"tok:{p}"))
     assert load_victim(ticket) == (model, f"tok:{ticket}")
     assert type(load_victim(victim_dir)[0]).__name__ == "BertForSequenceClassification"
     with pytest.raises(UserError, match="neither a ticket"):

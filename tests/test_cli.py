@@ -49,6 +49,10 @@ def test_overrides_go_through_validation(tmp_path):
         (["--set", "nonsense"], "expected KEY=VALUE"),
         (["--set", "data.source=local", "--set", "data.name=qqp"], "qqp"),
         (["--set", "model.name_or_path=/definitely/missing"], "model"),
+        (["--set", "sweep.gammas=[0.1, -1]"], "bad config value sweep.gammas[1]=-1"),
+        (["--set", "sweep.ffn_ratios=[1.5]"], "bad config value sweep.ffn_ratios[0]=1.5"),
+        (["--set", "sweep.head_ratios=[-0.1]"], "bad config value sweep.head_ratios[0]=-0.1"),
+        (["--set", "data.max_train_examples="], "empty value"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, needle, capsys):
@@ -103,3 +107,60 @@ def test_run_in_process_prints_the_results_table(tiny_model_dir, tmp_path, capsy
     assert "earlyrobust" in out and "clean %" in out
     (result,) = (tmp_path / "tiny" / "earlyrobust").glob("*/result.json")
     assert 0 <= _json.loads(result.read_text())["clean_acc"] <= 1
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("er-ray: error:") and err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize("command", [["check"], ["run"], ["run", "--no-ray"]])
+def test_an_output_dir_that_cannot_be_created_is_named(tmp_path, capsys, command):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    argv = [command[0], str(EXPERIMENTS[-1]), *command[1:], "--set", f"runtime.output_dir={blocker}/outputs"]
+    assert main(argv) == 2
+    assert f"{blocker} is a file" in one_error_line(capsys)
+
+
+def test_a_label_map_must_match_the_files_labels(tmp_path, capsys):
+    (tmp_path / "train.csv").write_text("text,label\nfine film,positive\nawful,negative\n")
+    (tmp_path / "eval.csv").write_text("text,label\ngreat,positive\nmeh,negative\n")
+    cfg = tmp_path / "c.yaml"
+    for label_map, needle in [("{pos: 1, neg: 0}", "match none of the labels"), ("{positive: 1, neg: 0}", "'negative'")]:
+        cfg.write_text(f"data: {{name: custom, train_file: train.csv, eval_file: eval.csv, label_map: {label_map}}}\n")
+        assert main(["check", str(cfg)]) == 2
+        assert needle in one_error_line(capsys)
+    cfg.write_text("data: {name: custom, train_file: train.csv, eval_file: eval.csv, label_map: {positive: 1, negative: 0}}\n")
+    assert main(["check", str(cfg)]) == 0
+
+
+@pytest.fixture
+def tiny_ticket(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from er_ray.model import load_tokenizer
+    from er_ray.ticket import Masks, prune_model, save_ticket
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
+    masks = Masks.full(2, 4, 40)
+    masks.ffn[1, :10] = False
+    prune_model(model, masks)
+    return save_ticket(model, masks, str(tiny_model_dir), tmp_path / "ticket", load_tokenizer(str(tiny_model_dir)))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bad header"])
+@pytest.mark.parametrize("actors", ["1", "2"])  # in this process, and checked before the Ray pool starts
+def test_attacking_a_ticket_with_damaged_weights_is_one_line(tiny_ticket, capsys, damage, actors):
+    weights = tiny_ticket / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\xff" * 8 + data[8:])
+    argv = ["attack", str(tiny_ticket), "--dataset", "sst2", "--num-examples", "2", "--actors", actors]
+    assert main([*argv, "--no-progress"]) == 2
+    assert "cannot read the ticket weights" in one_error_line(capsys)
+
+
+def test_attack_on_custom_data_needs_its_files(tiny_ticket, capsys):
+    assert main(["attack", str(tiny_ticket), "--dataset", "custom"]) == 2
+    assert "--dataset custom needs its files" in one_error_line(capsys)

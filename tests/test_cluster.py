@@ -51,6 +51,12 @@ def test_gpu_workers_get_a_cuda_torch_before_the_project(cluster):
     assert any("mlflow server" in c for c in cluster["head_start_ray_commands"])
 
 
+def test_the_head_serves_the_dashboard_and_mlflow_on_loopback_only(cluster):
+    cmds = " ".join(cluster["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in cmds and re.search(r"mlflow server --host 127\.0\.0\.1 ", cmds)
+    assert "0.0.0.0" not in yaml.safe_dump(cluster)
+
+
 def test_the_tune_example_in_the_docs_is_a_valid_config():
     from er_ray.config import config_from_dict
     from er_ray.orchestration.optuna_tune import objective_terms, search_space

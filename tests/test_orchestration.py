@@ -18,6 +18,7 @@ from er_ray import tracking as T
 from er_ray.convergence import Combo
 from er_ray.methods import prepare, search_stage
 from er_ray.orchestration.search_tune import PENDING, ConvergenceStopper, run_search
+from er_ray.search import TRAJECTORY_FILE
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +155,7 @@ def test_driver_killed_mid_sweep_resumes_without_redoing_work(ray_session, tiny_
     driver.kill()  # the driver dies once a ticket has finished (tickets start while the search goes on)
     driver.wait()
     (run_dir,) = runs.iterdir()
-    traj_file = run_dir / "earlyrobust" / "seed3" / "trajectory.pt"
+    traj_file = run_dir / "earlyrobust" / "seed3" / TRAJECTORY_FILE
     traj_mtime = traj_file.stat().st_mtime if traj_file.exists() else None
     done = {p: p.stat().st_mtime for p in run_dir.glob("earlyrobust/seed3/*/result.json")}
     assert done

@@ -33,6 +33,7 @@ from er_ray.report.table import (
     aua_col,
     query_col,
 )
+from er_ray.search import TRAJECTORY_FILE
 
 EXPERIMENT = "report-test"
 FALLBACK_EXPERIMENT = "report-fallback"
@@ -105,7 +106,7 @@ def store(tmp_path_factory) -> dict:
     curves = {tracking.MASK_DISTANCE_HEADS: [(1, 0.5), (2, 0.2), (3, 0.0)],
               tracking.MASK_DISTANCE_FFN: [(1, 0.4), (2, 0.1), (3, 0.05)]}  # fmt: skip
     search = run("search", parent, now + 1, search_params, series=curves)
-    traj = root / "trajectory.pt"
+    traj = root / TRAJECTORY_FILE
     _trajectory().save(traj)
     client.log_artifact(search, str(traj))
 

@@ -8,7 +8,7 @@ from conftest import tiny_experiment
 from er_ray.convergence import Combo
 from er_ray.methods import prepare, search_stage
 from er_ray.model import load_backbone
-from er_ray.search import SearchStage, Trajectory
+from er_ray.search import TRAJECTORY_FILE, SearchStage, Trajectory, load_search_state, save_search_state
 
 
 def test_search_records_every_mini_epoch_and_l1_shrinks_coefficients(tiny_model_dir, tmp_path):
@@ -24,13 +24,13 @@ def test_search_records_every_mini_epoch_and_l1_shrinks_coefficients(tiny_model_
     assert last.head.abs().mean() < 1.0 and last.ffn.abs().mean() < 1.0  # the L1 term pulls them down
     secs = [m.seconds for m in traj.mini_epochs]
     assert secs == sorted(secs) and secs[0] > 0
-    traj.save(tmp_path / "t.pt")
-    again = Trajectory.load(tmp_path / "t.pt")
+    traj.save(tmp_path / TRAJECTORY_FILE)
+    again = Trajectory.load(tmp_path / TRAJECTORY_FILE)
     assert again.stops == traj.stops and torch.equal(again.mini_epochs[3].ffn, traj.mini_epochs[3].ffn)
     # the sweep-cost benchmark reads stop points for other gammas off the same file
     from er_ray.bench import sweep_cost
 
-    cost = sweep_cost(str(tmp_path / "t.pt"), [0.5, 0.9])
+    cost = sweep_cost(str(tmp_path / TRAJECTORY_FILE), [0.5, 0.9])
     assert 0 < cost["sweep_over_single"] <= 1  # looser gammas stop no later than the capped 0.01
     assert 1 <= cost["separate_over_sweep"] <= 2
 
@@ -47,7 +47,7 @@ def test_gamma_read_off_one_trajectory_equals_its_own_search(tiny_model_dir, tmp
     assert torch.equal(swept.at(combo).ffn, alone.at(combo).ffn)
 
 
-def test_resume_from_a_checkpoint_continues_the_same_search(tiny_model_dir, tmp_path):
+def test_resume_from_a_saved_checkpoint_continues_the_same_search(tiny_model_dir, tmp_path):
     cfg = tiny_experiment(tiny_model_dir, tmp_path, **{"search.gamma": 0.01})
     prep = prepare(cfg)
 
@@ -57,10 +57,9 @@ def test_resume_from_a_checkpoint_continues_the_same_search(tiny_model_dir, tmp_
 
     whole = stage().run()
     first = stage()
-    saved = {}
-    first.run(on_mini_epoch=lambda p: (saved.setdefault("s", first.state_dict()), True)[1] if p.index == 4 else None)
+    first.run(on_mini_epoch=lambda p: (save_search_state(first, tmp_path), True)[1] if p.index == 4 else None)
     resumed = stage()
-    resumed.load_state_dict(saved["s"])
+    assert load_search_state(resumed, tmp_path) and not load_search_state(stage(), tmp_path / "empty")
     rest = resumed.run()
     assert [m.step for m in rest.mini_epochs] == [m.step for m in whole.mini_epochs]
     torch.testing.assert_close(rest.mini_epochs[-1].ffn, whole.mini_epochs[-1].ffn)

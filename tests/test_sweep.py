@@ -108,11 +108,11 @@ def test_stages_overlap_in_mlflow_run_times(sweep):
 
 def test_search_runs_log_one_history_point_per_mini_epoch(sweep):
     cfg, rows, client, runs = sweep
-    from er_ray.search import Trajectory
+    from er_ray.search import TRAJECTORY_FILE, Trajectory
 
     for run in runs["search"]:
         seed = run.data.params[T.PARAM_SEED]
-        (traj_file,) = cfg.runtime.output_dir.glob(f"tiny/runs/*/earlyrobust/seed{seed}/trajectory.pt")
+        (traj_file,) = cfg.runtime.output_dir.glob(f"tiny/runs/*/earlyrobust/seed{seed}/{TRAJECTORY_FILE}")
         steps = [m.step for m in client.get_metric_history(run.info.run_id, T.SEARCH_SECONDS)]
         assert sorted(steps) == list(range(len(Trajectory.load(traj_file).mini_epochs)))
 

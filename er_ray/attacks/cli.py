@@ -26,6 +26,10 @@ def resolve(args: argparse.Namespace) -> tuple[ExperimentConfig, str]:
     if args.config is not None:
         cfg = load_config(args.config, args.overrides)
     else:
+        files = {o.split("=", 1)[0].strip() for o in args.overrides}
+        if args.dataset == "custom" and not {"data.train_file", "data.eval_file"} <= files:
+            raise UserError("--dataset custom needs its files: --config with a custom data section, or "
+                            "--set data.train_file=... --set data.eval_file=...")
         cfg = config_from_dict({"data": {"name": args.dataset or "sst2"}}, args.overrides)
     attack: dict = {}
     if args.recipes:
@@ -67,11 +71,10 @@ def evaluate(model_dir: Path, data: DataConfig, split: str, attack: AttackConfig
     from tqdm import tqdm
 
     from er_ray.attacks.evaluate import attack_sample, default_resources, evaluate_robustness
-    from er_ray.attacks.victim import load_victim
+    from er_ray.attacks.victim import check_victim, load_victim
     from er_ray.data import load_split
 
-    if not model_dir.is_dir():
-        raise UserError(f"model directory {model_dir} does not exist")
+    check_victim(model_dir)
     dataset = load_split(data, split, seed, None)
     options = {"masked_lm": masked_lm or attack.masked_lm}
     model, tokenizer = load_victim(model_dir)

@@ -8,28 +8,34 @@ from typing import Any
 import torch
 
 from er_ray.config import UserError
+from er_ray.ticket import TICKET_FILE, check_ticket, load_ticket
 
-TICKET_FILE = "ticket.json"
+
+def check_victim(path: str | Path) -> None:
+    """Cheap checks in the driver before workers load the model: bad input is then one line, not a dead actor."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"model directory {path} does not exist")
+    if (path / TICKET_FILE).exists():
+        check_ticket(path)
+    elif not (path / "config.json").exists():
+        raise UserError(f"{path} is neither a ticket (no {TICKET_FILE}) nor a Hugging Face model (no config.json)")
 
 
 def load_victim(path: str | Path) -> tuple[torch.nn.Module, Any]:
     """(model, tokenizer) from a ticket directory (has ticket.json) or a plain Hugging Face directory."""
     path = Path(path)
-    if not path.is_dir():
-        raise UserError(f"model directory {path} does not exist")
+    check_victim(path)
     if (path / TICKET_FILE).exists():
-        from er_ray.ticket import load_ticket  # lazy: the ticket module pulls in the pruning code
-
         model, tokenizer = load_ticket(path)
     else:
-        if not (path / "config.json").exists():
-            raise UserError(f"{path} is neither a ticket (no {TICKET_FILE}) nor a Hugging Face model (no config.json)")
+        from safetensors import SafetensorError
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         try:
             model = AutoModelForSequenceClassification.from_pretrained(path)
             tokenizer = AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, SafetensorError) as err:
             raise UserError(f"cannot load the model in {path}: {str(err).splitlines()[0]}") from None
     model.eval()
     return model, tokenizer

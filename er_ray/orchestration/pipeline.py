@@ -42,7 +42,7 @@ from er_ray.methods import (
 )
 from er_ray.orchestration import search_tune as S
 from er_ray.orchestration.ray_env import init_ray
-from er_ray.search import Trajectory, search_grid
+from er_ray.search import TRAJECTORY_FILE, Trajectory, search_grid
 
 RESULT_FILE = "result.json"
 ATTACK_DIR = "attack"
@@ -170,7 +170,7 @@ class Sweep:
                     self._add_job(mcfg, None, folder / ticket_name(None), primary=True)
                     continue
                 trial = self.trials[f"{method}/seed{seed}"] = Trial(f"{method}/seed{seed}", mcfg, folder)
-                final = folder / S.TRAJECTORY_FILE
+                final = folder / TRAJECTORY_FILE
                 if final.exists():  # its search finished in an earlier invocation
                     self._on_trajectory(trial, Trajectory.load(final))
                     self._complete(trial)
@@ -337,7 +337,7 @@ class Sweep:
         for combo in traj.stops:
             self._ticket_for(trial, combo)
         trial.folder.mkdir(parents=True, exist_ok=True)
-        final = trial.folder / S.TRAJECTORY_FILE
+        final = trial.folder / TRAJECTORY_FILE
         if not final.exists():
             tmp = final.with_suffix(".tmp")
             traj.save(tmp)

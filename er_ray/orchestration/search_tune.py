@@ -26,10 +26,15 @@ from er_ray import tracking as T
 from er_ray.config import ExperimentConfig
 from er_ray.methods import SplitData, prepare
 from er_ray.model import load_backbone
-from er_ray.search import MiniEpoch, SearchStage, Trajectory
+from er_ray.search import (
+    TRAJECTORY_FILE,
+    MiniEpoch,
+    SearchStage,
+    Trajectory,
+    load_search_state,
+    save_search_state,
+)
 
-STATE_FILE = "search_state.pt"
-TRAJECTORY_FILE = "trajectory.pt"
 TUNE_DIR = "search"  # the Tune run's folder under the run's storage path
 PENDING = "combos_pending"  # reported: grid combos whose stop rule has not fired yet
 BUSY_START, BUSY_END = "busy_start", "busy_end"  # reported: wall clock span of the training since the last report
@@ -59,8 +64,7 @@ def search_trainable(config: dict[str, Any], data: SplitData) -> None:
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            if (Path(d) / STATE_FILE).exists():  # light checkpoints hold only the trajectory: start over
-                stage.load_state_dict(torch.load(Path(d) / STATE_FILE, weights_only=False))
+            load_search_state(stage, d)  # light checkpoints hold only the trajectory: start over
     every = int(config.get("checkpoint_every") or 1)
     since = [time.time()]
 
@@ -76,7 +80,7 @@ def search_trainable(config: dict[str, Any], data: SplitData) -> None:
         with tempfile.TemporaryDirectory() as d:
             stage.trajectory().save(Path(d) / TRAJECTORY_FILE)
             if point.index % every == 0:
-                torch.save(stage.state_dict(), Path(d) / STATE_FILE)
+                save_search_state(stage, d)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
         since[0] = time.time()
 

@@ -20,7 +20,6 @@ from er_ray.report import figures, table
 from er_ray.report.store import (
     TAG_PRIMARY,
     TICKET_ARTIFACT,
-    TRAJECTORY_FILE,
     Cell,
     RunView,
     Scope,
@@ -30,6 +29,7 @@ from er_ray.report.store import (
     pick_primary,
     table_cells,
 )
+from er_ray.search import TRAJECTORY_FILE
 
 EARLYROBUST = "earlyrobust"
 TABLE_CSV = "table1.csv"
@@ -169,9 +169,9 @@ def _figure2_pairwise(
     if None in ratios:
         return "no head_ratio/ffn_ratio params to draw the masks at"
     try:
-        traj = Trajectory.load(file)  # our own pickle from our own store
-    except Exception as err:  # a file from another version: fall back to the logged curves
-        return f"{TRAJECTORY_FILE} unreadable ({type(err).__name__})"
+        traj = Trajectory.load(file)  # safetensors + JSON: a store's artifact cannot run code here
+    except UserError as err:  # a damaged or foreign file (an old pickle is refused): fall back to the curves
+        return f"{TRAJECTORY_FILE} unreadable ({err})"
     if len(traj.mini_epochs) < 2:
         return "fewer than 2 mini-epochs in the trajectory"
     masks = [draw_masks(m.head, m.ffn, ratios[0], ratios[1], traj.scope) for m in traj.mini_epochs]

@@ -20,7 +20,6 @@ from er_ray.config import UserError
 # the orchestration marks the ticket at the config's own gamma / ratios; lives in tracking once it is there
 TAG_PRIMARY: str = getattr(tracking, "TAG_PRIMARY", "er_ray.primary")
 TAG_PARENT = "mlflow.parentRunId"  # MLflow's own nesting tag (mlflow.utils.mlflow_tags, not imported: slow)
-TRAJECTORY_FILE = "trajectory.pt"
 TICKET_ARTIFACT = "ticket/ticket.json"
 
 
