@@ -1,13 +1,13 @@
-"""`build_report`: Table 1 and Figures 2-5 from what an experiment logged to MLflow.
+"""`build_report`: Table 1, the claims table and Figures 2-5 from what an experiment logged to MLflow.
 
-Works on whatever subset exists: a missing metric is a blank cell, a figure without its data is skipped and
-the reason is listed in `ReportResult.notes` (and under the Markdown table).
+Works on whatever subset exists: a missing metric is a blank cell, a figure without its data is skipped, a claim
+without its runs is listed as not evaluated, and the reason is listed in `ReportResult.notes` (and under the
+Markdown table).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,24 +16,30 @@ import pandas as pd
 
 from er_ray import tracking
 from er_ray.config import UserError
-from er_ray.report import figures, table
+from er_ray.report import claims, figures, stats, table
 from er_ray.report.store import (
+    FFN_RATIO,
+    GAMMA,
+    HEAD_RATIO,
     TAG_PRIMARY,
     TICKET_ARTIFACT,
     Cell,
     RunView,
     Scope,
+    Seeded,
     download,
     merged_metrics,
     open_scope,
-    pick_primary,
+    survived,
     table_cells,
 )
 from er_ray.search import TRAJECTORY_FILE
 
-EARLYROBUST = "earlyrobust"
+EARLYROBUST = claims.EARLYROBUST
 TABLE_CSV = "table1.csv"
 TABLE_MD = "table1.md"
+CLAIMS_CSV = "claims.csv"
+CLAIMS_MD = "claims.md"
 ARTIFACT_DIR = "report"  # where the files go on the logged run
 # TicketResult fields that say how times were measured; read when the orchestration logs them as params
 _TIMING_PARAMS = ("device", "threads")
@@ -44,6 +50,9 @@ class ReportResult:
     table: pd.DataFrame  # one row per (dataset, method); NaN = not logged
     table_csv: Path
     table_md: Path
+    claims: list[claims.Decision] = field(default_factory=list)
+    claims_csv: Path | None = None
+    claims_md: Path | None = None
     figures: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what was skipped, and why
     source_run_ids: list[str] = field(default_factory=list)  # the parents the table was drawn from
@@ -52,40 +61,63 @@ class ReportResult:
 
 def build_report(
     experiment: str | None,
-    parent_run_id: str | None,
+    run_ids: str | list[str] | None,
     out_dir: Path,
     tracking_uri: str | None = None,
     log_to_mlflow: bool = True,
 ) -> ReportResult:
-    """Read MLflow (never rerun anything) and write Table 1 (CSV, Markdown) and Figures 2-5 to `out_dir`."""
+    """Read MLflow (never rerun anything) and write Table 1 and the claims (CSV, Markdown) and Figures 2-5 to
+    `out_dir`. `run_ids`: one or more parent runs (`--run`), else every finished parent of `experiment`."""
     import mlflow
 
+    run_ids = [run_ids] if isinstance(run_ids, str) else list(run_ids or [])
     uri = tracking_uri or mlflow.get_tracking_uri()
-    scope = open_scope(experiment, parent_run_id, uri)
+    scope = open_scope(experiment, run_ids, uri)
     cells = table_cells(scope)
     searches = [s for root in scope.roots for s in scope.of_kind(scope.subtree(root.run_id), "search")]
     if not cells and not searches:
-        where = f"run '{parent_run_id}'" if parent_run_id else f"experiment '{experiment}'"
+        where = f"run(s) {', '.join(run_ids)}" if run_ids else f"experiment '{experiment}'"
         raise UserError(f"nothing to report: no ticket or search runs (tag {tracking.TAG_KIND}) in {where}")
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    df = table.build_table(cells)
-    sources = list(dict.fromkeys(scope.root_of(c.ticket).run_id for c in cells.values()))
-    result = ReportResult(df, out_dir / TABLE_CSV, out_dir / TABLE_MD, source_run_ids=sources)
-
-    datasets = {d for d, _ in cells} | {s.dataset for s in searches}
-    if len(datasets) > 1:
-        datasets.discard("")  # a search without a dataset param serves the named ones
     with tempfile.TemporaryDirectory(prefix="er-ray-report-") as tmp:
+        scope.download_dir = Path(tmp)
+        df = table.build_table(cells, _pooled(scope, cells))
+        roots = {scope.root_of(t).run_id for c in cells.values() for t in c.tickets.values()}
+        sources = sorted(roots, key=lambda r: scope.runs[r].start_time, reverse=True)
+        result = ReportResult(df, out_dir / TABLE_CSV, out_dir / TABLE_MD, source_run_ids=sources)
+        result.notes += [f"parent run {r.run_id} left out: {r.status}, not FINISHED" for r in scope.skipped]
+        result.claims = claims.evaluate(scope, cells)
+
+        datasets = {d for d, _ in cells} | {s.dataset for s in searches}
+        if len(datasets) > 1:
+            datasets.discard("")  # a search without a dataset param serves the named ones
         for ds in sorted(datasets, key=lambda d: table.rank(table.DATASET_ORDER, d)):
             _dataset_figures(scope, ds, cells.get((ds, EARLYROBUST)), out_dir, Path(tmp), result)
 
     table.write_csv(df, result.table_csv)
     result.table_md.write_text(_markdown(scope, experiment, cells, result))
+    result.claims_csv, result.claims_md = out_dir / CLAIMS_CSV, out_dir / CLAIMS_MD
+    claims.to_frame(result.claims).to_csv(result.claims_csv, index=False, na_rep="", float_format="%.10g")
+    result.claims_md.write_text(_claims_markdown(result))
     if log_to_mlflow:
         _log(scope, result)
     return result
+
+
+def _pooled(scope: Scope, cells: dict[tuple[str, str], Cell]) -> dict[tuple[str, str, str], tuple[int, int]]:
+    """(dataset, method, attack) -> (examples that survived, examples attacked), pooled over the row's seeds;
+    only where every seed has its per-example records (else the interval would cover other seeds than the mean)."""
+    out = {}
+    for (ds, method), cell in cells.items():
+        if any(scope.records(t) is None for t in cell.tickets.values()):
+            continue
+        for attack in tracking.ATTACKS:
+            outcomes = survived(scope, cell.tickets, attack)
+            if outcomes:
+                out[ds, method, attack] = (sum(outcomes.values()), len(outcomes))
+    return out
 
 
 # ---------------------------------------------------------------- figures
@@ -181,58 +213,58 @@ def _figure2_pairwise(
     return None
 
 
-def _same(a: float | None, b: float | None) -> bool:
-    if a is None or b is None:
-        return a is b
-    return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
+def _points(scope: Scope, by_x: dict[float, Seeded]) -> dict[float, list[dict[str, float]]]:
+    """x -> the merged metrics of each seed's ticket at x."""
+    return {x: [merged_metrics(scope, t) for t in seeded.values()] for x, seeded in by_x.items()}
 
 
-def _sweep(scope: Scope, cell: Cell, x_param: str, fixed: tuple[str, ...]) -> dict[float, dict[str, float]]:
-    """x -> metrics, over the tickets that match the primary ticket in the `fixed` params."""
-    by_x: dict[float, list[RunView]] = {}
-    for t in cell.group:
-        x = t.param_float(x_param)
-        if x is not None and all(_same(t.param_float(p), cell.ticket.param_float(p)) for p in fixed):
-            by_x.setdefault(x, []).append(t)
-    return {x: merged_metrics(scope, pick_primary(ts)) for x, ts in by_x.items()}
-
-
-def _series(points: dict[float, dict[str, float]], scale: float = 1.0) -> figures.Series:
+def _series(points: dict[float, list[dict[str, float]]], scale: float = 1.0) -> figures.Series:
+    """label -> [(x, mean, std over seeds)] in percent, for the metrics logged at 2+ values of x."""
     names = {"Clean%": tracking.CLEAN_ACC}
     names.update({f"Aua% {table.ATTACK_LABEL.get(a, a)}": tracking.aua(a) for a in tracking.ATTACKS})
-    series = {
-        label: [(x * scale, 100 * m[key]) for x, m in points.items() if key in m]
-        for label, key in names.items()
-    }
-    return {k: v for k, v in series.items() if v}
+    series: figures.Series = {}
+    for label, key in names.items():
+        line = []
+        for x, runs in points.items():
+            s = stats.summarize(100 * m[key] for m in runs if key in m)
+            if s.n:
+                line.append((x * scale, s.mean, s.std))
+        if line:
+            series[label] = line
+    return series
+
+
+def _seeds_caption(points: dict[float, list[dict[str, float]]]) -> str:
+    counts = sorted({len(runs) for runs in points.values()})
+    n = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    return f"mean ± std over seeds, n = {n}" if counts[-1] > 1 else "one seed: no error bars"
 
 
 def _figure3(scope: Scope, ds: str, er: Cell | None, path: Path, tmp: Path, notes: list[str]) -> str | None:
     if er is None:
         return "no earlyrobust ticket"
-    points = _sweep(scope, er, tracking.PARAM_GAMMA, (tracking.PARAM_HEAD_RATIO, tracking.PARAM_FFN_RATIO))
+    points = _points(scope, er.sweep(GAMMA))
     series = _series(points)
     if len(points) < 2 or not series:
         return "needs earlyrobust tickets at >= 2 values of gamma (a sweep.gammas list)"
-    figures.figure3(series, f"Figure 3: accuracy against γ ({_label(ds)}, EarlyRobust)", path)
+    title = f"Figure 3: accuracy against γ ({_label(ds)}, EarlyRobust; {_seeds_caption(points)})"
+    figures.figure3(series, title, path)
     return None
 
 
 def _figure4(scope: Scope, ds: str, er: Cell | None, path: Path, tmp: Path, notes: list[str]) -> str | None:
     if er is None:
         return "no earlyrobust ticket"
-    g, h, f = tracking.PARAM_GAMMA, tracking.PARAM_HEAD_RATIO, tracking.PARAM_FFN_RATIO
-    panels = []
-    for x_param, fixed, xlabel in (
-        (f, (g, h), "FFN neurons pruned (%)"),
-        (h, (g, f), "attention heads pruned (%)"),
-    ):
-        points = _sweep(scope, er, x_param, fixed)
+    panels, captions = [], set()
+    for index, xlabel in ((FFN_RATIO, "FFN neurons pruned (%)"), (HEAD_RATIO, "attention heads pruned (%)")):
+        points = _points(scope, er.sweep(index))
         if len(points) >= 2 and _series(points):
             panels.append((xlabel, _series(points, scale=100)))
+            captions.add(_seeds_caption(points))
     if not panels:
         return "needs earlyrobust tickets at >= 2 values of ffn_ratio or head_ratio (sweep ratio lists)"
-    figures.figure4(panels, f"Figure 4: accuracy against sparsity ({_label(ds)}, EarlyRobust)", path)
+    title = f"Figure 4: accuracy against sparsity ({_label(ds)}, EarlyRobust; {'; '.join(sorted(captions))})"
+    figures.figure4(panels, title, path)
     return None
 
 
@@ -262,9 +294,8 @@ def _figure5(scope: Scope, ds: str, er: Cell | None, path: Path, tmp: Path, note
 def _markdown(
     scope: Scope, experiment: str | None, cells: dict[tuple[str, str], Cell], result: ReportResult
 ) -> str:
-    timing = sorted(
-        {f"{p}={c.ticket.params[p]}" for c in cells.values() for p in _TIMING_PARAMS if p in c.ticket.params}
-    )
+    tickets = [t for c in cells.values() for t in c.tickets.values()]
+    timing = sorted({f"{p}={t.params[p]}" for t in tickets for p in _TIMING_PARAMS if p in t.params})
     lines = [
         "# Table 1",
         "",
@@ -272,16 +303,38 @@ def _markdown(
         f"parent run(s) {', '.join(f'`{r}`' for r in result.source_run_ids) or '(none)'}.",
         "",
         table.to_markdown(result.table),
-        "- Clean% and Aua% in percent; #Query: mean model queries per attacked example; blank: not logged.",
+        "- Each cell: mean ± sample standard deviation over the row's seeds (Seeds; a cell from fewer seeds says "
+        "its n); one seed leaves the spread blank. Blank: not logged.",
+        "- Clean% and Aua% in percent; #Query: mean model queries per attacked example. Aua% [lo, hi]: the 95% "
+        "Wilson interval of the examples that survived the attack, pooled over the seeds' attacked examples.",
         f"- Time: `{tracking.TRAIN_SECONDS}` (search + fine-tuning for ticket methods; compute only, no data I/O)"
         + (f", measured with {', '.join(timing)}." if timing else "."),
-        "- Speedup: the baseline's time / the method's time on the same dataset; the slowest robust baseline is "
-        f"the slower of {' and '.join(table.METHOD_LABEL[m] for m in table.ROBUST_BASELINES)}.",
-        f"- Row of a method: its ticket tagged `{TAG_PRIMARY}=1` (the config's own γ and ratios), else its earliest; "
-        "with several parents, the newest parent that has the method.",
+        "- Speedup: the baseline's mean time / the method's mean time on the same dataset, [95% interval] by the "
+        "delta method on the log ratio over seeds; the slowest robust baseline is the slower of "
+        f"{' and '.join(table.METHOD_LABEL[m] for m in table.ROBUST_BASELINES)}.",
+        f"- Row of a method: its tickets tagged `{TAG_PRIMARY}=1` (the config's own γ and ratios), one per "
+        f"`{tracking.PARAM_SEED}`; a seed run under several parents counts once, from the newest parent.",
+        f"- The paper's claims, decided from these runs: `{CLAIMS_MD}`.",
     ]
     lines += [f"- {n}" for n in result.notes]
     return "\n".join(lines) + "\n"
+
+
+def _claims_markdown(result: ReportResult) -> str:
+    bounds = (
+        f"margins: {claims.AUA_MARGIN:g} Aua points, {claims.CLEAN_MARGIN:g} clean-accuracy points; "
+        f"thresholds: {claims.PAPER_SPEEDUP:g}× speedup, {claims.EARLY_EPOCH:g} epoch"
+    )
+    return "\n".join([
+        "# The paper's claims",
+        "",
+        f'Verdicts by the rule in docs/results.md, "How verdicts are decided" ({bounds}). Aua differences are '
+        "paired on the same attacked examples, pooled over seeds: Newcombe's 95% interval and the exact McNemar "
+        "test; clean accuracy is paired by seed (t interval); a claim made for every attack holds only if it "
+        "holds for each, and does not hold if it fails for one.",
+        "",
+        claims.to_markdown(result.claims),
+    ])
 
 
 def _log(scope: Scope, result: ReportResult) -> None:
@@ -291,7 +344,7 @@ def _log(scope: Scope, result: ReportResult) -> None:
         return
     run_id = scope.roots[0].run_id
     try:
-        for path in [result.table_csv, result.table_md, *result.figures]:
+        for path in [result.table_csv, result.table_md, result.claims_csv, result.claims_md, *result.figures]:
             scope.client.log_artifact(run_id, str(path), ARTIFACT_DIR)
     except Exception as err:  # the files are on disk either way; say why the copy in MLflow is missing
         result.notes.append(f"not logged to MLflow: {type(err).__name__}: {err}")

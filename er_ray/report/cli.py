@@ -32,7 +32,10 @@ def run(args: argparse.Namespace) -> int:
     print_table(result.table)
     for note in result.notes:
         print(f"note: {note}")
-    print(f"wrote {result.table_md}, {result.table_csv} and {len(result.figures)} figure(s) to {args.out}")
+    for d in result.claims:
+        if d.verdict:
+            print(f"claim ({d.dataset}, {d.claim.source}): {d.claim.text}: {d.verdict}")
+    print(f"wrote {result.table_md}, {result.claims_md}, their CSVs and {len(result.figures)} figure(s) to {args.out}")
     if result.logged_run_id:
         print(f"logged under artifacts 'report/' of run {result.logged_run_id}")
     return 0

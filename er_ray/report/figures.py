@@ -5,6 +5,7 @@ Each function takes plain data and a path; deciding what data exists is `build.p
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -61,14 +62,16 @@ def figure2_curves(
     return path
 
 
-Series = dict[str, list[tuple[float, float]]]  # line label -> [(x, y), ...]
+Series = dict[str, list[tuple[float, float, float]]]  # line label -> [(x, mean, std over seeds), ...]
 
 
 def _lines(ax, series: Series, xlabel: str) -> None:
     for label, points in series.items():
         if points:
-            xs, ys = zip(*sorted(points), strict=True)
-            ax.plot(xs, ys, marker="o", label=label)
+            xs, ys, errs = zip(*sorted(points), strict=True)
+            # a point from one seed has no spread (NaN): no bar rather than a zero-length one
+            yerr = [0.0 if math.isnan(e) else e for e in errs]
+            ax.errorbar(xs, ys, yerr=yerr if any(yerr) else None, marker="o", capsize=3, label=label)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)

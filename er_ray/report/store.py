@@ -1,15 +1,27 @@
 """Reading the runs a report covers out of MLflow (read-only: nothing is rerun).
 
-Which ticket fills a cell of Table 1, per (dataset, method):
-  * `--run ID`: the tickets below that run (any depth); `--experiment NAME`: the tickets of every parent of the
-    experiment, taken from the newest parent (by start time) that has a ticket of that dataset and method;
-  * among those, the ticket tagged `er_ray.primary` = "1" (the config's own gamma and ratios in a sweep), else
-    the earliest started one.
+Which runs a report covers: `--run ID` (one or more): the tickets below those runs (any depth);
+`--experiment NAME`: the tickets of every FINISHED parent of the experiment (a parent still running, failed or
+killed is skipped and listed), and of tickets or searches logged without a parent.
+
+Which tickets fill a row of Table 1, per (dataset, method):
+  * one ticket per (seed, gamma, head ratio, ffn ratio): the newest (its parent's start time, then its own), so a
+    rerun replaces a seed and runs of several parents (one per seed, say) add up;
+  * a ticket's seed is its `seed` param, else its parent's (runs logged before the seed dimension), else "";
+  * the row's setting (gamma, ratios) is the one its tickets tagged `er_ray.primary` = "1" carry (the config's
+    own; the most frequent one if they differ), else the earliest ticket's; the row holds that setting's ticket
+    of every seed. The other settings are the sweep (Figures 3 and 4).
+
+Per-example attack records (`attack/examples.jsonl` of a ticket's attack run) give, per recipe, which attacked
+examples survived: keyed by (seed, example index), so that two models pair on the same examples.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import tempfile
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,10 +29,18 @@ from pathlib import Path
 from er_ray import tracking
 from er_ray.config import UserError
 
-# the orchestration marks the ticket at the config's own gamma / ratios; lives in tracking once it is there
-TAG_PRIMARY: str = getattr(tracking, "TAG_PRIMARY", "er_ray.primary")
-TAG_PARENT = "mlflow.parentRunId"  # MLflow's own nesting tag (mlflow.utils.mlflow_tags, not imported: slow)
+TAG_PRIMARY = tracking.TAG_PRIMARY
+TAG_PARENT = tracking.TAG_PARENT
 TICKET_ARTIFACT = "ticket/ticket.json"
+EXAMPLES_ARTIFACT = "attack/examples.jsonl"  # RobustnessResult.save, logged under "attack/" by the pipeline
+# textattack's outcome when the attack fails: the example stays correctly classified (evaluate.OUTCOMES; not
+# imported, as er_ray.attacks pulls in textattack)
+SURVIVED = "failed"
+FINISHED = "FINISHED"
+
+Setting = tuple[float | None, float | None, float | None]  # (gamma, head ratio, ffn ratio)
+SETTING_PARAMS = (tracking.PARAM_GAMMA, tracking.PARAM_HEAD_RATIO, tracking.PARAM_FFN_RATIO)
+GAMMA, HEAD_RATIO, FFN_RATIO = range(3)  # positions in a Setting
 
 
 @dataclass
@@ -34,6 +54,8 @@ class RunView:
     params: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
+    status: str = FINISHED
+    seed: str = ""  # a ticket's seed, filled in by `tickets` (Scope.seed_of)
 
     def param_float(self, name: str) -> float | None:
         try:
@@ -54,6 +76,12 @@ class RunView:
     def primary(self) -> bool:
         return self.tags.get(TAG_PRIMARY) == "1"
 
+    @property
+    def setting(self) -> Setting:
+        # rounded, so that 0.1 logged as "0.1" and as "0.10000000000000001" are one setting
+        vals = (self.param_float(p) for p in SETTING_PARAMS)
+        return tuple(None if v is None else round(v, 9) for v in vals)  # type: ignore[return-value]
+
 
 @dataclass
 class Scope:
@@ -64,7 +92,10 @@ class Scope:
     experiment_id: str
     runs: dict[str, RunView]
     roots: list[RunView]
+    skipped: list[RunView] = field(default_factory=list)  # parents left out: not FINISHED
+    download_dir: Path | None = None  # where artifacts are fetched to (build_report's temporary folder)
     _children: dict[str, list[RunView]] = field(default_factory=dict, repr=False)
+    _records: dict[str, list[dict] | None] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         for r in self.runs.values():  # one index, not a scan per lookup: tune experiments hold many runs
@@ -99,6 +130,28 @@ class Scope:
     def of_kind(self, runs: Iterable[RunView], kind: str) -> list[RunView]:
         return [r for r in runs if r.kind == kind]
 
+    def seed_of(self, run: RunView) -> str:
+        for r in (run, *self.ancestors(run)):
+            if tracking.PARAM_SEED in r.params:
+                return r.params[tracking.PARAM_SEED]
+        return ""
+
+    def records(self, ticket: RunView) -> list[dict] | None:
+        """The per-example attack records of a ticket (its newest attack run that has them); None if none."""
+        if ticket.run_id not in self._records:
+            found = None
+            attacks = self.of_kind(self.subtree(ticket.run_id), "attack")
+            for run in sorted(attacks, key=lambda r: r.start_time, reverse=True):
+                if self.download_dir is None:
+                    self.download_dir = Path(tempfile.mkdtemp(prefix="er-ray-report-"))
+                dst = self.download_dir / "records" / run.run_id
+                file = download(self, run.run_id, Path(EXAMPLES_ARTIFACT).name, EXAMPLES_ARTIFACT, dst)
+                if file is not None:
+                    found = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+                    break
+            self._records[ticket.run_id] = found
+        return self._records[ticket.run_id]
+
 
 def _view(run) -> RunView:
     tags = dict(run.data.tags)
@@ -110,6 +163,7 @@ def _view(run) -> RunView:
         params=dict(run.data.params),
         metrics=dict(run.data.metrics),
         tags=tags,
+        status=run.info.status,
     )
 
 
@@ -124,46 +178,51 @@ def _all_runs(client, experiment_id: str) -> dict[str, RunView]:
             return runs
 
 
-def open_scope(experiment: str | None, parent_run_id: str | None, uri: str) -> Scope:
-    """Resolve `--experiment` / `--run` to the runs to report; unknown names are UserErrors."""
+def open_scope(experiment: str | None, run_ids: list[str] | None, uri: str) -> Scope:
+    """Resolve `--experiment` / `--run` (several allowed) to the runs to report; unknown names are UserErrors."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    if not experiment and not parent_run_id:
+    run_ids = list(dict.fromkeys(run_ids or []))
+    if not experiment and not run_ids:
         raise UserError("report needs --experiment NAME or --run PARENT_RUN_ID")
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         # MLflow would create an empty store there and then find nothing in it
         raise UserError(f"no MLflow store at {uri}")
     client = MlflowClient(tracking_uri=uri)
-    exp = run = None
+    exp, exp_ids = None, set()
+    rid = None
     try:
         if experiment:
             exp = client.get_experiment_by_name(experiment)
             if exp is None:
                 raise UserError(f"no MLflow experiment named '{experiment}' in {uri}")
-        if parent_run_id:
-            run = client.get_run(parent_run_id)
+        for rid in run_ids:
+            exp_ids.add(client.get_run(rid).info.experiment_id)
     except MlflowException as err:
         if err.error_code == "RESOURCE_DOES_NOT_EXIST":
-            raise UserError(f"no MLflow run '{parent_run_id}' in {uri}") from None
+            raise UserError(f"no MLflow run '{rid}' in {uri}") from None
         raise UserError(f"cannot read MLflow at {uri}: {str(err).splitlines()[0]}") from None
-    if run is not None:
-        if exp is not None and run.info.experiment_id != exp.experiment_id:
-            raise UserError(f"run '{parent_run_id}' is not in experiment '{experiment}'")
-        exp_id = run.info.experiment_id
-    else:
-        exp_id = exp.experiment_id
+    if len(exp_ids) > 1:
+        raise UserError(f"runs {', '.join(run_ids)} are in different MLflow experiments; report one at a time")
+    if exp is not None and exp_ids and exp_ids != {exp.experiment_id}:
+        raise UserError(f"run '{run_ids[0]}' is not in experiment '{experiment}'")
+    exp_id = exp_ids.pop() if exp_ids else exp.experiment_id
     runs = _all_runs(client, exp_id)
-    if parent_run_id:
-        if parent_run_id not in runs:
-            raise UserError(f"MLflow run '{parent_run_id}' is deleted")
-        roots = [runs[parent_run_id]]
+    skipped: list[RunView] = []
+    if run_ids:
+        for rid in run_ids:
+            if rid not in runs:
+                raise UserError(f"MLflow run '{rid}' is deleted")
+        roots = [runs[r] for r in run_ids]
     else:
-        roots = [r for r in runs.values() if r.kind == "parent"]
+        parents = [r for r in runs.values() if r.kind == "parent"]
+        roots = [r for r in parents if r.status == FINISHED]
+        skipped = [r for r in parents if r.status != FINISHED]
         # runs logged without a parent still count, each as its own group
         roots += [r for r in runs.values() if r.parent_id not in runs and r.kind in ("search", "ticket")]
-        roots.sort(key=lambda r: (r.start_time, r.run_id), reverse=True)
-    return Scope(client, uri, exp_id, runs, roots)
+    roots.sort(key=lambda r: (r.start_time, r.run_id), reverse=True)
+    return Scope(client, uri, exp_id, runs, roots, skipped)
 
 
 def merged_metrics(scope: Scope, ticket: RunView) -> dict[str, float]:
@@ -180,32 +239,90 @@ def merged_metrics(scope: Scope, ticket: RunView) -> dict[str, float]:
     return {**copied, **metrics}
 
 
-def pick_primary(tickets: list[RunView]) -> RunView:
-    marked = [t for t in tickets if t.primary]
-    return min(marked or tickets, key=lambda t: (t.start_time, t.run_id))
+Seeded = dict[str, RunView]  # seed -> ticket
+
+
+def seed_order(seed: str) -> tuple[int, float, str]:
+    try:
+        return (0, float(seed), seed)
+    except ValueError:
+        return (1, 0.0, seed)
 
 
 @dataclass
 class Cell:
-    """The ticket chosen for one (dataset, method), and its siblings in the same group (a sweep)."""
+    """A row of Table 1: the ticket of every seed at the row's setting, and all tickets of its (dataset, method)."""
 
-    ticket: RunView
-    group: list[RunView]  # tickets of this dataset and method under the same parent
-    metrics: dict[str, float]
+    dataset: str
+    method: str
+    setting: Setting
+    tickets: Seeded
+    group: list[RunView]  # every setting and seed (the sweep)
+    metrics: dict[str, dict[str, float]]  # seed -> merged metrics
+
+    @property
+    def ticket(self) -> RunView:
+        """The ticket of the first seed: the one Figure 5 draws and whose search Figure 2 shows."""
+        return self.tickets[min(self.tickets, key=seed_order)]
+
+    def at(self, setting: Setting) -> Seeded:
+        return {t.seed: t for t in self.group if t.setting == setting}
+
+    def sweep(self, index: int) -> dict[float, Seeded]:
+        """x -> tickets per seed, over the settings that differ from the row's in entry `index` only."""
+        out: dict[float, Seeded] = {}
+        for t in self.group:
+            x = t.setting[index]
+            same = all(v == self.setting[i] for i, v in enumerate(t.setting) if i != index)
+            if x is not None and same:
+                out.setdefault(x, {})[t.seed] = t
+        return out
+
+
+def tickets(scope: Scope) -> list[RunView]:
+    """Every ticket under the roots, one per (dataset, method, seed, setting): the newest."""
+    best: dict[tuple, tuple[tuple, RunView]] = {}
+    for root in scope.roots:
+        for t in scope.of_kind(scope.subtree(root.run_id), "ticket"):
+            if not t.method:
+                continue
+            t.seed = scope.seed_of(t)
+            key = (t.dataset, t.method, t.seed, t.setting)
+            age = (root.start_time, t.start_time, t.run_id)
+            if key not in best or age > best[key][0]:
+                best[key] = (age, t)
+    return [t for _, t in best.values()]
+
+
+def _row_setting(group: list[RunView]) -> Setting:
+    primary = Counter(t.setting for t in group if t.primary)
+    if primary:
+        first = {}
+        for t in sorted(group, key=lambda t: (t.start_time, t.run_id)):
+            first.setdefault(t.setting, t.start_time)
+        return max(primary, key=lambda s: (primary[s], -first[s]))
+    return min(group, key=lambda t: (t.start_time, t.run_id)).setting
 
 
 def table_cells(scope: Scope) -> dict[tuple[str, str], Cell]:
-    cells: dict[tuple[str, str], Cell] = {}
-    for root in scope.roots:  # newest first: the first group to hold a (dataset, method) wins it
-        groups: dict[tuple[str, str], list[RunView]] = {}
-        for t in scope.of_kind(scope.subtree(root.run_id), "ticket"):
-            if t.method:
-                groups.setdefault((t.dataset, t.method), []).append(t)
-        for key, tickets in groups.items():
-            if key not in cells:
-                chosen = pick_primary(tickets)
-                cells[key] = Cell(chosen, tickets, merged_metrics(scope, chosen))
+    groups: dict[tuple[str, str], list[RunView]] = {}
+    for t in tickets(scope):
+        groups.setdefault((t.dataset, t.method), []).append(t)
+    cells = {}
+    for (ds, method), group in groups.items():
+        setting = _row_setting(group)
+        row = {t.seed: t for t in group if t.setting == setting}
+        metrics = {seed: merged_metrics(scope, t) for seed, t in row.items()}
+        cells[ds, method] = Cell(ds, method, setting, row, group, metrics)
     return cells
+
+
+def survived(scope: Scope, tickets: Seeded, recipe: str) -> dict[tuple[str, int], bool]:
+    """(seed, example index) -> the example survived `recipe`, over the seeds whose tickets have records."""
+    out: dict[tuple[str, int], bool] = {}
+    for seed, t in tickets.items():
+        out.update(((seed, int(r["index"])), r["outcome"] == SURVIVED) for r in scope.records(t) or [] if r["recipe"] == recipe)
+    return out
 
 
 def _find_artifact(client, run_id: str, name: str, path: str | None = None, depth: int = 3) -> str | None:
@@ -229,6 +346,7 @@ def _find_artifact(client, run_id: str, name: str, path: str | None = None, dept
 def download(scope: Scope, run_id: str, name: str, preferred: str | None, dst: Path) -> Path | None:
     """Download an artifact (at `preferred`, else the first file called `name`); None when absent."""
     client = scope.client
+    dst.mkdir(parents=True, exist_ok=True)
     for path in ([preferred] if preferred else []) + [None]:
         path = path or _find_artifact(client, run_id, name)
         if path is None:
