@@ -27,11 +27,15 @@ from er_ray.report.table import (
     COL_DATASET,
     COL_METHOD,
     COL_RUN,
+    COL_SEEDS,
     COL_SPEEDUP_FREELB,
     COL_SPEEDUP_SLOWEST,
     COL_TIME,
     aua_col,
+    lo_col,
+    n_col,
     query_col,
+    std_col,
 )
 from er_ray.search import TRAJECTORY_FILE
 
@@ -65,7 +69,7 @@ EXPECTED = {
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> dict:
-    """Two parents (the newer wins per method), a search with its trajectory, a gamma x ratio sweep."""
+    """Two parents (the newer wins per method, seed and setting), a search with its trajectory, a gamma x ratio sweep."""
     from mlflow import MlflowClient
 
     root = tmp_path_factory.mktemp("mlflow")
@@ -228,8 +232,17 @@ def test_csv_and_markdown_show_blanks_not_zeros(report):
     assert "nan" not in md.lower()
     row = next(line for line in md.splitlines() if line.startswith("|  | EarlyBERT |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[2:6] == ["90.0", "6.0", "81.0", ""] and cells[6:9] == ["", "", ""]
-    assert "| EarlyRobust | 90.5 | 38.0 | 155.0 | 40.0 | 148.0 | 33.0 | 145.5 | 120.0 | 7.50x | 5.00x |" in md
+    assert cells[2:7] == ["1", "90.0", "6.0", "81.0", ""] and cells[7:10] == ["", "", ""]
+    assert "| EarlyRobust | 1 | 90.5 | 38.0 | 155.0 | 40.0 | 148.0 | 33.0 | 145.5 | 120.0 | 7.50x | 5.00x |" in md
+
+
+def test_one_seed_shows_n_1_and_no_spread(report):
+    """Runs without a seed param form one group: n = 1, the std blank (not 0), no ± in the Markdown."""
+    row = _row(report.table, "sst2", "earlyrobust")
+    assert row[COL_SEEDS] == 1 and row[n_col(COL_CLEAN)] == 1 and row[n_col(COL_TIME)] == 1
+    assert math.isnan(row[std_col(COL_CLEAN)]) and math.isnan(row[std_col(COL_TIME)])
+    assert math.isnan(row[lo_col(COL_SPEEDUP_FREELB)])  # a ratio's spread needs two seeds a side too
+    assert "±" not in report.table_md.read_text().split("\n- ")[0]
 
 
 def test_figures_are_valid_pngs_and_logged(report, store):
@@ -246,7 +259,7 @@ def test_figures_are_valid_pngs_and_logged(report, store):
     assert "no figures for IMDB: no earlyrobust ticket or search run" in report.notes
     assert report.logged_run_id == store["parent"]
     logged = {Path(f.path).name for f in MlflowClient(store["uri"]).list_artifacts(store["parent"], "report")}
-    assert logged == names | {"table1.csv", "table1.md"}
+    assert logged == names | {"table1.csv", "table1.md", "claims.csv", "claims.md"}
 
 
 def test_pairwise_distance_is_the_mask_distance():

@@ -247,7 +247,7 @@ def _figure3(scope: Scope, ds: str, er: Cell | None, path: Path, tmp: Path, note
     series = _series(points)
     if len(points) < 2 or not series:
         return "needs earlyrobust tickets at >= 2 values of gamma (a sweep.gammas list)"
-    title = f"Figure 3: accuracy against γ ({_label(ds)}, EarlyRobust; {_seeds_caption(points)})"
+    title = f"Figure 3: accuracy against γ ({_label(ds)}, EarlyRobust)\n{_seeds_caption(points)}"
     figures.figure3(series, title, path)
     return None
 
@@ -263,7 +263,7 @@ def _figure4(scope: Scope, ds: str, er: Cell | None, path: Path, tmp: Path, note
             captions.add(_seeds_caption(points))
     if not panels:
         return "needs earlyrobust tickets at >= 2 values of ffn_ratio or head_ratio (sweep ratio lists)"
-    title = f"Figure 4: accuracy against sparsity ({_label(ds)}, EarlyRobust; {'; '.join(sorted(captions))})"
+    title = f"Figure 4: accuracy against sparsity ({_label(ds)}, EarlyRobust)\n{'; '.join(sorted(captions))}"
     figures.figure4(panels, title, path)
     return None
 
