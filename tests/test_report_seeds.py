@@ -128,6 +128,10 @@ def store(tmp_path_factory) -> dict:
     new = ids["new"] = run("parent", None, now, params={tracking.PARAM_SEED: 3})
     seed_run(new, now + 10, "3", SURVIVORS)
     ids["finetune", "2"] = ticket(new, now + 20, "finetune", "2", CLEAN["finetune"]["2"], 100, FINETUNE["2"])
+    # a parent from before the seed dimension: its ticket has no seed param and takes the parent's
+    legacy = ids["legacy"] = run("parent", None, now - 200_000, params={tracking.PARAM_SEED: 7})
+    legacy_params = {tracking.PARAM_METHOD: "pgd", tracking.PARAM_DATASET: "sst2"}
+    ids["legacy_ticket"] = run("ticket", legacy, now - 199_000, legacy_params, {tracking.TRAIN_SECONDS: 50.0})
     # a parent that never finished: left out of --experiment, reported with --run
     ids["running"] = run("parent", None, now + 1000, status="RUNNING")
     ticket(ids["running"], now + 1001, "finetune", "4", 0.10, 100, set())
@@ -191,7 +195,9 @@ def test_speedup_is_the_ratio_of_mean_times_with_its_interval(report):
 
 
 def _decision(report, source: str, text: str):
-    return next(d for d in report.claims if d.claim.source == source and text in d.claim.text)
+    return next(
+        d for d in report.claims if d.dataset == "sst2" and d.claim.source == source and text in d.claim.text
+    )
 
 
 def test_claims_pair_models_on_the_same_examples(report):
@@ -240,3 +246,11 @@ def test_runs_given_by_id_are_grouped_by_seed(store, tmp_path):
     running = build_report(None, store["running"], tmp_path / "running", store["uri"], log_to_mlflow=False)
     one = _row(running.table, "finetune")
     assert one[COL_SEEDS] == 1 and one[n_col(COL_CLEAN)] == 1 and math.isnan(one[std_col(COL_CLEAN)])
+
+
+def test_a_ticket_without_a_seed_takes_its_parents(store):
+    from er_ray.report.store import open_scope, tickets
+
+    scope = open_scope(None, [store["legacy"], store["new"]], store["uri"])
+    seeds = {t.run_id: t.seed for t in tickets(scope)}
+    assert seeds[store["legacy_ticket"]] == "7" and seeds[store["finetune", "3"]] == "3"

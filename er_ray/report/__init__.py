@@ -1,4 +1,4 @@
-"""The report: Table 1 and Figures 2-5 of the paper, read back from MLflow (never rerunning anything)."""
+"""The report: Table 1, the paper's claims and Figures 2-5, read back from MLflow (never rerunning anything)."""
 
 from __future__ import annotations
 

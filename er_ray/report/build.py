@@ -77,7 +77,8 @@ def build_report(
     searches = [s for root in scope.roots for s in scope.of_kind(scope.subtree(root.run_id), "search")]
     if not cells and not searches:
         where = f"run(s) {', '.join(run_ids)}" if run_ids else f"experiment '{experiment}'"
-        raise UserError(f"nothing to report: no ticket or search runs (tag {tracking.TAG_KIND}) in {where}")
+        left = f"; {len(scope.skipped)} unfinished parent run(s) left out: pass them with --run" if scope.skipped else ""
+        raise UserError(f"nothing to report: no ticket or search runs (tag {tracking.TAG_KIND}) in {where}{left}")
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

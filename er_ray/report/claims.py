@@ -224,8 +224,8 @@ CLAIMS: tuple[Claim, ...] = (
     ),
     Claim(
         "§5.5",
-        f"20-40% of FFN neurons is a suitable range: Aua within {AUA_MARGIN:g} points of the row's "
-        "ratio across it",
+        f"20-40% of FFN neurons is a suitable range: at no ratio in it does Aua fall more than {AUA_MARGIN:g} "
+        "points below the row's ratio",
         "aua",
         "close",
         AUA_MARGIN,
