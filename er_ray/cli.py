@@ -201,10 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the study even if the config changed since it was made")
     p.set_defaults(func=cmd_tune)
 
-    p = sub.add_parser("report", help="Table 1 and Figures 2-5 of the paper, read from MLflow")
+    p = sub.add_parser("report", help="Table 1, the paper's claims and Figures 2-5, read from MLflow")
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--experiment", metavar="NAME", help="MLflow experiment (its newest parent per method)")
-    which.add_argument("--run", metavar="PARENT_RUN_ID", help="one parent run")
+    which.add_argument("--experiment", metavar="NAME",
+                       help="MLflow experiment (every finished parent run, grouped by seed)")
+    which.add_argument("--run", metavar="PARENT_RUN_ID", action="append", help="a parent run (repeatable)")
     p.add_argument("--out", type=Path, default=Path("outputs") / "report", metavar="DIR",
                    help="output folder (default: outputs/report)")
     p.add_argument("--tracking-uri", metavar="URI",

@@ -128,6 +128,17 @@ def store(tmp_path_factory) -> dict:
     new = ids["new"] = run("parent", None, now, params={tracking.PARAM_SEED: 3})
     seed_run(new, now + 10, "3", SURVIVORS)
     ids["finetune", "2"] = ticket(new, now + 20, "finetune", "2", CLEAN["finetune"]["2"], 100, FINETUNE["2"])
+    # seed 3 at FFN 20% draws the same masks as at 30%: a shared ticket, with no attack run of its own
+    params = {
+        tracking.PARAM_METHOD: "earlyrobust",
+        tracking.PARAM_DATASET: "sst2",
+        tracking.PARAM_GAMMA: 0.1,
+        tracking.PARAM_HEAD_RATIO: 0.25,
+        tracking.PARAM_FFN_RATIO: 0.2,
+        tracking.PARAM_SEED: "3",
+    }
+    shared = {tracking.TAG_SHARED: ids["earlyrobust", "3"], TAG_PRIMARY: "0"}
+    run("ticket", new, now + 30, params, {tracking.CLEAN_ACC: 0.81}, shared)
     # a parent from before the seed dimension: its ticket has no seed param and takes the parent's
     legacy = ids["legacy"] = run("parent", None, now - 200_000, params={tracking.PARAM_SEED: 7})
     legacy_params = {tracking.PARAM_METHOD: "pgd", tracking.PARAM_DATASET: "sst2"}
@@ -222,6 +233,8 @@ def test_claims_on_seed_level_quantities(report):
     assert early.verdict == stats.INCONCLUSIVE
     (ev,) = _decision(report, "§5.3", "γ = 0.1").evidence  # paired on seeds 1 and 2, the ones gamma 0.05 has
     assert ev.interval.n == 2 * EXAMPLES and ev.interval.detail.startswith("0 vs 2 discordant")
+    (ev,) = _decision(report, "§5.5", "FFN neurons").evidence  # the shared ticket's records are its owner's
+    assert ev.interval.n == EXAMPLES and ev.interval.detail.startswith("0 vs 0 discordant")
     missing = _decision(report, "§5.2", "random tickets")
     assert missing.verdict is None and "earlyrobust-random" in missing.why_not
 

@@ -307,7 +307,8 @@ def _markdown(
         "- Each cell: mean ± sample standard deviation over the row's seeds (Seeds; a cell from fewer seeds says "
         "its n); one seed leaves the spread blank. Blank: not logged.",
         "- Clean% and Aua% in percent; #Query: mean model queries per attacked example. Aua% [lo, hi]: the 95% "
-        "Wilson interval of the examples that survived the attack, pooled over the seeds' attacked examples.",
+        "Wilson interval of the examples that survived the attack, pooled over the seeds' attacked examples "
+        "(one sentence counts once per seed when the seeds share the attack sample).",
         f"- Time: `{tracking.TRAIN_SECONDS}` (search + fine-tuning for ticket methods; compute only, no data I/O)"
         + (f", measured with {', '.join(timing)}." if timing else "."),
         "- Speedup: the baseline's mean time / the method's mean time on the same dataset, [95% interval] by the "

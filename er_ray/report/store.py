@@ -137,10 +137,15 @@ class Scope:
         return ""
 
     def records(self, ticket: RunView) -> list[dict] | None:
-        """The per-example attack records of a ticket (its newest attack run that has them); None if none."""
+        """The per-example attack records of a ticket (its newest attack run that has them, else those of the
+        ticket it shares, tag er_ray.shared_with); None if none."""
         if ticket.run_id not in self._records:
             found = None
             attacks = self.of_kind(self.subtree(ticket.run_id), "attack")
+            owner = self.runs.get(ticket.tags.get(tracking.TAG_SHARED, ""))
+            if not attacks and owner is not None and owner is not ticket:
+                # a combo whose masks equal another's shares that ticket and its attack
+                return self.records(owner)
             for run in sorted(attacks, key=lambda r: r.start_time, reverse=True):
                 if self.download_dir is None:
                     self.download_dir = Path(tempfile.mkdtemp(prefix="er-ray-report-"))
