@@ -4,6 +4,7 @@ overlap (tickets while the search goes on, attacks while tickets fine-tune), MLf
 from __future__ import annotations
 
 import json
+import os
 
 import mlflow
 import pytest
@@ -26,6 +27,14 @@ def cluster():
     for _ in range(3):
         c.add_node(num_cpus=2)
     ray.init(address=c.address, log_to_driver=False)
+
+    @ray.remote(num_cpus=1)
+    def warm() -> int:  # workers that have imported torch and er_ray: a task starts when scheduled
+        import er_ray.orchestration.pipeline  # noqa: F401
+
+        return os.getpid()
+
+    ray.get([warm.remote() for _ in range(8)])
     yield c
     ray.shutdown()
     c.shutdown()
@@ -36,12 +45,14 @@ def sweep(cluster, tiny_model_dir, tmp_path_factory):
     from er_ray.attacks.evaluate import default_resources
     from er_ray.orchestration.pipeline import run_pipeline
 
+    # 8 CPUs: 2 searches + 2 attack actors (started at once, they fit) + 2 tickets of 2 CPUs at a time, so
+    # later tickets fine-tune while earlier ones are attacked
     default_resources(with_mlm=False)  # counter-fitted vectors built once into the cache, not by every actor
     out = tmp_path_factory.mktemp("sweep")
     cfg = tiny_experiment(tiny_model_dir, out, **{
         "sweep.seeds": json.dumps(SEEDS), "sweep.gammas": json.dumps(GAMMAS),
         "sweep.ffn_ratios": json.dumps(FFN_RATIOS), "search.gamma": 0.9, "search.patience": 2, "search.max_epochs": 12,
-        "finetune.epochs": 30, "ray.search_cpus": 1, "ray.ticket_cpus": 1,
+        "finetune.epochs": 30, "ray.search_cpus": 1, "ray.ticket_cpus": 2,
         "attack.recipes": "[textbugger]", "attack.num_examples": 6, "attack.actors": 2,
         "attack.cpus_per_actor": 1, "tracking.uri": f"sqlite:///{out}/mlflow.db"})
     rows = run_pipeline(cfg)
