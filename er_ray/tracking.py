@@ -118,6 +118,14 @@ def open_store(cfg: Any) -> tuple[Any, str]:
     return client, client.create_experiment(name, artifact_location=where)
 
 
+def end_stale(cfg: Any, filter_string: str) -> None:
+    """Runs matching `filter_string` that a killed driver left RUNNING end KILLED."""
+    client, exp_id = open_store(cfg)
+    running = f"{filter_string} and attributes.status = 'RUNNING'"
+    for r in client.search_runs([exp_id], filter_string=running, max_results=1000):
+        client.set_terminated(r.info.run_id, "KILLED")
+
+
 def now_ms(t: float | None = None) -> int:
     """MLflow's timestamps: milliseconds since the epoch (of `t`, a time.time(), or now)."""
     import time
@@ -267,6 +275,12 @@ def log_batch(
     for i in range(calls):
         client.log_batch(run_id, metrics=ms[i * 1000 : (i + 1) * 1000], params=ps[i * 100 : (i + 1) * 100],
                          tags=ts[i * 100 : (i + 1) * 100])  # fmt: skip
+
+
+def log_files(client, run_id: str, paths: list[str | Path], where: str | None = None) -> None:
+    """Attach files to a run (the report's table and figures under `report/`)."""
+    for path in paths:
+        client.log_artifact(run_id, str(path), where)
 
 
 def log_json(client, run_id: str, obj: Any, artifact_file: str) -> None:

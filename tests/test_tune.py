@@ -25,8 +25,9 @@ def ray_session():
     """Ray started once for the session (about 4 s), or the one another test file started."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from er_ray.orchestration.ray_env import init_ray
+
+    init_ray(num_cpus=2)
     return ray
 
 

@@ -272,15 +272,6 @@ def completed(study: Any) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
 
-def _mlflow(cfg: ExperimentConfig, study: str) -> tuple[Any, str]:
-    """(client, experiment id); runs of this study that a killed driver left RUNNING end KILLED."""
-    client, exp_id = T.open_store(cfg)
-    stale = f"tags.`{TAG_STUDY}` = '{study}' and attributes.status = 'RUNNING'"
-    for r in client.search_runs([exp_id], filter_string=stale, max_results=1000):
-        client.set_terminated(r.info.run_id, "KILLED")
-    return client, exp_id
-
-
 def _contract_params(cfg: ExperimentConfig) -> dict[str, Any]:
     ticket = cfg.uses_ticket()
     return {
@@ -297,9 +288,8 @@ class TrialLogger:
     Mixed into a `ray.tune.Callback` by `tune_study` (importing ray.tune here would slow every CLI call).
     """
 
-    def __init__(self, client: Any, experiment_id: str, parent_id: str, base: dict, study: str) -> None:
-        self.client, self.experiment_id, self.parent_id, self.base, self.study = (
-            client, experiment_id, parent_id, base, study)  # fmt: skip
+    def __init__(self, tracker: T.Tracker, base: dict, study: str) -> None:
+        self.tracker, self.base, self.study = tracker, base, study
         self.finished = 0
         self.failed = 0
 
@@ -322,20 +312,17 @@ class TrialLogger:
         params |= {k: result[k] for k in (T.PARAM_DEVICE, T.PARAM_THREADS) if k in result}
         known = {*TICKET_METRICS, *ATTACK_METRICS, OBJECTIVE}
         metrics = {k: v for k, v in result.items() if k in known and isinstance(v, (int, float))}
-        tags = {T.TAG_KIND: "trial", T.TAG_NAME: self.base.get("name", ""), TAG_PARENT: self.parent_id,
-                TAG_STUDY: self.study, TAG_TRIAL_ID: trial.trial_id}  # fmt: skip
+        tags = {T.TAG_NAME: self.base.get("name", ""), TAG_STUDY: self.study, TAG_TRIAL_ID: trial.trial_id}
         if status == "FAILED":
             tags[TAG_ERROR] = _error_line(trial)
-        run_id = self.client.create_run(
-            self.experiment_id, run_name=f"trial-{trial.trial_id}", tags=tags
-        ).info.run_id
+        key = f"trial/{trial.trial_id}"
+        run_id = self.tracker.start(key, "trial", f"trial-{trial.trial_id}", tags=tags)
         end = "FAILED"
         try:
-            T.log_batch(self.client, run_id, metrics=metrics,
-                        params={k: v for k, v in params.items() if v is not None})  # fmt: skip
+            self.tracker.log(run_id, metrics=metrics, params={k: v for k, v in params.items() if v is not None})
             end = status
         finally:
-            self.client.set_terminated(run_id, end)
+            self.tracker.finish(key, end)
 
 
 def _error_line(trial: Any) -> str:
@@ -376,12 +363,12 @@ def _best(study: Any) -> tuple[float | None, dict]:
     return study.best_value, dict(study.best_params)
 
 
-def _open_parent(cfg: ExperimentConfig, study: str, url: str) -> str:
+def _open_parent(cfg: ExperimentConfig, study: str, url: str) -> T.Tracker:
     """The invocation's run: resolved config (passwords masked) as params, provenance as tags."""
     flat = T.flatten(cfg.model_dump(mode="json"))
     params = {k: redact(v) if isinstance(v, str) else v for k, v in flat.items()}
     tags = {TAG_STUDY: study, "er_ray.command": "tune"}
-    return T.Tracker.open(cfg, f"tune-{study}", tags, {**params, "study": study, "storage": url}).parent_id
+    return T.Tracker.open(cfg, f"tune-{study}", tags, {**params, "study": study, "storage": url})
 
 
 def _tuner(cfg: ExperimentConfig, study: Any, storage: Any, terms: list[str], num_samples: int,
@@ -434,12 +421,13 @@ def tune_study(cfg: ExperimentConfig, resume: bool = False) -> TuneSummary:
         return summary
 
     init_ray(cfg)
-    client, exp_id = _mlflow(cfg, name)
-    parent = summary.parent_run_id = _open_parent(cfg, name, url)
+    T.end_stale(cfg, f"tags.`{TAG_STUDY}` = '{name}'")
+    tracker = _open_parent(cfg, name, url)
+    summary.parent_run_id = tracker.parent_id
     status = "FAILED"
     try:
         logger = type("TrialLoggerCallback", (TrialLogger, tune.Callback), {})(
-            client, exp_id, parent, cfg.model_dump(mode="json"), name
+            tracker, cfg.model_dump(mode="json"), name
         )
         _tuner(cfg, study, storage, terms, remaining, logger).fit()
         # Tune stops gracefully on the first Ctrl-C and returns: fewer trials ended than were asked for
@@ -449,13 +437,13 @@ def tune_study(cfg: ExperimentConfig, resume: bool = False) -> TuneSummary:
         summary.best_value, summary.best_params = _best(study)
         metrics = {"trials_completed": summary.completed, "trials_new": logger.finished,
                    "trials_failed": logger.failed, f"best_{OBJECTIVE}": summary.best_value}  # fmt: skip
-        T.log_batch(client, parent, metrics=metrics, tags={"best_params": json.dumps(summary.best_params)})
+        tracker.log(tracker.parent_id, metrics=metrics, tags={"best_params": json.dumps(summary.best_params)})
         status = "KILLED" if summary.interrupted else "FAILED" if logger.failed else "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
-        client.set_terminated(parent, status)
+        tracker.close(status)
     return summary
 
 

@@ -346,8 +346,8 @@ def _log(scope: Scope, result: ReportResult) -> None:
         return
     run_id = scope.roots[0].run_id
     try:
-        for path in [result.table_csv, result.table_md, result.claims_csv, result.claims_md, *result.figures]:
-            scope.client.log_artifact(run_id, str(path), ARTIFACT_DIR)
+        files = [result.table_csv, result.table_md, result.claims_csv, result.claims_md, *result.figures]
+        tracking.log_files(scope.client, run_id, files, ARTIFACT_DIR)
     except Exception as err:  # the files are on disk either way; say why the copy in MLflow is missing
         result.notes.append(f"not logged to MLflow: {type(err).__name__}: {err}")
         return
