@@ -63,6 +63,32 @@ EXPECTED = {
 }  # fmt: skip
 
 
+def _stop_row(rule: str, configured: bool, draw: int | None, decision: int | None, converged: bool) -> dict:
+    epoch = {None: None, 1: 0.25, 3: 0.75, 4: 1.0}
+    return {
+        "combo": {"gamma": 0.1, "head_ratio": 0.25, "ffn_ratio": 0.3},
+        "rule": rule,
+        "configured": configured,
+        "converged": converged,
+        "draw_mini_epoch": draw,
+        "decision_mini_epoch": decision,
+        "draw_epoch": epoch[draw],
+        "decision_epoch": epoch[decision],
+        "search_seconds": decision,
+    }
+
+
+# as `stop_point_rows` writes them: the authors' rule configured, the paper's fired earlier; a second combo
+# where the authors' rule hit the cap and the paper's never fired
+TIGHT = {"combo": {"gamma": 0.05, "head_ratio": 0.25, "ffn_ratio": 0.3}}
+STOP_ROWS = [
+    _stop_row("authors", True, 1, 3, True),
+    _stop_row("paper", False, 3, 3, True),
+    _stop_row("authors", True, 4, 4, False) | TIGHT,
+    _stop_row("paper", False, None, None, False) | TIGHT,
+]
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> dict:
     """Two parents (the newer wins per method), a search with its trajectory, a gamma x ratio sweep."""
@@ -109,6 +135,7 @@ def store(tmp_path_factory) -> dict:
     traj = root / "trajectory.pt"
     _trajectory().save(traj)
     client.log_artifact(search, str(traj))
+    tracking.log_json(client, search, STOP_ROWS, "stop_points.json")
 
     for i, (ds, method) in enumerate(
         k for k in EXPECTED if k[1] not in ("earlyrobust", "earlyrobust-random")
@@ -230,6 +257,16 @@ def test_csv_and_markdown_show_blanks_not_zeros(report):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[2:6] == ["90.0", "6.0", "81.0", ""] and cells[6:9] == ["", "", ""]
     assert "| EarlyRobust | 90.5 | 38.0 | 155.0 | 40.0 | 148.0 | 33.0 | 145.5 | 120.0 | 7.50x | 5.00x |" in md
+
+
+def test_markdown_shows_both_stop_rules_side_by_side(report):
+    md = report.table_md.read_text()
+    assert "## Stop points under both rules" in md
+    lines = [line for line in md.splitlines() if line.startswith("| earlyrobust sst2 |")]
+    assert lines == [
+        "| earlyrobust sst2 | 0.1 | 0.25 | 0.3 | 3 → 3 (epoch 0.75 → 0.75) | 1 → 3 (epoch 0.25 → 0.75) * |",
+        "| earlyrobust sst2 | 0.05 | 0.25 | 0.3 | not reached | 4 → 4 (epoch 1.00 → 1.00), cap * |",
+    ]
 
 
 def test_figures_are_valid_pngs_and_logged(report, store):
