@@ -142,6 +142,8 @@ def compare_stop_rules(trajectory: str) -> list[dict]:
             row[rule] = p
             if p is not None:  # the window is (decision - patience .. decision) under both rules
                 row[f"{rule}_window_differ"] = _differ(masks[p.decision - k], masks[p.decision])
+        if row["paper"] is not None and row["authors"] is not None:  # the two rules' tickets
+            row["tickets_differ"] = _differ(masks[row["paper"].mini_epoch], masks[row["authors"].mini_epoch])
         quantile = [quantile_masks(m.head, m.ffn, *c.ratios) for m in at]
         diffs = [_differ(q, m) for q, m in zip(quantile, masks, strict=True)]
         extra = [(int((~q.head).sum() - (~m.head).sum()), int((~q.ffn).sum() - (~m.ffn).sum()))
@@ -158,6 +160,8 @@ def compare_stop_rules(trajectory: str) -> list[dict]:
             window = row.get(f"{rule}_window_differ")
             tail = "" if window is None else f"; window start vs end: {window[0]} heads, {window[1]} neurons differ"
             print(f"  {rule:>7}: {where(row[rule])}{tail}")
+        if "tickets_differ" in row:
+            print(f"  the two rules' tickets: {row['tickets_differ'][0]} heads, {row['tickets_differ'][1]} neurons differ")
         worst = max(diffs, key=sum)
         print(f"  signed quantile vs |c| exact count: {sum(h for h, _ in diffs)} heads, "
               f"{sum(n for _, n in diffs)} neurons differ over {len(at)} mini-epochs (worst: {worst[0]} heads, "
