@@ -1,5 +1,6 @@
 """The search stage: train the model and its importance coefficients under the adversary plus the L1
-regularizer; every mini-epoch record the coefficients and the mask distances (Sec. 3.3)."""
+regularizer; every mini-epoch record the coefficients and the mask distances (Sec. 3.3), until the configured
+stop rule has decided for every combo of the grid; the trajectory holds both rules' stop points."""
 
 from __future__ import annotations
 
@@ -134,7 +135,8 @@ class SearchStage:
         self.primary = (cfg.prune.head_ratio, cfg.prune.ffn_ratio)
         # the config's own ratios are always tracked: their distances are what gets reported
         extra = [] if self.primary in {c.ratios for c in self.combos} else [Combo(s.gamma, *self.primary)]
-        self.rule = StopRule(self.combos + extra, *self._rule_args())  # the configured rule decides when to stop
+        # tracks both stop rules; the configured one (search.stop_rule) decides when the search is done
+        self.rule = StopRule(self.combos + extra, *self._rule_args())
         self.state = TrainState()
         self.points: list[MiniEpoch] = []
         self.progress: str | None = None  # a progress-bar label, for interactive runs
