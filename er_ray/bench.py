@@ -82,10 +82,12 @@ def sweep_cost(trajectory: str, gammas: list[float], patience: int | None = None
     traj = Trajectory.load(trajectory)
     own = next(iter(traj.stops))  # the config's own combo leads the grid
     combos = [Combo(g, own.head_ratio, own.ffn_ratio) for g in gammas]
-    stops = stop_points(traj.coefficients(), combos, patience or traj.patience, traj.scope)  # type: ignore[arg-type]
-    seconds = {c.gamma: traj.mini_epochs[stops[c].mini_epoch].seconds for c in combos}
+    rule, scope = traj.stop_rule, traj.scope
+    stops = stop_points(traj.coefficients(), combos, patience or traj.patience, scope, rule)  # type: ignore[arg-type]
+    # a search runs to where its rule decides (under `authors`, patience mini-epochs after the draw)
+    seconds = {c.gamma: traj.mini_epochs[stops[c].decision].seconds for c in combos}
     capped = [c.gamma for c in combos if not stops[c].converged]
-    single = traj.mini_epochs[traj.stops[own].mini_epoch].seconds
+    single = traj.mini_epochs[traj.stops[own].decision].seconds
     out = {"sweep_over_single": max(seconds.values()) / single,
            "separate_over_sweep": sum(seconds.values()) / max(seconds.values())}  # fmt: skip
     print("search seconds at each gamma's stop point: " + ", ".join(f"{g:g}: {s:.1f}" for g, s in seconds.items()))
@@ -94,3 +96,75 @@ def sweep_cost(trajectory: str, gammas: list[float], patience: int | None = None
     print(f"  {len(gammas)}-value sweep / single gamma {own.gamma:g} = {out['sweep_over_single']:.2f}x search time")
     print(f"  {len(gammas)} separate searches / one sweep search = {out['separate_over_sweep']:.2f}x")
     return out
+
+
+def quantile_masks(head: torch.Tensor, ffn: torch.Tensor, head_ratio: float, ffn_ratio: float):
+    """The authors' drawing (`pruning` in their second_stage.py), for comparison only: keep the coefficients
+    strictly above the `ratio` quantile of the *signed* values (numpy's linear interpolation); for heads,
+    while a layer keeps none, that layer's largest coefficient is set to +inf and the quantile recomputed.
+    Every coefficient tied with the threshold is pruned, so the counts are not exact."""
+    import numpy as np
+
+    from er_ray.ticket import Masks
+
+    h, f = head.float().numpy().copy(), ffn.float().numpy()
+    thr = np.quantile(h, head_ratio)
+    while not (h > thr).any(axis=1).all():
+        i = int(np.flatnonzero(~(h > thr).any(axis=1))[0])
+        h[i, int(h[i].argmax())] = np.inf
+        thr = np.quantile(h, head_ratio)
+    return Masks(torch.from_numpy(h > thr), torch.from_numpy(f > np.quantile(f, ffn_ratio)))
+
+
+def _differ(a, b) -> tuple[int, int]:
+    return int((a.head != b.head).sum()), int((a.ffn != b.ffn).sum())
+
+
+def compare_stop_rules(trajectory: str) -> list[dict]:
+    """Both stop rules on a recorded trajectory, per combo: where each draws and decides, how many heads and
+    neurons change between the start and the end of the window that made it fire, and how far the
+    authors' signed-quantile drawing is from the exact-count |c| drawing."""
+    from er_ray.convergence import replay
+    from er_ray.search import Trajectory
+    from er_ray.ticket import draw_masks
+
+    traj = Trajectory.load(trajectory)
+    combos, k, at = list(traj.stops), traj.patience, traj.mini_epochs
+    live = replay(traj.coefficients(), combos, k, traj.scope, traj.stop_rule)  # type: ignore[arg-type]
+    print(f"{len(at)} mini-epochs (up to epoch {at[-1].epoch:.2f}), patience {k}, configured rule "
+          f"{traj.stop_rule}; heads / neurons in the masks: {at[0].head.numel()} / {at[0].ffn.numel()}")
+    rows = []
+    for c in combos:
+        masks = [draw_masks(m.head, m.ffn, *c.ratios, traj.scope) for m in at]  # type: ignore[arg-type]
+        row: dict = {"combo": c}
+        for rule in ("paper", "authors"):
+            p = live.fired[rule].get(c)
+            row[rule] = p
+            if p is not None:  # the window is (decision - patience .. decision) under both rules
+                row[f"{rule}_window_differ"] = _differ(masks[p.decision - k], masks[p.decision])
+        if row["paper"] is not None and row["authors"] is not None:  # the two rules' tickets
+            row["tickets_differ"] = _differ(masks[row["paper"].mini_epoch], masks[row["authors"].mini_epoch])
+        quantile = [quantile_masks(m.head, m.ffn, *c.ratios) for m in at]
+        diffs = [_differ(q, m) for q, m in zip(quantile, masks, strict=True)]
+        extra = [(int((~q.head).sum() - (~m.head).sum()), int((~q.ffn).sum() - (~m.ffn).sum()))
+                 for q, m in zip(quantile, masks, strict=True)]
+        row["quantile_differ"], row["quantile_extra_pruned"] = diffs, extra
+        rows.append(row)
+
+        def where(p) -> str:
+            return "not reached" if p is None else f"draw {p.mini_epoch} (epoch {at[p.mini_epoch].epoch:.2f}), " \
+                f"decided {p.decision} (epoch {at[p.decision].epoch:.2f}, {at[p.decision].seconds:.1f} s)"
+
+        print(f"γ {c.gamma:g}, heads {c.head_ratio:.4g}, ffn {c.ffn_ratio:.4g}:")
+        for rule in ("paper", "authors"):
+            window = row.get(f"{rule}_window_differ")
+            tail = "" if window is None else f"; window start vs end: {window[0]} heads, {window[1]} neurons differ"
+            print(f"  {rule:>7}: {where(row[rule])}{tail}")
+        if "tickets_differ" in row:
+            print(f"  the two rules' tickets: {row['tickets_differ'][0]} heads, {row['tickets_differ'][1]} neurons differ")
+        worst = max(diffs, key=sum)
+        print(f"  signed quantile vs |c| exact count: {sum(h for h, _ in diffs)} heads, "
+              f"{sum(n for _, n in diffs)} neurons differ over {len(at)} mini-epochs (worst: {worst[0]} heads, "
+              f"{worst[1]} neurons; extra units pruned by ties: max {max(e[0] for e in extra)} heads, "
+              f"{max(e[1] for e in extra)} neurons)")
+    return rows

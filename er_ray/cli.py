@@ -128,7 +128,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise UserError(f"--gammas must be comma-separated numbers, got '{args.gammas}'") from None
         if not args.trajectory.is_file():
             raise UserError(f"no trajectory file at {args.trajectory}")
-        bench.sweep_cost(str(args.trajectory), gammas)
+        if args.stop_rules:
+            bench.compare_stop_rules(str(args.trajectory))
+        else:
+            bench.sweep_cost(str(args.trajectory), gammas)
     else:
         bench.run_benchmark(args.model, args.batch_size, args.max_length, args.repeats, args.threads)
     return 0
@@ -165,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--trajectory", type=Path, help="instead: the cost of a gamma sweep read off a trajectory.safetensors")
     p.add_argument("--gammas", default="0.05,0.1,0.15,0.2", help="with --trajectory: the sweep's gamma values")
+    p.add_argument("--stop-rules", action="store_true",
+                   help="with --trajectory: both stop rules and both drawings side by side, per combo")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("attack", help="robustness of a saved model under TextFooler, TextBugger, BERT-Attack")

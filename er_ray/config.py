@@ -30,11 +30,18 @@ Method = Literal[
     "freelb",
     "pgd",
     "earlyrobust-no-l1",
-    "earlyrobust-random",
+    "earlyrobust-random",  # random global coefficients, drawn like the ticket (the authors' random ticket)
+    "earlyrobust-random-layerwise",  # random units with the drawn ticket's per-layer sizes
     "earlyrobust-reinit",
+    "earlyrobust-no-structure",  # the full model; weights outside the ticket re-initialised (Sec. 5.4)
 ]
 METHODS: tuple[str, ...] = Method.__args__
-TICKET_METHODS = ("earlyrobust", "earlybert", "earlyrobust-no-l1", "earlyrobust-random", "earlyrobust-reinit")
+TICKET_METHODS = tuple(m for m in METHODS if m.startswith("early"))
+
+# paper: consecutive mini-epochs, drawn at the end of the window; authors: mini-epoch g against each of
+# g+1 .. g+patience, drawn at g (see er_ray/convergence.py)
+StopRuleName = Literal["paper", "authors"]
+STOP_RULES: tuple[str, ...] = StopRuleName.__args__
 
 
 # bounds shared by the single values and the sweep lists
@@ -108,14 +115,19 @@ class SearchConfig(_Optimization):
     mini_epoch_steps: int | None = Field(default=None, ge=1)  # ... or a step count (small subsets)
     gamma: Gamma = 0.1
     patience: int = Field(default=5, ge=1)
+    stop_rule: StopRuleName = "paper"
 
 
 class PruneConfig(_Strict):
     head_ratio: PruneRatio = 1 / 6
     ffn_ratio: PruneRatio = 0.3
     scope: Literal["global", "layerwise"] = "global"
-    ticket: Literal["drawn", "random"] = "drawn"
-    weights: Literal["rewind", "reinit"] = "rewind"
+    # drawn from the coefficients; random: random global coefficients drawn the same way (the authors');
+    # random-layerwise: random units with the drawn ticket's per-layer sizes
+    ticket: Literal["drawn", "random", "random-layerwise"] = "drawn"
+    weights: Literal["rewind", "reinit"] = "rewind"  # the ticket's weights: pre-trained, or re-initialised
+    # pruned: units outside the ticket are removed; full: kept, with their weights re-initialised (w/o structure)
+    structure: Literal["pruned", "full"] = "pruned"
 
 
 class FinetuneConfig(_Optimization):

@@ -24,7 +24,7 @@ from er_ray.config import ExperimentConfig, UserError, settings
 from er_ray.convergence import Combo, StopPoint
 from er_ray.model import count_parameters, load_backbone, load_tokenizer
 from er_ray.search import TRAJECTORY_FILE, MiniEpoch, SearchStage, Trajectory
-from er_ray.ticket import Masks, build_ticket, draw_masks, random_masks_like, save_ticket
+from er_ray.ticket import Masks, build_ticket, draw_masks, random_masks, random_masks_like, save_ticket
 from er_ray.train import Batches, accuracy, make_optimizer, make_scheduler, pick_device, to_device, train
 
 
@@ -38,8 +38,12 @@ def resolve_method(cfg: ExperimentConfig) -> ExperimentConfig:
         cfg.search.lambda_head = cfg.search.lambda_ffn = 0.0
     elif m == "earlyrobust-random":
         cfg.prune.ticket = "random"
+    elif m == "earlyrobust-random-layerwise":
+        cfg.prune.ticket = "random-layerwise"
     elif m == "earlyrobust-reinit":
         cfg.prune.weights = "reinit"
+    elif m == "earlyrobust-no-structure":
+        cfg.prune.structure = "full"
     elif m in ("freelb", "pgd"):
         cfg.search.adversary.kind = m
     if m.startswith("earlyrobust") and cfg.search.adversary.kind == "none":
@@ -155,9 +159,13 @@ def search_stage(
 
 
 def draw(prep: Prepared, point: MiniEpoch, combo: Combo) -> Masks:
+    """The ticket of `combo` from the coefficients at `point`, or a random one of the same counts."""
     cfg = prep.cfg
-    masks = draw_masks(point.head, point.ffn, combo.head_ratio, combo.ffn_ratio, cfg.prune.scope)
     if cfg.prune.ticket == "random":
+        (layers, heads), neurons = point.head.shape, point.ffn.shape[1]
+        return random_masks(layers, heads, neurons, *combo.ratios, seed=cfg.seed, scope=cfg.prune.scope)
+    masks = draw_masks(point.head, point.ffn, combo.head_ratio, combo.ffn_ratio, cfg.prune.scope)
+    if cfg.prune.ticket == "random-layerwise":
         masks = random_masks_like(masks, cfg.seed)
     return masks
 
@@ -201,7 +209,7 @@ class TicketResult:
     gamma: float | None
     head_ratio: float
     ffn_ratio: float
-    stop_mini_epoch: int | None
+    stop_mini_epoch: int | None  # where the ticket was drawn
     stop_epoch: float | None
     converged: bool | None
     clean_acc: float
@@ -219,6 +227,8 @@ class TicketResult:
     finetune_losses: list[float] = field(default_factory=list)
     seed: int | None = None
     finetune_interval: list[float] = field(default_factory=list)  # wall clock (epoch s): when it trained
+    stop_rule: str | None = None
+    decision_mini_epoch: int | None = None  # where the stop rule decided: search_seconds are read there
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -240,36 +250,44 @@ def ticket_name(combo: Combo | None) -> str:
     return "full" if combo is None else f"g{combo.gamma:g}-h{combo.head_ratio:.4g}-f{combo.ffn_ratio:.4g}"
 
 
-def stop_fields(combo: Combo | None, stop: StopPoint | None, point: MiniEpoch | None) -> dict[str, Any]:
-    """A ticket's combo and stop point, as TicketResult fields (two combos sharing a ticket differ in these)."""
+def stop_fields(combo: Combo | None, stop: StopPoint | None, point: MiniEpoch | None, rule: str,
+                decided: MiniEpoch | None = None) -> dict[str, Any]:
+    """A ticket's combo and stop point, as TicketResult fields (two combos sharing a ticket differ in these).
+    Search time counts up to where the stop rule decided (`decided`, default the drawing point)."""
+    decided = decided or point
     return {
         "gamma": combo.gamma if combo else None,
         "head_ratio": combo.head_ratio if combo else 0.0, "ffn_ratio": combo.ffn_ratio if combo else 0.0,
         "stop_mini_epoch": stop.mini_epoch if stop else None, "stop_epoch": point.epoch if point else None,
-        "converged": stop.converged if stop else None, "search_seconds": point.seconds if point else 0.0,
+        "converged": stop.converged if stop else None, "search_seconds": decided.seconds if decided else 0.0,
+        "stop_rule": rule if stop else None, "decision_mini_epoch": decided.index if stop and decided else None,
     }
 
 
 def _finish(
     prep: Prepared, model: nn.Module, masks: Masks, out: Path, combo: Combo | None, stop: StopPoint | None,
-    point: MiniEpoch | None, adversarial: bool,
+    point: MiniEpoch | None, adversarial: bool, decided: MiniEpoch | None = None, drawn: Masks | None = None,
 ) -> TicketResult:  # fmt: skip
+    """Fine-tune, time, save. `decided`: the mini-epoch where the stop rule decided (default `point`);
+    `drawn`: the ticket's masks when the saved model keeps more than the ticket (w/o structure)."""
     cfg = prep.cfg
     began = time.time()
     acc, ft_seconds, losses = fine_tune(prep, model, adversarial)
     interval = [began, time.time()]
+    stops = stop_fields(combo, stop, point, cfg.search.stop_rule, decided)
     tmp = _atomic_dir(out)
     try:
         result = TicketResult(
             method=cfg.method, dataset=cfg.data.name, model=cfg.model.name_or_path,
-            **stop_fields(combo, stop, point), clean_acc=acc, finetune_seconds=ft_seconds,
-            train_seconds=(point.seconds if point else 0.0) + ft_seconds, params=count_parameters(model), size_mb=0.0,
+            **stops, clean_acc=acc, finetune_seconds=ft_seconds, train_seconds=stops["search_seconds"] + ft_seconds, params=count_parameters(model), size_mb=0.0,
             latency_ms=latency_ms(model, prep), device=prep.device.type, threads=torch.get_num_threads(),
             ticket_dir=str(out), kept_heads=masks.kept_heads(), kept_neurons=masks.kept_neurons(),
             finetune_losses=losses, seed=cfg.seed, finetune_interval=interval,
         )  # fmt: skip
-        save_ticket(model.cpu(), masks, cfg.model.name_or_path, tmp, prep.tokenizer,
-                    meta={k: v for k, v in result.to_json().items() if k not in ("kept_heads", "kept_neurons")},
+        meta = {k: v for k, v in result.to_json().items() if k not in ("kept_heads", "kept_neurons")}
+        if drawn is not None:
+            meta |= {"ticket_kept_heads": drawn.kept_heads(), "ticket_kept_neurons": drawn.kept_neurons()}
+        save_ticket(model.cpu(), masks, cfg.model.name_or_path, tmp, prep.tokenizer, meta=meta,
                     labels=prep.train.label_names)
         result.size_mb = (tmp / "model.safetensors").stat().st_size / 2**20
         (tmp / "result.json").write_text(json.dumps(result.to_json(), indent=1))
@@ -287,13 +305,21 @@ def ticket_masks(prep: Prepared, traj: Trajectory, combo: Combo) -> Masks:
 
 
 def ticket_pipeline(prep: Prepared, traj: Trajectory, combo: Combo, out: Path) -> TicketResult:
-    """Draw at this combo's stop point, rewind (or re-init), fine-tune, save."""
+    """Draw at this combo's stop point, rewind (or re-init), fine-tune, save.
+
+    The search time is read where the stop rule decided (under `authors`, patience mini-epochs after the
+    draw): a search has to run that far to know where to draw.
+    """
     cfg = prep.cfg
     stop = traj.stops[combo]
-    point = traj.mini_epochs[stop.mini_epoch]
+    point, decided = traj.mini_epochs[stop.mini_epoch], traj.mini_epochs[stop.decision]
     masks = ticket_masks(prep, traj, combo)
-    model = build_ticket(cfg.model.name_or_path, prep.num_labels, masks, cfg.seed, cfg.prune.weights)
-    return _finish(prep, model.to(prep.device), masks, out, combo, stop, point, adversarial=False)
+    p = cfg.prune
+    model = build_ticket(cfg.model.name_or_path, prep.num_labels, masks, cfg.seed, p.weights, p.structure)
+    if cfg.prune.structure == "full":  # the whole model is trained and saved; the ticket goes to its meta
+        full = Masks.full(*masks.head.shape, masks.ffn.shape[1])
+        return _finish(prep, model.to(prep.device), full, out, combo, stop, point, False, decided, masks)
+    return _finish(prep, model.to(prep.device), masks, out, combo, stop, point, False, decided)
 
 
 def full_model_pipeline(prep: Prepared, out: Path) -> TicketResult:

@@ -1,5 +1,6 @@
 """The search stage: train the model and its importance coefficients under the adversary plus the L1
-regularizer; every mini-epoch record the coefficients and the mask distances (Sec. 3.3)."""
+regularizer; every mini-epoch record the coefficients and the mask distances (Sec. 3.3), until the configured
+stop rule has decided for every combo of the grid; the trajectory holds both rules' stop points."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 from er_ray.config import ExperimentConfig, UserError
-from er_ray.convergence import Combo, StopPoint, StopRule, grid
+from er_ray.convergence import Combo, StopPoint, StopRule, grid, other_rule, replay
 from er_ray.model import Coefficients
 from er_ray.tensorfile import load_tree, save_tree
 from er_ray.train import Batches, TrainState, make_optimizer, make_scheduler, train
@@ -38,12 +39,20 @@ class MiniEpoch:
 @dataclass
 class Trajectory:
     mini_epochs: list[MiniEpoch]
-    stops: dict[Combo, StopPoint]
+    stops: dict[Combo, StopPoint]  # under `stop_rule` (the configured one): every combo, capped ones included
     steps_per_epoch: int
     mini_epoch_steps: int
     patience: int
     scope: str
     meta: dict = field(default_factory=dict)
+    stop_rule: str = "paper"
+    other_stops: dict[Combo, StopPoint] = field(default_factory=dict)  # the other rule, where it was reached
+
+    def read_stops(self, combos: list[Combo], rule: str) -> None:
+        """(Re)compute both rules' stop points of `combos` from the recorded coefficients."""
+        live = replay(self.coefficients(), combos, self.patience, self.scope, rule)  # type: ignore[arg-type]
+        self.stop_rule, self.stops = rule, live.stop_points()
+        self.other_stops = live.reached(other_rule(rule))
 
     def coefficients(self) -> list[dict[str, torch.Tensor]]:
         return [{"head": m.head, "ffn": m.ffn} for m in self.mini_epochs]
@@ -55,6 +64,7 @@ class Trajectory:
         blob = {f.name: getattr(self, f.name) for f in fields(self)}
         blob["mini_epochs"] = [asdict(m) for m in self.mini_epochs]
         blob["stops"] = [(asdict(c), asdict(s)) for c, s in self.stops.items()]
+        blob["other_stops"] = [(asdict(c), asdict(s)) for c, s in self.other_stops.items()]
         save_tree(blob, path, "trajectory")
 
     @classmethod
@@ -63,10 +73,37 @@ class Trajectory:
         blob = load_tree(path, "trajectory")
         try:
             blob["mini_epochs"] = [MiniEpoch(**m) for m in blob["mini_epochs"]]
-            blob["stops"] = {Combo(**c): StopPoint(**s) for c, s in blob["stops"]}
+            for key in ("stops", "other_stops"):
+                blob[key] = {Combo(**c): StopPoint(**s) for c, s in blob.get(key, [])}
             return cls(**blob)
         except (KeyError, TypeError, ValueError) as err:
             raise UserError(f"{path} is not a trajectory of this er-ray version ({type(err).__name__}: {err})") from None
+
+
+STOP_POINTS_FILE = "stop_points.json"  # the rows below, logged on a search run
+
+
+def stop_point_rows(traj: Trajectory) -> list[dict]:
+    """The rows of `stop_points.json`: per combo, the configured rule's stop point and the other rule's.
+
+    `draw_*` is where the ticket is drawn, `decision_*` where the rule decided (the search time counts up to
+    it). A rule that did not fire has `converged: false`: the configured rule then used the last mini-epoch
+    (the search cap), the other rule has no point (null: not reached on this trajectory).
+    """
+    at = traj.mini_epochs
+    rows = []
+    for combo, own in traj.stops.items():
+        other = other_rule(traj.stop_rule)
+        for rule, point in ((traj.stop_rule, own), (other, traj.other_stops.get(combo))):
+            draw, decision = (None, None) if point is None else (point.mini_epoch, point.decision)
+            row = {"combo": asdict(combo), "rule": rule, "configured": rule == traj.stop_rule}
+            row["converged"] = point is not None and point.converged
+            row["draw_mini_epoch"], row["decision_mini_epoch"] = draw, decision
+            row["draw_epoch"] = None if draw is None else at[draw].epoch
+            row["decision_epoch"] = None if decision is None else at[decision].epoch
+            row["search_seconds"] = None if decision is None else at[decision].seconds
+            rows.append(row)
+    return rows
 
 
 def search_grid(cfg: ExperimentConfig) -> list[Combo]:
@@ -107,6 +144,7 @@ class SearchStage:
         self.primary = (cfg.prune.head_ratio, cfg.prune.ffn_ratio)
         # the config's own ratios are always tracked: their distances are what gets reported
         extra = [] if self.primary in {c.ratios for c in self.combos} else [Combo(s.gamma, *self.primary)]
+        # tracks both stop rules; the configured one (search.stop_rule) decides when the search is done
         self.rule = StopRule(self.combos + extra, *self._rule_args())
         self.state = TrainState()
         self.points: list[MiniEpoch] = []
@@ -154,14 +192,14 @@ class SearchStage:
         return self.trajectory()
 
     def _rule_args(self) -> tuple:
-        return (self.cfg.search.patience, self.cfg.prune.scope)
+        return (self.cfg.search.patience, self.cfg.prune.scope, self.cfg.search.stop_rule)
 
     @property
     def converged(self) -> bool:
         return all(c in self.rule.stops for c in self.combos)
 
     def trajectory(self) -> Trajectory:
-        stops = self.rule.stop_points()
+        stops, other = self.rule.stop_points(), self.rule.reached(other_rule(self.rule.rule))
         return Trajectory(
             mini_epochs=list(self.points),
             stops={c: stops[c] for c in self.combos},
@@ -169,6 +207,8 @@ class SearchStage:
             mini_epoch_steps=self.every,
             patience=self.cfg.search.patience,
             scope=self.cfg.prune.scope,
+            stop_rule=self.rule.rule,
+            other_stops={c: other[c] for c in self.combos if c in other},
         )
 
     # ------------------------------------------------------------ checkpoints (resume after a crash)

@@ -1,4 +1,5 @@
-"""Drawing a ticket from coefficients, physical pruning, rewind / re-init, save and load.
+"""Drawing a ticket from coefficients (or at random), physical pruning, rewind / re-init / re-init of
+what lies outside the ticket (the ablations of Sec. 5.2 and 5.4), save and load.
 
 A mask set is two plain boolean tensors, `head` (layers, heads) and `ffn` (layers, neurons), True = kept.
 `prune_model` is the one function that turns any mask set into a physically smaller model; `load_ticket`
@@ -97,8 +98,23 @@ def draw_masks(
     return Masks(_draw(head_coef, head_ratio, scope), _draw(ffn_coef, ffn_ratio, scope))
 
 
+def random_masks(
+    layers: int,
+    heads: int,
+    neurons: int,
+    head_ratio: float,
+    ffn_ratio: float,
+    seed: int,
+    scope: Literal["global", "layerwise"] = "global",
+) -> Masks:
+    """The authors' random ticket: uniform random coefficients, drawn like the real ones (same counts)."""
+    gen = torch.Generator().manual_seed(seed)
+    head, ffn = torch.rand(layers, heads, generator=gen), torch.rand(layers, neurons, generator=gen)
+    return draw_masks(head, ffn, head_ratio, ffn_ratio, scope)
+
+
 def random_masks_like(masks: Masks, seed: int) -> Masks:
-    """A random ticket with the same number of kept heads and neurons in every layer (the ablation)."""
+    """A random ticket with the same number of kept heads and neurons in every layer (layer-wise ablation)."""
     gen = torch.Generator().manual_seed(seed)
 
     def shuffle(m: torch.Tensor) -> torch.Tensor:
@@ -129,21 +145,79 @@ def prune_model(model: nn.Module, masks: Masks) -> nn.Module:
     return model
 
 
+# The linear layers the authors' `--random_reinit` re-initialises (second_stage.py), per encoder layer, plus
+# the pooler's dense layer: attention Q, K, V and output, and the FFN. Embeddings, LayerNorms and the
+# classifier head keep their values.
+REINIT_LINEARS = (
+    "attention.self.query",
+    "attention.self.key",
+    "attention.self.value",
+    "attention.output.dense",
+    "intermediate.dense",
+    "output.dense",
+)
+
+
+def _linears(model: nn.Module) -> list[nn.Linear]:
+    found = [layer.get_submodule(name) for layer in encoder_layers(model) for name in REINIT_LINEARS]
+    pooler = getattr(model.base_model, "pooler", None)  # RoBERTa classifiers have none
+    return found + ([pooler.dense] if pooler is not None else [])
+
+
+def _fresh(weight: torch.Tensor, std: float, gen: torch.Generator) -> torch.Tensor:
+    return torch.empty_like(weight).normal_(0.0, std, generator=gen)
+
+
 def reinitialize(model: nn.Module, seed: int) -> nn.Module:
-    """Re-initialise every weight from `seed` (the re-initialised-ticket ablation)."""
-    torch.manual_seed(seed)
-    model.apply(model._init_weights)
+    """Re-initialise the encoder's attention and FFN linears and the pooler as BERT initialises them
+    (weights N(0, initializer_range), biases 0) from `seed` (the w/o-initialization ablation)."""
+    gen, std = torch.Generator().manual_seed(seed), model.config.initializer_range
+    with torch.no_grad():
+        for lin in _linears(model):
+            lin.weight.copy_(_fresh(lin.weight, std, gen))
+            if lin.bias is not None:
+                lin.bias.zero_()
+    return model
+
+
+def reinitialize_outside(model: nn.Module, masks: Masks, seed: int) -> nn.Module:
+    """Re-initialise the weights of the units a ticket does not contain, in the full model (w/o structure):
+    a pruned head's rows of Q, K, V (and their biases) and its columns of the attention output; a pruned
+    neuron's row of W1 (and bias) and its column of W2. The ticket's weights and everything shared
+    (embeddings, LayerNorms, output biases, pooler, classifier) keep their values."""
+    gen, std = torch.Generator().manual_seed(seed), model.config.initializer_range
+    with torch.no_grad():
+        for layer, head_keep, ffn_keep in zip(encoder_layers(model), masks.head, masks.ffn, strict=True):
+            att = layer.attention
+            d = att.self.attention_head_size
+            rows = (~head_keep).repeat_interleave(d)  # (hidden,): the pruned heads' slice
+            for lin in (att.self.query, att.self.key, att.self.value):
+                lin.weight[rows] = _fresh(lin.weight, std, gen)[rows]
+                lin.bias[rows] = 0.0
+            att.output.dense.weight[:, rows] = _fresh(att.output.dense.weight, std, gen)[:, rows]
+            gone = ~ffn_keep
+            layer.intermediate.dense.weight[gone] = _fresh(layer.intermediate.dense.weight, std, gen)[gone]
+            layer.intermediate.dense.bias[gone] = 0.0
+            layer.output.dense.weight[:, gone] = _fresh(layer.output.dense.weight, std, gen)[:, gone]
     return model
 
 
 def build_ticket(
-    base: str, num_labels: int, masks: Masks, seed: int, weights: Literal["rewind", "reinit"] = "rewind"
+    base: str,
+    num_labels: int,
+    masks: Masks,
+    seed: int,
+    weights: Literal["rewind", "reinit"] = "rewind",
+    structure: Literal["pruned", "full"] = "pruned",
 ) -> nn.Module:
     """Rewind: the kept weights are the pre-trained ones (coefficients dropped), the classifier head is the
-    seed's initialisation that every method shares; or re-initialise them (ablation)."""
+    seed's initialisation that every method shares; or re-initialise them (ablation). `structure="full"`
+    keeps the whole model and re-initialises the weights outside the ticket instead of removing them."""
     model = load_backbone(base, num_labels, seed)
     if weights == "reinit":
         reinitialize(model, seed)
+    if structure == "full":
+        return reinitialize_outside(model, masks, seed)
     return prune_model(model, masks)
 
 

@@ -77,3 +77,27 @@ def test_dispatch_runs_the_configured_number_of_passes():
         backward(model, tiny_batch(6), AdversaryConfig(kind=kind, steps=3))
         assert len(calls) == passes, kind
         assert model.classifier.weight.grad is not None
+
+
+def test_freelb_ascent_step_is_tau_times_the_per_example_normalised_gradient():
+    """delta_{k+1} = delta_k + tau * g_k / ||g_k||, g_k the loss gradient at delta_k with padding zeroed, the
+    norm per example over tokens x hidden: an un-normalised, sign or batch-normalised step fails this."""
+    model = tiny_model("bert")
+    batch = tiny_batch(7)
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    tau = 0.3
+    embeds = model.get_input_embeddings()(batch["input_ids"]).detach()
+
+    def grad_at(delta):
+        delta = delta.clone().requires_grad_()
+        out = model(inputs_embeds=embeds + delta, attention_mask=batch["attention_mask"])
+        (g,) = torch.autograd.grad(F.cross_entropy(out.logits, batch["labels"]), delta)
+        return g * mask
+
+    expected = torch.zeros_like(embeds)
+    for _ in range(2):  # K = 3: two ascent steps between three passes
+        g = grad_at(expected)
+        expected = expected + tau * g / g.flatten(1).norm(dim=1).view(-1, 1, 1)
+    result = freelb_step(model, batch, AdversaryConfig(kind="freelb", steps=3, lr=tau, init_mag=0.0))
+    torch.testing.assert_close(result.delta, expected, rtol=1e-4, atol=1e-6)
+    assert _per_example_norm(result.delta).max() <= 2 * tau + 1e-5  # two unit steps of length tau each

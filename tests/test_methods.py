@@ -8,9 +8,10 @@ import pytest
 import torch
 from conftest import tiny_experiment
 
-from er_ray.methods import resolve_method, run_experiment
+from er_ray.methods import prepare, resolve_method, run_experiment, search_stage
 from er_ray.model import heads_per_layer, neurons_per_layer
-from er_ray.ticket import load_ticket, read_ticket_info
+from er_ray.ticket import draw_masks, load_ticket, read_ticket_info
+from er_ray.train import accuracy
 
 
 def test_methods_imply_their_settings(tiny_model_dir, tmp_path):
@@ -20,21 +21,30 @@ def test_methods_imply_their_settings(tiny_model_dir, tmp_path):
     assert r("earlyrobust").search.adversary.kind == "freelb"
     assert r("earlyrobust-no-l1").search.lambda_head == 0 == r("earlyrobust-no-l1").search.lambda_ffn
     assert r("earlyrobust-random").prune.ticket == "random"
+    assert r("earlyrobust-random-layerwise").prune.ticket == "random-layerwise"
     assert r("earlyrobust-reinit").prune.weights == "reinit"
+    assert r("earlyrobust-no-structure").prune.structure == "full"
     assert r("pgd").search.adversary.kind == "pgd"
 
 
-@pytest.mark.parametrize(
-    "method",
-    ["earlyrobust", "earlybert", "earlyrobust-no-l1", "earlyrobust-random", "earlyrobust-reinit"],
-)
+def _reloaded_accuracy(cfg, ticket_dir) -> float:
+    """Accuracy of the saved model on the evaluation split, recomputed from the files."""
+    prep = prepare(cfg)
+    model, _ = load_ticket(ticket_dir)
+    return accuracy(model, prep.batches(cfg.finetune.eval_batch_size, train=False), prep.eval.labels, prep.device)
+
+
+TICKET_ABLATIONS = ["earlyrobust-no-l1", "earlyrobust-random", "earlyrobust-random-layerwise", "earlyrobust-reinit"]
+
+
+@pytest.mark.parametrize("method", ["earlyrobust", "earlybert", *TICKET_ABLATIONS])
 def test_ticket_methods_draw_prune_and_fine_tune(tiny_model_dir, tmp_path, method):
     cfg = tiny_experiment(tiny_model_dir, tmp_path, method=method)
     traj, (result,) = run_experiment(cfg)
     assert result.method == method and result.gamma == 0.2
     # 2 layers x 4 heads, 1/4 pruned globally; 30% of 2 x 40 neurons
     assert sum(len(h) for h in result.kept_heads) == 6 and sum(len(n) for n in result.kept_neurons) == 56
-    assert 0.0 <= result.clean_acc <= 1.0
+    assert result.clean_acc == _reloaded_accuracy(cfg, result.ticket_dir)  # the saved ticket is the one scored
     assert result.search_seconds > 0 and result.finetune_seconds > 0
     assert result.train_seconds == pytest.approx(result.search_seconds + result.finetune_seconds)
     assert result.search_seconds == traj.mini_epochs[result.stop_mini_epoch].seconds
@@ -67,4 +77,37 @@ def test_full_model_baselines(tiny_model_dir, tmp_path, method):
     traj, (result,) = run_experiment(cfg)
     assert traj is None and result.search_seconds == 0 and result.gamma is None
     assert sum(len(h) for h in result.kept_heads) == 8  # nothing pruned
-    assert result.finetune_seconds > 0 and 0 <= result.clean_acc <= 1
+    assert result.finetune_seconds > 0 and result.clean_acc == _reloaded_accuracy(cfg, result.ticket_dir)
+
+
+def test_no_structure_trains_the_full_model_and_records_the_ticket(tiny_model_dir, tmp_path):
+    cfg = tiny_experiment(tiny_model_dir, tmp_path, method="earlyrobust-no-structure")
+    traj, (result,) = run_experiment(cfg)
+    assert sum(map(len, result.kept_heads)) == 8 and sum(map(len, result.kept_neurons)) == 80  # full model
+    meta = read_ticket_info(result.ticket_dir)["meta"]
+    stop = traj.stops[next(iter(traj.stops))]
+    drawn = draw_masks(traj.mini_epochs[stop.mini_epoch].head, traj.mini_epochs[stop.mini_epoch].ffn, 0.25, 0.3)
+    assert meta["ticket_kept_heads"] == drawn.kept_heads() and meta["ticket_kept_neurons"] == drawn.kept_neurons()
+    assert result.clean_acc == _reloaded_accuracy(cfg, result.ticket_dir)
+
+
+def test_random_ticket_ignores_the_coefficients(tiny_model_dir, tmp_path):
+    from er_ray.methods import draw
+
+    prep = prepare(tiny_experiment(tiny_model_dir, tmp_path, method="earlyrobust-random"))
+    traj = search_stage(prep)
+    combo = next(iter(traj.stops))
+    first, last = draw(prep, traj.mini_epochs[0], combo), draw(prep, traj.mini_epochs[-1], combo)
+    assert torch.equal(first.head, last.head) and torch.equal(first.ffn, last.ffn)
+    drawn = draw_masks(traj.mini_epochs[-1].head, traj.mini_epochs[-1].ffn, *combo.ratios)
+    assert not torch.equal(first.ffn, drawn.ffn)
+
+
+def test_search_time_counts_to_where_the_authors_rule_decides(tiny_model_dir, tmp_path):
+    cfg = tiny_experiment(tiny_model_dir, tmp_path, **{"search.stop_rule": "authors"})
+    traj, (result,) = run_experiment(cfg)
+    assert result.stop_rule == "authors" and result.converged
+    assert result.decision_mini_epoch == result.stop_mini_epoch + cfg.search.patience
+    assert result.search_seconds == traj.mini_epochs[result.decision_mini_epoch].seconds
+    assert result.search_seconds > traj.mini_epochs[result.stop_mini_epoch].seconds
+    assert result.stop_epoch == traj.mini_epochs[result.stop_mini_epoch].epoch  # drawn at g

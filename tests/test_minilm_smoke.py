@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from er_ray.config import config_from_dict
-from er_ray.methods import run_experiment
+from er_ray.methods import prepare, run_experiment
 from er_ray.model import count_parameters, heads_per_layer, load_backbone, neurons_per_layer
 from er_ray.ticket import load_ticket
+from er_ray.train import accuracy
 
 
 @pytest.fixture
@@ -44,4 +45,7 @@ def test_earlyrobust_on_minilm_end_to_end(tmp_path, two_threads):
     with torch.no_grad():
         probs = model(**batch).logits.softmax(-1)
     assert torch.allclose(probs.sum(-1), torch.ones(2))
-    assert 0.0 <= result.clean_acc <= 1.0 and result.size_mb > 10
+    prep = prepare(cfg)  # the saved ticket scores what the run reported on the evaluation split
+    eval_batches = prep.batches(cfg.finetune.eval_batch_size, train=False)
+    assert result.clean_acc == accuracy(model, eval_batches, prep.eval.labels, prep.device)
+    assert result.size_mb > 10

@@ -51,7 +51,7 @@ def test_tune_search_equals_the_in_process_search(ray_session, tiny_model_dir, t
     local = search_stage(prepare(cfg))
     assert traj.stops == local.stops and all(s.converged for s in traj.stops.values())
     # the Stopper ended the trial at the last combo's stop point, not at the cap
-    assert last["mini_epoch"] == max(s.mini_epoch for s in local.stops.values())
+    assert last["mini_epoch"] == max(s.decision for s in local.stops.values())
     combo = Combo(0.5, 0.25, 0.3)
     assert torch.equal(traj.at(combo).ffn, local.at(combo).ffn)
     assert last[T.MASK_DISTANCE_HEADS] == local.mini_epochs[last["mini_epoch"]].head_distance

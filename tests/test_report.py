@@ -67,6 +67,32 @@ EXPECTED = {
 }  # fmt: skip
 
 
+def _stop_row(rule: str, configured: bool, draw: int | None, decision: int | None, converged: bool) -> dict:
+    epoch = {None: None, 1: 0.25, 3: 0.75, 4: 1.0}
+    return {
+        "combo": {"gamma": 0.1, "head_ratio": 0.25, "ffn_ratio": 0.3},
+        "rule": rule,
+        "configured": configured,
+        "converged": converged,
+        "draw_mini_epoch": draw,
+        "decision_mini_epoch": decision,
+        "draw_epoch": epoch[draw],
+        "decision_epoch": epoch[decision],
+        "search_seconds": decision,
+    }
+
+
+# as `stop_point_rows` writes them: the authors' rule configured, the paper's fired earlier; a second combo
+# where the authors' rule hit the cap and the paper's never fired
+TIGHT = {"combo": {"gamma": 0.05, "head_ratio": 0.25, "ffn_ratio": 0.3}}
+STOP_ROWS = [
+    _stop_row("authors", True, 1, 3, True),
+    _stop_row("paper", False, 3, 3, True),
+    _stop_row("authors", True, 4, 4, False) | TIGHT,
+    _stop_row("paper", False, None, None, False) | TIGHT,
+]
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> dict:
     """Two parents (the newer wins per method, seed and setting), a search with its trajectory, a gamma x ratio sweep."""
@@ -114,6 +140,7 @@ def store(tmp_path_factory) -> dict:
     traj = root / TRAJECTORY_FILE
     _trajectory().save(traj)
     client.log_artifact(search, str(traj))
+    tracking.log_json(client, search, STOP_ROWS, "stop_points.json")
 
     for i, (ds, method) in enumerate(
         k for k in EXPECTED if k[1] not in ("earlyrobust", "earlyrobust-random")
@@ -244,6 +271,16 @@ def test_one_seed_shows_n_1_and_no_spread(report):
     assert math.isnan(row[std_col(COL_CLEAN)]) and math.isnan(row[std_col(COL_TIME)])
     assert math.isnan(row[lo_col(COL_SPEEDUP_FREELB)])  # a ratio's spread needs two seeds a side too
     assert "±" not in report.table_md.read_text().split("\n- ")[0]
+
+
+def test_markdown_shows_both_stop_rules_side_by_side(report):
+    md = report.table_md.read_text()
+    assert "## Stop points under both rules" in md
+    lines = [line for line in md.splitlines() if line.startswith("| earlyrobust sst2 |")]
+    assert lines == [
+        "| earlyrobust sst2 | 0.1 | 0.25 | 0.3 | 3 → 3 (epoch 0.75 → 0.75) | 1 → 3 (epoch 0.25 → 0.75) * |",
+        "| earlyrobust sst2 | 0.05 | 0.25 | 0.3 | not reached | 4 → 4 (epoch 1.00 → 1.00), cap * |",
+    ]
 
 
 def test_figures_are_valid_pngs_and_logged(report, store):

@@ -42,7 +42,7 @@ from er_ray.methods import (
 )
 from er_ray.orchestration import search_tune as S
 from er_ray.orchestration.ray_env import init_ray
-from er_ray.search import TRAJECTORY_FILE, Trajectory, search_grid
+from er_ray.search import STOP_POINTS_FILE, TRAJECTORY_FILE, Trajectory, search_grid, stop_point_rows
 
 RESULT_FILE = "result.json"
 ATTACK_DIR = "attack"
@@ -350,9 +350,7 @@ class Sweep:
                       for n, pts in S.curves(traj).items()}  # backfill what a restored trial did not report
             self.tracker.log(run_id, series=series)
             self.tracker.artifact(run_id, final)
-            stops = [{"combo": vars(c), "stop": vars(s), "epoch": traj.mini_epochs[s.mini_epoch].epoch}
-                     for c, s in traj.stops.items()]
-            T.log_json(self.tracker.client, run_id, stops, "stop_points.json")
+            T.log_json(self.tracker.client, run_id, stop_point_rows(traj), STOP_POINTS_FILE)
             self.tracker.finish(key)
         trial.done = True
 
@@ -436,7 +434,9 @@ class Sweep:
             return
         trial = self.trials[f"{job.cfg.method}/seed{job.cfg.seed}"]
         stop = trial.traj.stops[job.combo]
-        fields = stop_fields(job.combo, stop, trial.traj.mini_epochs[stop.mini_epoch])
+        traj = trial.traj
+        fields = stop_fields(job.combo, stop, traj.mini_epochs[stop.mini_epoch], traj.stop_rule,
+                             traj.mini_epochs[stop.decision])
         result = {**owner.result, **fields}
         result["train_seconds"] = fields["search_seconds"] + owner.result["finetune_seconds"]
         job.result = result

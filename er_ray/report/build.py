@@ -16,7 +16,7 @@ import pandas as pd
 
 from er_ray import tracking
 from er_ray.config import UserError
-from er_ray.report import claims, figures, stats, table
+from er_ray.report import claims, figures, stats, stops, table
 from er_ray.report.store import (
     FFN_RATIO,
     GAMMA,
@@ -55,6 +55,7 @@ class ReportResult:
     claims_md: Path | None = None
     figures: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what was skipped, and why
+    stop_points: str | None = None  # Markdown: the two stop rules side by side, per search and combo
     source_run_ids: list[str] = field(default_factory=list)  # the parents the table was drawn from
     logged_run_id: str | None = None  # the run the files were logged to
 
@@ -96,6 +97,9 @@ def build_report(
             datasets.discard("")  # a search without a dataset param serves the named ones
         for ds in sorted(datasets, key=lambda d: table.rank(table.DATASET_ORDER, d)):
             _dataset_figures(scope, ds, cells.get((ds, EARLYROBUST)), out_dir, Path(tmp), result)
+        found, notes = stops.read(scope, searches, Path(tmp))
+        result.notes += notes
+        result.stop_points = stops.to_markdown(found) if found else None
 
     table.write_csv(df, result.table_csv)
     result.table_md.write_text(_markdown(scope, experiment, cells, result))
@@ -319,6 +323,17 @@ def _markdown(
         f"- The paper's claims, decided from these runs: `{CLAIMS_MD}`.",
     ]
     lines += [f"- {n}" for n in result.notes]
+    if result.stop_points:
+        lines += [
+            "",
+            "## Stop points under both rules",
+            "",
+            "Mini-epoch where the ticket is drawn → where the rule decides (the search time counts up to the "
+            "decision); * = the configured rule, which stopped the search; *not reached*: the other rule did "
+            "not fire within the search; *cap*: the configured rule did not fire and the last mini-epoch was used.",
+            "",
+            result.stop_points.rstrip("\n"),
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -30,6 +30,7 @@ METHOD_LABEL = {
     "finetune": "Fine-tune", "earlybert": "EarlyBERT", "pgd": "PGD", "freelb": "FreeLB",
     "earlyrobust": "EarlyRobust", "earlyrobust-no-l1": "EarlyRobust w/o L1",
     "earlyrobust-random": "EarlyRobust (random ticket)", "earlyrobust-reinit": "EarlyRobust (re-init)",
+    "earlyrobust-random-layerwise": "EarlyRobust (random ticket, per-layer sizes)",
     "earlyrobust-no-structure": "EarlyRobust w/o structure",
 }  # fmt: skip
 DATASET_LABEL = {"sst2": "SST-2", "imdb": "IMDB", "ag_news": "AG News", "qnli": "QNLI", "qqp": "QQP"}
