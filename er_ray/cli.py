@@ -44,7 +44,7 @@ def print_results(rows: list[dict]) -> None:
 
     attacks = [a for a in ATTACKS if any(aua(a) in r for r in rows)]
     table = Table(title="er-ray results")
-    cols = ["method", "gamma", "heads", "ffn", "stop epoch", "clean %", *[f"aua % {a}" for a in attacks],
+    cols = ["method", "seed", "gamma", "heads", "ffn", "stop epoch", "clean %", *[f"aua % {a}" for a in attacks],
             *[f"#query {a}" for a in attacks], "search s", "fine-tune s", "params"]  # fmt: skip
     for col in cols:
         table.add_column(col, justify="right")
@@ -55,7 +55,7 @@ def print_results(rows: list[dict]) -> None:
     for r in rows:
         stop = "" if r["stop_epoch"] is None else f"{r['stop_epoch']:.2f}{'' if r['converged'] else ' (cap)'}"
         table.add_row(
-            r["method"], fmt(r["gamma"], "g"), fmt(r["head_ratio"], ".3g"), fmt(r["ffn_ratio"], ".3g"), stop,
+            r["method"], fmt(r.get("seed"), "d"), fmt(r["gamma"], "g"), fmt(r["head_ratio"], ".3g"), fmt(r["ffn_ratio"], ".3g"), stop,
             fmt(100 * r["clean_acc"], ".1f"), *[fmt(_pct(r.get(aua(a))), ".1f") for a in attacks],
             *[fmt(r.get(queries(a)), ".1f") for a in attacks],
             fmt(r["search_seconds"], ".1f"), fmt(r["finetune_seconds"], ".1f"), fmt(r["params"], ","),

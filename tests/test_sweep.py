@@ -17,14 +17,14 @@ SEEDS, GAMMAS, FFN_RATIOS = (1, 2), (0.9, 0.8, 0.01), (0.2, 0.3)
 
 @pytest.fixture(scope="module")
 def cluster():
-    """Four nodes with 2 logical CPUs each (oversubscribing this machine's cores: overlap is what's shown)."""
+    """Three nodes with 2 logical CPUs each (oversubscribing this machine's cores: overlap is what's shown)."""
     import ray
     from ray.cluster_utils import Cluster
 
     if ray.is_initialized():
         ray.shutdown()
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-    for _ in range(3):
+    for _ in range(2):
         c.add_node(num_cpus=2)
     ray.init(address=c.address, log_to_driver=False)
 
@@ -34,7 +34,7 @@ def cluster():
 
         return os.getpid()
 
-    ray.get([warm.remote() for _ in range(8)])
+    ray.get([warm.remote() for _ in range(6)])
     yield c
     ray.shutdown()
     c.shutdown()
@@ -45,14 +45,14 @@ def sweep(cluster, tiny_model_dir, tmp_path_factory):
     from er_ray.attacks.evaluate import default_resources
     from er_ray.orchestration.pipeline import run_pipeline
 
-    # 8 CPUs: 2 searches + 2 attack actors (started at once, they fit) + 2 tickets of 2 CPUs at a time, so
-    # later tickets fine-tune while earlier ones are attacked
+    # 6 CPUs: 2 searches + 2 attack actors (started at once: they fit) + 2 tickets at a time, so tickets
+    # start while the searches go on and later tickets fine-tune while earlier ones are attacked
     default_resources(with_mlm=False)  # counter-fitted vectors built once into the cache, not by every actor
     out = tmp_path_factory.mktemp("sweep")
     cfg = tiny_experiment(tiny_model_dir, out, **{
         "sweep.seeds": json.dumps(SEEDS), "sweep.gammas": json.dumps(GAMMAS),
         "sweep.ffn_ratios": json.dumps(FFN_RATIOS), "search.gamma": 0.9, "search.patience": 2, "search.max_epochs": 12,
-        "finetune.epochs": 30, "ray.search_cpus": 1, "ray.ticket_cpus": 2,
+        "finetune.epochs": 30, "ray.search_cpus": 1, "ray.ticket_cpus": 1,
         "attack.recipes": "[textbugger]", "attack.num_examples": 6, "attack.actors": 2,
         "attack.cpus_per_actor": 1, "tracking.uri": f"sqlite:///{out}/mlflow.db"})
     rows = run_pipeline(cfg)

@@ -225,15 +225,17 @@ class Sweep:
         self._drain_workers()
 
     def _make_room(self) -> None:
-        """Release an idle attack actor when a search or ticket waits for the CPUs it holds (else, on a small
-        machine, actors waiting for tickets would starve the tickets)."""
+        """Release an idle attack actor when a search or ticket waits for CPUs and nothing that runs will free
+        any: on a small machine, actors waiting for tickets would otherwise starve the tickets for good."""
         now = time.time()
         if self.service is None or not self.service.idle or now - self.room_checked < 1.0:
             return
         self.room_checked = now
+        started = [k for k in self.running.values() if k in self.tracker.open_runs]
+        if started or any(t.started and not t.done for t in self.trials.values()):
+            return  # running work will free CPUs: let attacks and training overlap
         c = self.cfg.ray
-        waiting = [c.ticket_cpus for k in self.running.values()
-                   if k not in self.tracker.open_runs and k not in self.tracker.existing]
+        waiting = [c.ticket_cpus for k in self.running.values() if k not in self.tracker.open_runs]
         waiting += [c.search_cpus for t in self.trials.values() if not t.done and not t.started]
         if waiting and ray.available_resources().get("CPU", 0) < min(waiting):
             self.service.release_idle()
