@@ -8,6 +8,7 @@ SIGTERM, as `ray job stop` sends) ends a run with its MLflow runs KILLED and exi
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -237,6 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("er-ray: interrupted; `--resume` continues a run, the same command continues a study",
               file=sys.stderr)
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized():
+            # every run is closed and every file committed by now; Tune's fit thread may still call into Ray,
+            # and Ray's shutdown at interpreter exit would then end the process with status 1
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
         return 130
     finally:
         if on_main:
