@@ -82,14 +82,15 @@ def freelb_step(
         # recomputed each pass: the previous backward freed the lookup's graph
         loss = _loss(model, embed(input_ids) + delta, labels, rest, amp)
         amp.scale(loss / cfg.steps).backward()
-        losses.append(loss.item())
+        losses.append(loss.detach())  # read once at the end: on CUDA each .item() waits for the device
         if k == cfg.steps - 1:
             break
         grad = amp.unscale(delta.grad.detach()) * mask
         delta = delta.detach() + cfg.lr * grad / _norm(grad)
         if cfg.max_norm > 0:
             delta = project(delta, cfg.max_norm)
-    return StepResult(sum(losses) / len(losses), losses, delta.detach())
+    values = torch.stack(losses).tolist()
+    return StepResult(sum(values) / len(values), values, delta.detach())
 
 
 def pgd_perturbation(
