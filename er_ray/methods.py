@@ -219,8 +219,8 @@ def _finish(
             clean_acc=acc, search_seconds=search_seconds, finetune_seconds=ft_seconds,
             train_seconds=search_seconds + ft_seconds, params=count_parameters(model), size_mb=0.0,
             latency_ms=latency_ms(model, prep), device=prep.device.type, threads=torch.get_num_threads(),
-            ticket_dir=str(out), precision=prep.precision, kept_heads=masks.kept_heads(), kept_neurons=masks.kept_neurons(),
-            finetune_losses=losses,
+            ticket_dir=str(out), precision=prep.precision, kept_heads=masks.kept_heads(),
+            kept_neurons=masks.kept_neurons(), finetune_losses=losses,
         )  # fmt: skip
         save_ticket(model.cpu(), masks, cfg.model.name_or_path, tmp, prep.tokenizer,
                     meta={k: v for k, v in result.to_json().items() if k not in ("kept_heads", "kept_neurons")})
