@@ -3,6 +3,10 @@
 
 The perturbation delta lives on the word embeddings; position and token-type embeddings are added by the
 model. Norms are per example over (tokens x hidden); padding positions are never perturbed.
+
+Under mixed precision (`amp`), only the forwards run in autocast: the word embeddings, delta, its gradient and
+norms stay fp32, and with fp16 the perturbation's gradient (of a scaled loss) is unscaled before its
+normalised ascent step.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from er_ray.config import AdversaryConfig
+from er_ray.precision import FP32, Amp
 
 _EPS = 1e-12
 
@@ -49,17 +54,22 @@ def init_delta(embeds: torch.Tensor, mask: torch.Tensor, init_mag: float) -> tor
     return noise * (init_mag / dims.sqrt().clamp_min(1.0)).view(-1, 1, 1)
 
 
-def _loss(model: nn.Module, embeds: torch.Tensor, labels: torch.Tensor, rest: dict) -> torch.Tensor:
-    return F.cross_entropy(model(inputs_embeds=embeds, **rest).logits, labels)
+def _loss(model: nn.Module, embeds: torch.Tensor, labels: torch.Tensor, rest: dict, amp: Amp) -> torch.Tensor:
+    with amp.autocast():
+        logits = model(inputs_embeds=embeds, **rest).logits
+    return F.cross_entropy(logits.float(), labels)
 
 
-def clean_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> StepResult:
-    out = model(**batch)
-    out.loss.backward()
+def clean_step(model: nn.Module, batch: dict[str, torch.Tensor], amp: Amp = FP32) -> StepResult:
+    with amp.autocast():
+        out = model(**batch)
+    amp.scale(out.loss).backward()
     return StepResult(out.loss.item(), [out.loss.item()], None)
 
 
-def freelb_step(model: nn.Module, batch: dict[str, torch.Tensor], cfg: AdversaryConfig) -> StepResult:
+def freelb_step(
+    model: nn.Module, batch: dict[str, torch.Tensor], cfg: AdversaryConfig, amp: Amp = FP32
+) -> StepResult:
     """K ascent steps; each forward/backward adds loss/K to the parameters' gradients (one optimizer step
     follows, taken by the caller)."""
     input_ids, labels, rest = _split(batch)
@@ -70,19 +80,22 @@ def freelb_step(model: nn.Module, batch: dict[str, torch.Tensor], cfg: Adversary
     for k in range(cfg.steps):
         delta.requires_grad_()
         # recomputed each pass: the previous backward freed the lookup's graph
-        loss = _loss(model, embed(input_ids) + delta, labels, rest)
-        (loss / cfg.steps).backward()
-        losses.append(loss.item())
+        loss = _loss(model, embed(input_ids) + delta, labels, rest, amp)
+        amp.scale(loss / cfg.steps).backward()
+        losses.append(loss.detach())  # read once at the end: on CUDA each .item() waits for the device
         if k == cfg.steps - 1:
             break
-        grad = delta.grad.detach() * mask
+        grad = amp.unscale(delta.grad.detach()) * mask
         delta = delta.detach() + cfg.lr * grad / _norm(grad)
         if cfg.max_norm > 0:
             delta = project(delta, cfg.max_norm)
-    return StepResult(sum(losses) / len(losses), losses, delta.detach())
+    values = torch.stack(losses).tolist()
+    return StepResult(sum(values) / len(values), values, delta.detach())
 
 
-def pgd_perturbation(model: nn.Module, batch: dict[str, torch.Tensor], cfg: AdversaryConfig) -> torch.Tensor:
+def pgd_perturbation(
+    model: nn.Module, batch: dict[str, torch.Tensor], cfg: AdversaryConfig, amp: Amp = FP32
+) -> torch.Tensor:
     """K steps of delta <- Proj_eps(delta + tau * g / ||g||_F) (Eqn 8); no parameter gradients."""
     input_ids, labels, rest = _split(batch)
     mask = batch["attention_mask"].unsqueeze(-1).float()
@@ -90,25 +103,26 @@ def pgd_perturbation(model: nn.Module, batch: dict[str, torch.Tensor], cfg: Adve
     delta = project(init_delta(embeds, mask, cfg.init_mag), cfg.epsilon)
     for _ in range(cfg.steps):
         delta.requires_grad_()
-        (grad,) = torch.autograd.grad(_loss(model, embeds + delta, labels, rest), delta)
-        grad = grad * mask
+        (grad,) = torch.autograd.grad(amp.scale(_loss(model, embeds + delta, labels, rest, amp)), delta)
+        grad = amp.unscale(grad) * mask
         delta = project(delta.detach() + cfg.lr * grad / _norm(grad), cfg.epsilon)
     return delta.detach()
 
 
-def pgd_step(model: nn.Module, batch: dict[str, torch.Tensor], cfg: AdversaryConfig) -> StepResult:
+def pgd_step(model: nn.Module, batch: dict[str, torch.Tensor], cfg: AdversaryConfig, amp: Amp = FP32) -> StepResult:
     """Madry's objective: the parameters train on the loss at the worst-case perturbation found."""
-    delta = pgd_perturbation(model, batch, cfg)
+    delta = pgd_perturbation(model, batch, cfg, amp)
     input_ids, labels, rest = _split(batch)
-    loss = _loss(model, model.get_input_embeddings()(input_ids) + delta, labels, rest)
-    loss.backward()
+    loss = _loss(model, model.get_input_embeddings()(input_ids) + delta, labels, rest, amp)
+    amp.scale(loss).backward()
     return StepResult(loss.item(), [loss.item()], delta)
 
 
-def backward(model: nn.Module, batch: dict[str, torch.Tensor], cfg: AdversaryConfig) -> StepResult:
-    """Compute one training step's gradients under the configured adversary (or none)."""
+def backward(model: nn.Module, batch: dict[str, torch.Tensor], cfg: AdversaryConfig, amp: Amp = FP32) -> StepResult:
+    """Compute one training step's gradients under the configured adversary (or none); with fp16 they are
+    gradients of the scaled loss (`amp.step` unscales them)."""
     if cfg.kind == "freelb":
-        return freelb_step(model, batch, cfg)
+        return freelb_step(model, batch, cfg, amp)
     if cfg.kind == "pgd":
-        return pgd_step(model, batch, cfg)
-    return clean_step(model, batch)
+        return pgd_step(model, batch, cfg, amp)
+    return clean_step(model, batch, amp)

@@ -1,6 +1,8 @@
-"""Benchmark: a plain training step, a FreeLB step and a pruned ticket's step, interleaved (not a test).
+"""Benchmark: a plain training step, a FreeLB step, a pruned ticket's step and inference, per precision,
+interleaved (not a test).
 
-Interleaving (A, B, C, A, B, C, ...) spreads machine noise evenly over the three; medians are reported.
+Interleaving (A, B, C, ... for every precision, then again) spreads machine noise evenly over all variants;
+medians are reported, with each precision's ratio to the first one listed.
 """
 
 from __future__ import annotations
@@ -14,60 +16,93 @@ from er_ray import adversary
 from er_ray.config import AdversaryConfig, DataConfig, settings
 from er_ray.data import encode, load_split
 from er_ray.model import count_parameters, load_backbone, load_tokenizer
+from er_ray.precision import Amp, resolve
 from er_ray.ticket import draw_masks, prune_model
-from er_ray.train import Batches, make_optimizer
+from er_ray.train import Batches, make_optimizer, pick_device, to_device
 
 
-def _step(model, opt, batch, adv: AdversaryConfig) -> float:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _step(model, opt, batch, adv: AdversaryConfig | None, amp: Amp) -> float:
+    """ms of one training step (adv) or one inference forward (adv None)."""
+    _sync(batch["input_ids"].device)
     t0 = time.perf_counter()
-    adversary.backward(model, batch, adv)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    if adv is None:
+        model.eval()
+        with torch.no_grad(), amp.autocast():
+            model(**batch)
+        model.train()
+    else:
+        adversary.backward(model, batch, adv, amp)
+        amp.step(opt, [], None)  # as before: no clipping in the timed step
+        opt.zero_grad(set_to_none=True)
+    _sync(batch["input_ids"].device)
     return (time.perf_counter() - t0) * 1000
 
 
 def run_benchmark(
     model_name: str = "minilm", batch_size: int = 32, max_length: int = 64, repeats: int = 5,
     threads: int | None = None, head_ratio: float = 1 / 6, ffn_ratio: float = 0.3, steps: int = 3,
-) -> dict[str, float]:  # fmt: skip
+    precisions: tuple[str, ...] = ("fp32",), device: str = "auto",
+) -> dict[str, dict[str, float]]:  # fmt: skip
+    """Median ms per variant per precision: {precision: {variant: ms}} (precisions as resolved on the device)."""
     if threads:
         torch.set_num_threads(threads)
+    dev = pick_device(device)
+    resolved = list(dict.fromkeys(resolve(p, dev) for p in precisions))
     tok = load_tokenizer(model_name)
     rows = load_split(DataConfig(name="sst2", max_length=max_length), "train", 0, batch_size, settings().data_dir)
     # fixed-length batch: every variant sees exactly the same tokens
     enc = encode(rows, tok, max_length)
-    batch = next(Batches(enc, tok, batch_size, 0, shuffle=False).epoch(0))
-    full = load_backbone(model_name, 2, 0)
+    batch = to_device(next(Batches(enc, tok, batch_size, 0, shuffle=False).epoch(0)), dev)
+    full = load_backbone(model_name, 2, 0).to(dev)
     gen = torch.Generator().manual_seed(0)
     n_layers, n_heads, n_ffn = full.config.num_hidden_layers, full.config.num_attention_heads, full.config.intermediate_size
     masks = draw_masks(torch.rand(n_layers, n_heads, generator=gen), torch.rand(n_layers, n_ffn, generator=gen),
                        head_ratio, ffn_ratio)  # fmt: skip
-    pruned = prune_model(load_backbone(model_name, 2, 0), masks)
+    pruned = prune_model(load_backbone(model_name, 2, 0), masks).to(dev)
     variants = {
         "plain": (full, AdversaryConfig(kind="none")),
         f"freelb_k{steps}": (full, AdversaryConfig(kind="freelb", steps=steps)),
         "ticket": (pruned, AdversaryConfig(kind="none")),
+        "inference": (full, None),
     }
-    opts = {name: make_optimizer(m, 2e-5, 0.01) for name, (m, _) in variants.items()}
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for name, (m, adv) in variants.items():  # warm-up
+    runs = [(p, name) for name in variants for p in resolved]
+    opts = {run: make_optimizer(variants[run[1]][0], 2e-5, 0.01) for run in runs}
+    amps = {p: Amp(p, dev.type) for p in resolved}
+    times: dict[tuple[str, str], list[float]] = {run: [] for run in runs}
+    for p, name in runs:  # warm-up (and a first loss scale for fp16)
+        m, adv = variants[name]
         m.train()
-        _step(m, opts[name], batch, adv)
+        _step(m, opts[(p, name)], batch, adv, amps[p])
     for _ in range(repeats):
-        for name, (m, adv) in variants.items():
-            times[name].append(_step(m, opts[name], batch, adv))
-    med = {name: statistics.median(t) for name, t in times.items()}
-    print(f"model {model_name}: batch {batch_size} x {batch['input_ids'].shape[1]} tokens, "
-          f"{torch.get_num_threads()} threads, {repeats} interleaved repeats, medians")  # fmt: skip
-    print(f"ticket: heads {head_ratio:.3g} and neurons {ffn_ratio:.3g} pruned, "
-          f"{count_parameters(pruned):,} vs {count_parameters(full):,} parameters")  # fmt: skip
-    for name, ms in med.items():
-        print(f"  {name:>10}: {ms:8.1f} ms/step")
-    freelb = med[f"freelb_k{steps}"]
-    print(f"  freelb / plain  = {freelb / med['plain']:.2f}x")
-    print(f"  plain / ticket  = {med['plain'] / med['ticket']:.2f}x (ticket speedup)")
-    print(f"  freelb / ticket = {freelb / med['ticket']:.2f}x")
+        for p, name in runs:
+            m, adv = variants[name]
+            times[(p, name)].append(_step(m, opts[(p, name)], batch, adv, amps[p]))
+    med = {p: {name: statistics.median(times[(p, name)]) for name in variants} for p in resolved}
+    _print(med, model_name, batch, repeats, dev, steps, (head_ratio, ffn_ratio), (count_parameters(pruned), count_parameters(full)))
     return med
+
+
+def _print(med: dict[str, dict[str, float]], model_name: str, batch: dict, repeats: int, dev: torch.device,
+           steps: int, ratios: tuple[float, float], params: tuple[int, int]) -> None:  # fmt: skip
+    base, *others = list(med)
+    print(f"model {model_name} on {dev.type}: batch {batch['input_ids'].shape[0]} x {batch['input_ids'].shape[1]} "
+          f"tokens, {torch.get_num_threads()} threads, {repeats} interleaved repeats, medians")  # fmt: skip
+    print(f"ticket: heads {ratios[0]:.3g} and neurons {ratios[1]:.3g} pruned, {params[0]:,} vs {params[1]:,} parameters")
+    head = f"  {'ms/step':>10}" + "".join(f" {p:>9}" for p in med) + "".join(f" {base + '/' + p:>10}" for p in others)
+    print(head)
+    for name in med[base]:
+        cells = "".join(f" {med[p][name]:9.1f}" for p in med)
+        speed = "".join(f" {med[base][name] / med[p][name]:9.2f}x" for p in others)
+        print(f"  {name:>10}{cells}{speed}")
+    freelb = f"freelb_k{steps}"
+    for p, m in med.items():
+        print(f"  {p}: freelb / plain = {m[freelb] / m['plain']:.2f}x, plain / ticket = {m['plain'] / m['ticket']:.2f}x "
+              f"(ticket speedup), freelb / ticket = {m[freelb] / m['ticket']:.2f}x")  # fmt: skip
 
 
 def sweep_cost(trajectory: str, gammas: list[float], patience: int | None = None) -> dict[str, float]:

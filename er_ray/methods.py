@@ -23,6 +23,7 @@ from er_ray import data as data_mod
 from er_ray.config import ExperimentConfig, UserError, settings
 from er_ray.convergence import Combo, StopPoint
 from er_ray.model import count_parameters, load_backbone, load_tokenizer
+from er_ray.precision import Amp, resolve
 from er_ray.search import TRAJECTORY_FILE, MiniEpoch, SearchStage, Trajectory
 from er_ray.ticket import Masks, build_ticket, draw_masks, random_masks, random_masks_like, save_ticket
 from er_ray.train import Batches, accuracy, make_optimizer, make_scheduler, pick_device, to_device, train
@@ -79,6 +80,10 @@ class Prepared:
     data: SplitData
     device: torch.device
     progress: bool = False  # progress bars (CLI runs)
+    precision: str = "fp32"  # runtime.precision resolved on `device` (fp32, bf16 or fp16)
+
+    def amp(self, training: bool = True) -> Amp:
+        return Amp(self.precision, self.device.type, training)
 
     @property
     def tokenizer(self) -> Any:
@@ -108,7 +113,9 @@ def prepare(cfg: ExperimentConfig, progress: bool = False, data: SplitData | Non
     cfg = resolve_method(cfg)
     if cfg.runtime.threads:
         torch.set_num_threads(cfg.runtime.threads)
-    return Prepared(cfg, data if data is not None else load_data(cfg), pick_device(cfg.runtime.device), progress)
+    device = pick_device(cfg.runtime.device)
+    data = data if data is not None else load_data(cfg)
+    return Prepared(cfg, data, device, progress, resolve(cfg.runtime.precision, device))
 
 
 def check_output_dir(path: Path) -> None:
@@ -178,8 +185,9 @@ def fine_tune(prep: Prepared, model: nn.Module, adversarial: bool = False) -> tu
     opt = make_optimizer(model, f.lr, f.weight_decay)
     adv = cfg.search.adversary if adversarial else cfg.search.adversary.model_copy(update={"kind": "none"})
     state = train(model, batches, total, opt, make_scheduler(opt, total, f.warmup_ratio), adv, f.max_grad_norm,
-                  prep.device, progress="fine-tune" if prep.progress else None)  # fmt: skip
-    acc = accuracy(model, prep.batches(f.eval_batch_size, train=False), prep.eval.labels, prep.device)
+                  prep.device, progress="fine-tune" if prep.progress else None, amp=prep.amp())  # fmt: skip
+    acc = accuracy(model, prep.batches(f.eval_batch_size, train=False), prep.eval.labels, prep.device,
+                   prep.amp(training=False))
     return acc, state.seconds, state.losses
 
 
@@ -188,10 +196,12 @@ def latency_ms(model: nn.Module, prep: Prepared, repeats: int = 3) -> float:
     """Median inference time of one evaluation batch (the ticket's speed, recorded with it)."""
     model.eval()
     batch = to_device(next(prep.batches(prep.cfg.finetune.eval_batch_size, train=False).epoch(0)), prep.device)
+    amp = prep.amp(training=False)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        model(**batch)
+        with amp.autocast():
+            model(**batch)
         if prep.device.type == "cuda":
             torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) * 1000)
@@ -222,6 +232,7 @@ class TicketResult:
     device: str
     threads: int
     ticket_dir: str
+    precision: str = "fp32"  # what ran (runtime.precision resolved on the device)
     kept_heads: list[list[int]] = field(default_factory=list)
     kept_neurons: list[list[int]] = field(default_factory=list)
     finetune_losses: list[float] = field(default_factory=list)
@@ -281,8 +292,8 @@ def _finish(
             method=cfg.method, dataset=cfg.data.name, model=cfg.model.name_or_path,
             **stops, clean_acc=acc, finetune_seconds=ft_seconds, train_seconds=stops["search_seconds"] + ft_seconds, params=count_parameters(model), size_mb=0.0,
             latency_ms=latency_ms(model, prep), device=prep.device.type, threads=torch.get_num_threads(),
-            ticket_dir=str(out), kept_heads=masks.kept_heads(), kept_neurons=masks.kept_neurons(),
-            finetune_losses=losses, seed=cfg.seed, finetune_interval=interval,
+            ticket_dir=str(out), precision=prep.precision, kept_heads=masks.kept_heads(),
+            kept_neurons=masks.kept_neurons(), finetune_losses=losses, seed=cfg.seed, finetune_interval=interval,
         )  # fmt: skip
         meta = {k: v for k, v in result.to_json().items() if k not in ("kept_heads", "kept_neurons")}
         if drawn is not None:

@@ -124,9 +124,11 @@ def attach_scales(model: nn.Module, head: torch.Tensor, ffn: torch.Tensor) -> Sc
     d = head_size(model)
     handles = []
     for i, layer in enumerate(layers):
-        # context is (batch, tokens, heads * head_size), heads contiguous
-        per_head = _scale_hook(lambda x, i=i: head[i].to(x.dtype).repeat_interleave(d))
-        per_neuron = _scale_hook(lambda x, i=i: ffn[i].to(x.dtype))
+        # context is (batch, tokens, heads * head_size), heads contiguous. The scales are never cast down: under
+        # autocast x is bf16/fp16 and x * scale promotes to fp32, so the coefficients' gradient (a sum over
+        # batch x tokens) accumulates in fp32; their ranking is decided in the fourth decimal.
+        per_head = _scale_hook(lambda x, i=i: head[i].repeat_interleave(d))
+        per_neuron = _scale_hook(lambda x, i=i: ffn[i])
         handles.append(layer.attention.output.dense.register_forward_pre_hook(per_head))
         handles.append(layer.output.dense.register_forward_pre_hook(per_neuron))
     return ScaleHandle(handles)

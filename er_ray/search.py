@@ -15,6 +15,7 @@ from torch import nn
 from er_ray.config import ExperimentConfig, UserError
 from er_ray.convergence import Combo, StopPoint, StopRule, grid, other_rule, replay
 from er_ray.model import Coefficients
+from er_ray.precision import amp_for
 from er_ray.tensorfile import load_tree, save_tree
 from er_ray.train import Batches, TrainState, make_optimizer, make_scheduler, train
 
@@ -133,6 +134,7 @@ class SearchStage:
     def __init__(self, cfg: ExperimentConfig, model: nn.Module, batches: Batches, device: torch.device) -> None:
         self.cfg, self.model, self.batches, self.device = cfg, model, batches, device
         self.coefs = Coefficients.for_model(model)
+        self.amp = amp_for(cfg.runtime.precision, device)  # autocast for the forwards; coefficients stay fp32
         self.hooks = self.coefs.attach(model)
         s = cfg.search
         # the schedule spans the cap, not the stop point: stopping early is then a prefix of a longer search
@@ -185,7 +187,7 @@ class SearchStage:
             train(
                 self.model, self.batches, self.total_steps, self.opt, self.sched, s.adversary, s.max_grad_norm,
                 self.device, regularizer=lambda: self.coefs.l1(s.lambda_head, s.lambda_ffn),
-                every=self.every, on_every=every, state=self.state, progress=self.progress,
+                every=self.every, on_every=every, state=self.state, progress=self.progress, amp=self.amp,
             )  # fmt: skip
         if not self.points or self.points[-1].step != self.state.step:
             self._record(self.state)  # the cap fell between mini-epochs
@@ -209,6 +211,7 @@ class SearchStage:
             scope=self.cfg.prune.scope,
             stop_rule=self.rule.rule,
             other_stops={c: other[c] for c in self.combos if c in other},
+            meta={"precision": self.amp.precision},
         )
 
     # ------------------------------------------------------------ checkpoints (resume after a crash)
@@ -223,6 +226,7 @@ class SearchStage:
             "points": [asdict(p) for p in self.points],
             # dropout and the adversary's random start draw from it: restoring it makes a resume exact
             "rng": torch.get_rng_state(),
+            "amp": self.amp.state_dict(),  # fp16's loss scale ({} otherwise)
         }
 
     def load_state_dict(self, blob: dict) -> None:
@@ -232,6 +236,7 @@ class SearchStage:
         self.sched.load_state_dict(blob["sched"])
         self.state = TrainState(**blob["train"])
         torch.set_rng_state(blob["rng"])
+        self.amp.load_state_dict(blob.get("amp", {}))
         self.points = []
         self.rule = StopRule(self.rule.combos, *self._rule_args())
         for p in blob["points"]:

@@ -45,6 +45,7 @@ PARAM_FFN_RATIO = "ffn_ratio"
 PARAM_DEVICE = "device"  # timing conditions, stated by the report
 PARAM_THREADS = "threads"
 PARAM_SEED = "seed"  # the training seed (a sweep dimension like gamma)
+PARAM_PRECISION = "precision"  # what runtime.precision resolved to on the device (fp32, bf16, fp16)
 PARAMS = (PARAM_METHOD, PARAM_DATASET, PARAM_MODEL, PARAM_GAMMA, PARAM_HEAD_RATIO, PARAM_FFN_RATIO, PARAM_SEED)
 
 CLEAN_ACC = "clean_acc"  # fraction in [0, 1]

@@ -2,6 +2,8 @@
 
 Batch order depends only on (seed, epoch), so a run can resume mid-epoch and a stopped search is a prefix
 of a longer one. Time is measured around compute only (data collation and host->device copies excluded).
+Mixed precision comes in as an `Amp` (er_ray/precision.py): autocast around forwards, fp16 loss scaling,
+clipping on unscaled gradients; the regularizer (the L1 term) is computed in fp32 outside autocast.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from tqdm.auto import tqdm
 
 from er_ray import adversary
 from er_ray.config import AdversaryConfig
+from er_ray.precision import FP32, Amp
 
 
 def pick_device(kind: str = "auto") -> torch.device:
@@ -98,7 +101,10 @@ class TrainState:
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    """Host -> device; to CUDA from pinned memory, so the copy is asynchronous and overlaps queued kernels."""
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def train(
@@ -115,6 +121,7 @@ def train(
     on_every: Callable[[TrainState], bool] | None = None,
     state: TrainState | None = None,
     progress: str | None = None,
+    amp: Amp = FP32,
 ) -> TrainState:
     """Run optimizer steps until `total_steps` (or `on_every` returns True).
 
@@ -130,11 +137,10 @@ def train(
         for batch in batches.epoch(epoch, start):
             batch = to_device(batch, device)
             with Clock(device) as clock:
-                result = adversary.backward(model, batch, adv)
+                result = adversary.backward(model, batch, adv, amp)
                 if regularizer is not None:
-                    regularizer().backward()
-                torch.nn.utils.clip_grad_norm_(clip, max_grad_norm)
-                opt.step()
+                    amp.scale(regularizer()).backward()  # scaled like the loss: unscale_ treats all grads alike
+                amp.step(opt, clip, max_grad_norm)
                 sched.step()
                 opt.zero_grad(set_to_none=True)
             state.seconds += clock.seconds
@@ -152,12 +158,16 @@ def train(
 
 
 @torch.no_grad()
-def predict(model: nn.Module, batches: Batches, device: torch.device) -> torch.Tensor:
+def predict(model: nn.Module, batches: Batches, device: torch.device, amp: Amp = FP32) -> torch.Tensor:
     model.eval()
-    preds = [model(**to_device(b, device)).logits.argmax(-1).cpu() for b in batches.epoch(0)]
+    preds = []
+    for b in batches.epoch(0):
+        with amp.autocast():
+            logits = model(**to_device(b, device)).logits
+        preds.append(logits.float().argmax(-1).cpu())
     return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
 
 
-def accuracy(model: nn.Module, batches: Batches, labels: list[int], device: torch.device) -> float:
-    preds = predict(model, batches, device)
+def accuracy(model: nn.Module, batches: Batches, labels: list[int], device: torch.device, amp: Amp = FP32) -> float:
+    preds = predict(model, batches, device, amp)
     return float((preds == torch.tensor(labels)).float().mean()) if len(labels) else float("nan")

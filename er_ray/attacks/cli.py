@@ -42,6 +42,8 @@ def resolve(args: argparse.Namespace) -> tuple[ExperimentConfig, str]:
         attack["actors"] = args.actors
     if args.resources:
         attack["resources"] = args.resources
+    if args.precision:
+        attack["precision"] = args.precision
     if attack:
         cfg = config_from_dict(cfg.model_dump(mode="json") | {"attack": cfg.attack.model_dump() | attack})
     if args.seed is not None:
@@ -89,7 +91,8 @@ def report(args: argparse.Namespace, cfg: ExperimentConfig, split: str, result) 
     out = args.out or default_out(cfg, args.model_dir, split)
     paths = result.save(out)
     print(f"{args.model_dir} on {cfg.data.name}/{split}: clean accuracy over {result.num_clean} examples, "
-          f"attacks on {len(result.indices)} (seed {cfg.seed}, resources {cfg.attack.resources})")
+          f"attacks on {len(result.indices)} (seed {cfg.seed}, resources {cfg.attack.resources}, "
+          f"precision {result.info.get('precision', 'fp32')})")
     print(result.table())
     print(f"saved: {paths['summary']}, {paths['examples']}, {paths['deviations']}")
     return 0

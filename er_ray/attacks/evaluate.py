@@ -191,7 +191,8 @@ def evaluate_robustness(
     if offline is None and cfg.resources == "offline":
         offline = default_resources(with_mlm="bertattack" in cfg.recipes)
     model.eval()
-    wrapper = DynamicPaddingWrapper(model, tokenizer, max_length=max_length, batch_size=cfg.batch_size)
+    wrapper = DynamicPaddingWrapper(model, tokenizer, max_length=max_length, batch_size=cfg.batch_size,
+                                    precision=cfg.precision or "fp32")
     clean, _ = clean_accuracy(wrapper, dataset)
     indices = list(indices) if indices is not None else attack_sample(dataset, cfg.num_examples, seed)
     records, seconds = [], {}
@@ -204,7 +205,7 @@ def evaluate_robustness(
             if progress is not None:
                 progress(1)
         seconds[recipe] = round(time.perf_counter() - t0, 2)
-    info = dict(offline.info) if offline is not None else {}
+    info = (dict(offline.info) if offline is not None else {}) | {"precision": wrapper.precision}
     return assemble(records, cfg.recipes, (clean, len(dataset)), seconds, indices, seed, cfg.resources, info)
 
 

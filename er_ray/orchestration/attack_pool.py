@@ -54,7 +54,9 @@ class AttackActor:
             from er_ray.attacks.wrapper import DynamicPaddingWrapper
 
             model, tokenizer = load_victim(model_dir)
-            wrapper = DynamicPaddingWrapper(model.to(self.device), tokenizer, self.max_length, self.cfg.batch_size)
+            wrapper = DynamicPaddingWrapper(model.to(self.device), tokenizer, self.max_length, self.cfg.batch_size,
+                                            precision=self.cfg.precision or "fp32")
+            self.info["precision"] = wrapper.precision
             attacks = {r: build_recipe(r, wrapper, self.cfg.resources, offline=self.offline,
                                        batch_size=self.cfg.batch_size, query_budget=self.cfg.query_budget)
                        for r in self.cfg.recipes}

@@ -350,7 +350,7 @@ class Sweep:
             run_id = self.tracker.open_runs[key]
             series = {n: [(s, v) for s, v in pts if s not in trial.logged_steps]
                       for n, pts in S.curves(traj).items()}  # backfill what a restored trial did not report
-            self.tracker.log(run_id, series=series)
+            self.tracker.log(run_id, series=series, params={T.PARAM_PRECISION: traj.meta.get("precision")})
             self.tracker.artifact(run_id, final)
             T.log_json(self.tracker.client, run_id, stop_point_rows(traj), STOP_POINTS_FILE)
             self.tracker.finish(key)
@@ -423,7 +423,7 @@ class Sweep:
         self.tracker.log(run_id, params=_ticket_params(job.cfg, job.combo))
 
     def _log_ticket(self, run_id: str, job: Job, result: dict) -> None:
-        self.tracker.log(run_id, metrics=_ticket_metrics(result),
+        self.tracker.log(run_id, metrics=_ticket_metrics(result), params={T.PARAM_PRECISION: result.get("precision")},
                          series={"finetune_loss": list(enumerate(result["finetune_losses"]))})
         if not job.owner:
             self.tracker.artifact(run_id, job.out / "ticket.json", "ticket")
