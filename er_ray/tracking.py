@@ -269,7 +269,7 @@ def log_batch(
     ms = [Metric(k, float(v), now, step) for k, v in (metrics or {}).items() if v is not None]
     for name, points in (series or {}).items():
         ms += [Metric(name, float(v), now, s) for s, v in points if v is not None]
-    ps = [Param(k, str(v)[:6000]) for k, v in (params or {}).items()]
+    ps = [Param(k, str(v)[:6000]) for k, v in (params or {}).items() if v is not None]
     ts = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
     # the REST API takes at most 1000 metrics, 100 params and 100 tags per call
     calls = max(-(-len(ms) // 1000), -(-len(ps) // 100), -(-len(ts) // 100))
