@@ -62,7 +62,8 @@ def ticket_task(experiment: dict, data: SplitData, traj: Trajectory | None, comb
 
     from er_ray.methods import full_model_pipeline, ticket_pipeline
 
-    events.put(("ticket_started", key, time.time()))
+    # fire and forget: a task blocked in ray.get lends its CPUs to another task (oversubscribing the node)
+    events.actor.put_nowait.remote(("ticket_started", key, time.time()))
     torch.set_num_threads(threads)
     prep = prepare(ExperimentConfig.model_validate(experiment), data=data)
     if traj is None:
