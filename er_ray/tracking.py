@@ -149,24 +149,12 @@ class Tracker:
 
     @classmethod
     def open(cls, cfg: Any, name: str, tags: dict[str, str], params: dict[str, Any],
-             resume_id: str | None = None, artifacts: dict[str, Any] | None = None) -> Tracker:
-        """A new parent run (with provenance, params and JSON artifacts), or `resume_id` reopened: its
-        FINISHED children are collected and children a dead driver left RUNNING end KILLED."""
+             artifacts: dict[str, Any] | None = None) -> Tracker:
+        """A new parent run with provenance, params and JSON artifacts."""
         from er_ray import data
         from er_ray.config import settings
 
         client, exp_id = open_store(cfg)
-        if resume_id:
-            client.update_run(resume_id, status="RUNNING")
-            tracker = cls(client, exp_id, resume_id)
-            filt = f"tags.`{TAG_PARENT}` = '{resume_id}'"
-            for run in client.search_runs([exp_id], filter_string=filt, max_results=50000):
-                key = run.data.tags.get(TAG_KEY)
-                if run.info.status == "FINISHED" and key:
-                    tracker.existing[key] = run.info.run_id
-                elif run.info.status == "RUNNING":
-                    client.set_terminated(run.info.run_id, "KILLED")
-            return tracker
         run_tags = {TAG_KIND: "parent", TAG_NAME: cfg.name, **tags}
         parent = client.create_run(exp_id, run_name=name, tags=run_tags).info.run_id
         try:
@@ -178,6 +166,22 @@ class Tracker:
             client.set_terminated(parent, "FAILED")
             raise
         return cls(client, exp_id, parent)
+
+    @classmethod
+    def resume(cls, cfg: Any, parent_id: str) -> Tracker:
+        """An earlier parent run reopened: its FINISHED children are collected (never logged twice) and
+        children a dead driver left RUNNING end KILLED."""
+        client, exp_id = open_store(cfg)
+        client.update_run(parent_id, status="RUNNING")
+        tracker = cls(client, exp_id, parent_id)
+        filt = f"tags.`{TAG_PARENT}` = '{parent_id}'"
+        for run in client.search_runs([exp_id], filter_string=filt, max_results=50000):
+            key = run.data.tags.get(TAG_KEY)
+            if run.info.status == "FINISHED" and key:
+                tracker.existing[key] = run.info.run_id
+            elif run.info.status == "RUNNING":
+                client.set_terminated(run.info.run_id, "KILLED")
+        return tracker
 
     def start(self, key: str, kind: str, name: str, parent: str | None = None, start_time: float | None = None,
               tags: dict[str, str] | None = None) -> str:

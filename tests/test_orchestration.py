@@ -57,6 +57,44 @@ def test_tune_search_equals_the_in_process_search(ray_session, tiny_model_dir, t
     assert last[T.MASK_DISTANCE_HEADS] == local.mini_epochs[last["mini_epoch"]].head_distance
 
 
+def test_a_search_stopped_like_ctrl_c_resumes_to_the_uninterrupted_trajectory(ray_session, tiny_model_dir,
+                                                                               tmp_path):
+    """Tune's own Ctrl-C handler exists only when fit() runs on the main thread; a sweep fits on a thread and
+    must still end Tune's loop with a consistent experiment state (checkpoints it names exist on storage)."""
+    import queue
+    import threading
+
+    from er_ray.methods import load_data
+    from er_ray.orchestration import search_tune as S
+
+    cfg = tiny_experiment(tiny_model_dir, tmp_path, **{"search.max_epochs": 6, "search.patience": 100,
+                                                       "ray.search_cpus": 1})  # never converges: runs to the cap
+    local = search_stage(prepare(cfg))
+    last = local.mini_epochs[-1].index
+    data_ref = ray_session.put(load_data(cfg))
+    events = S.CHANNELS["stop-test"] = queue.Queue()
+    stop, outcome = threading.Event(), []
+    tuner = S.search_tuner({cfg.method: cfg}, tmp_path / "tune", data_ref, "stop-test", False)
+    fit = threading.Thread(target=lambda: outcome.append(S.fit_until(tuner, stop)))
+    fit.start()
+    seen = 0
+    while seen < 3:
+        seen += events.get(timeout=120).kind == "trajectory"
+    stop.set()
+    fit.join(60)
+    assert not fit.is_alive(), "Tune's loop did not end when asked"
+    (stopped,) = list(outcome[0])
+    assert stopped.metrics["mini_epoch"] < last - 3 and os.path.isdir(stopped.checkpoint.path)
+
+    resumed = S.search_tuner({cfg.method: cfg}, tmp_path / "tune", data_ref, "stop-test", True)
+    (result,) = list(resumed.fit())
+    S.CHANNELS.pop("stop-test")
+    assert result.error is None and result.metrics["mini_epoch"] == last
+    traj = S.load_trajectory(result.checkpoint)
+    assert traj.stops == local.stops
+    assert [p.head_distance for p in traj.mini_epochs] == [p.head_distance for p in local.mini_epochs]
+
+
 def _sweep_config(model_dir, out, **over):
     return tiny_experiment(model_dir, out, **{
         "sweep.gammas": "[0.2, 0.5]", "sweep.ffn_ratios": "[0.2, 0.3]", "ray.attack": "false",

@@ -323,11 +323,9 @@ def run_attack_pool(
         service.submit("model", model_dir, indices, seed)
         while True:
             (ref,), _ = ray.wait(service.refs(), num_returns=1)
-            units_before = len(service.running)
             finished = service.handle(ref)
-            if len(service.running) <= units_before:
-                bar.n = sum(len(t.records) for t in service.tickets.values())
-                bar.refresh()
+            bar.n = sum(len(t.records) for t in service.tickets.values())
+            bar.refresh()
             if finished:
                 return finished[0].result
     finally:

@@ -96,6 +96,7 @@ class Trial:
     key: str
     cfg: ExperimentConfig
     folder: Path
+    prep: Any  # the method resolved, for drawing tickets on the driver
     traj: Trajectory | None = None
     traj_ref: Any = None
     done: bool = False
@@ -152,8 +153,8 @@ class Sweep:
         self.jobs: dict[str, Job] = {}
         self.running: dict[Any, str] = {}  # ticket task ref -> job key
         self.busy: list[list[float]] = []  # wall intervals of training and attacking in this invocation
-        self.stage_seconds = 0.0
         self.fit_thread: threading.Thread | None = None
+        self.fit_stop = threading.Event()
         self.fit_outcome: list[Any] = []
         self.service: Any = None
         self.attack_data: Any = None
@@ -170,7 +171,8 @@ class Sweep:
                 if not mcfg.uses_ticket():
                     self._add_job(mcfg, None, folder / ticket_name(None), primary=True)
                     continue
-                trial = self.trials[f"{method}/seed{seed}"] = Trial(f"{method}/seed{seed}", mcfg, folder)
+                trial = self.trials[f"{method}/seed{seed}"] = Trial(
+                    f"{method}/seed{seed}", mcfg, folder, prepare(mcfg, data=self.data))
                 final = folder / TRAJECTORY_FILE
                 if final.exists():  # its search finished in an earlier invocation
                     self._on_trajectory(trial, Trajectory.load(final))
@@ -186,7 +188,7 @@ class Sweep:
 
     def _fit(self, tuner: Any) -> None:
         try:
-            self.fit_outcome.append(tuner.fit())
+            self.fit_outcome.append(S.fit_until(tuner, self.fit_stop))
         except BaseException as err:  # reported to the main thread, which decides
             self.fit_outcome.append(err)
 
@@ -210,6 +212,8 @@ class Sweep:
     def run(self) -> None:
         while not self._finished():
             self._drain_tune()
+            if self.fit_thread is not None and not self.fit_thread.is_alive() and self.tune_events.empty():
+                self._after_fit()
             self._drain_workers()
             self._make_room()
             refs = [*self.running, *(self.service.refs() if self.service else [])]
@@ -242,16 +246,12 @@ class Sweep:
             self.service.release_idle()
 
     def _finished(self) -> bool:
-        searching = self.fit_thread is not None and (self.fit_thread.is_alive() or not self.tune_events.empty())
-        if self.fit_thread is not None and not self.fit_thread.is_alive() and self.tune_events.empty():
-            self._after_fit()
+        searching = self.fit_thread is not None
         attacking = self.service is not None and self.service.busy()
         unattacked = self.service is not None and any(
             j.result and not j.attacked and not j.owner for j in self.jobs.values())
-        return not (searching or self.running or attacking or unattacked or self._unfinished_trials())
-
-    def _unfinished_trials(self) -> bool:
-        return any(not t.done for t in self.trials.values())
+        unsearched = any(not t.done for t in self.trials.values())
+        return not (searching or self.running or attacking or unattacked or unsearched)
 
     def _drain_tune(self) -> None:
         while True:
@@ -288,7 +288,8 @@ class Sweep:
                 self._complete(trial)
 
     def _drain_workers(self) -> None:
-        for kind, key, at in self.events.get_nowait_batch(self.events.qsize()) if self.events.qsize() else []:
+        waiting = self.events.qsize()
+        for kind, key, at in self.events.get_nowait_batch(waiting) if waiting else []:
             if kind == "ticket_started":
                 self._open_ticket(self.jobs[key], at)
             elif kind == "attack_started" and f"{key}/attack" not in self.tracker.open_runs:
@@ -316,7 +317,6 @@ class Sweep:
     def _on_result(self, trial: Trial, result: dict) -> None:
         self._open_search(trial)
         self.busy.append([result[S.BUSY_START], result[S.BUSY_END]])
-        self.stage_seconds += result[S.BUSY_END] - result[S.BUSY_START]
         run_id = self.tracker.open_runs.get(self._search_key(trial))
         step = int(result["mini_epoch"])
         if run_id and step not in trial.logged_steps:
@@ -382,8 +382,7 @@ class Sweep:
         key = f"ticket/{trial.cfg.method}/seed{trial.cfg.seed}/{out.name}"
         if key in self.jobs:
             return
-        prep = prepare(trial.cfg, data=self.data)
-        masks = ticket_masks(prep, trial.traj, combo)
+        masks = ticket_masks(trial.prep, trial.traj, combo)
         digest = hashlib.sha1(json.dumps([masks.kept_heads(), masks.kept_neurons()]).encode()).hexdigest()
         owner = trial.masks.setdefault(digest, key)
         if trial.traj_ref is None:
@@ -396,7 +395,6 @@ class Sweep:
         job = self.jobs[key]
         result = ray.get(ref)  # a task that failed after its retries raises here: the run fails
         self.busy.append(result["finetune_interval"])
-        self.stage_seconds += result["finetune_interval"][1] - result["finetune_interval"][0]
         self._done_ticket(job, result)
 
     def _done_ticket(self, job: Job, result: dict) -> None:
@@ -466,7 +464,6 @@ class Sweep:
     def _on_attack(self, fin: Any) -> None:
         job = self.jobs[fin.key]
         self.busy.extend(fin.intervals)
-        self.stage_seconds += sum(e - s for s, e in fin.intervals)
         fin.result.save(job.out / ATTACK_DIR)
         self._log_attack(job, json.loads((job.out / ATTACK_DIR / SUMMARY_FILE).read_text()), fin.intervals)
 
@@ -520,8 +517,16 @@ class Sweep:
         end = time.time()
         wall = end - self.began
         busy = union_seconds(self.busy, self.began, end)
+        stages = sum(e - s for s, e in self.busy)
         return {T.WALL_SECONDS: wall, T.BUSY_SECONDS: busy, T.OVERHEAD_SHARE: 1 - busy / wall,
-                T.STAGE_SECONDS: self.stage_seconds, T.CONCURRENCY: self.stage_seconds / wall}
+                T.STAGE_SECONDS: stages, T.CONCURRENCY: stages / wall}
+
+    def stop_search(self, timeout: float = 120.0) -> None:
+        """End Tune's loop as its own Ctrl-C would and wait for it: the experiment state on storage then names
+        checkpoints that exist, and a resume continues every unfinished search."""
+        self.fit_stop.set()
+        if self.fit_thread is not None:
+            self.fit_thread.join(timeout)
 
     def close(self) -> None:
         S.CHANNELS.pop(self.channel, None)
@@ -566,7 +571,7 @@ def summary_row(result: dict) -> dict:
 def _parent(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> T.Tracker:
     id_file = run_dir / PARENT_ID_FILE
     if resume and id_file.exists():
-        return T.Tracker.open(cfg, "", {}, {}, resume_id=id_file.read_text().strip())
+        return T.Tracker.resume(cfg, id_file.read_text().strip())
     params = {"methods": ",".join(cfg.methods()), "seeds": ",".join(map(str, cfg.seeds())),
               T.PARAM_DATASET: cfg.data.name, T.PARAM_MODEL: cfg.model.name_or_path,
               T.PARAM_SEED: cfg.seed, "run_dir": str(run_dir)}
@@ -590,7 +595,10 @@ def run_pipeline(cfg: ExperimentConfig, resume: bool = False) -> list[dict]:
         invocations = _record_timing(run_dir, timing)
         tracker.log(tracker.parent_id, metrics=timing, step=invocations - 1)
     except BaseException as err:
-        tracker.close("KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED")
+        try:
+            sweep.stop_search()
+        finally:
+            tracker.close("KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED")
         raise
     finally:
         sweep.close()

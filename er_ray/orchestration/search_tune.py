@@ -7,12 +7,19 @@ seconds, and how many combos have not converged yet) with a checkpoint holding t
 event loop reads: the driver logs results live and submits a combo's ticket as soon as its stop rule fires.
 Tune pickles its run config (callbacks included) and restores it on resume, so the callback names its queue
 (`channel`) instead of holding it.
+
+A sweep runs `fit()` on a thread, where Tune installs no Ctrl-C handler: `fit_until(tuner, stop)` gives the fit
+the event that handler would set, so an interrupted driver ends Tune's loop the way Ctrl-C does (experiment
+state written last, unfinished trials resumable). Without it Tune kept deleting old checkpoints after the
+driver had stopped listening, and the experiment state on storage could name a checkpoint already deleted.
 """
 
 from __future__ import annotations
 
+import importlib
 import queue
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +47,27 @@ PENDING = "combos_pending"  # reported: grid combos whose stop rule has not fire
 BUSY_START, BUSY_END = "busy_start", "busy_end"  # reported: wall clock span of the training since the last report
 
 CHANNELS: dict[str, queue.Queue] = {}  # channel name -> the driver's event queue (this process only)
+_STOPS: dict[int, threading.Event] = {}  # fit thread id -> the event that ends its Tune loop
+_tune_run = importlib.import_module("ray.tune.tune")  # `ray.tune.tune` the attribute is a function
+_tune_signals = _tune_run._setup_signal_catching
+
+
+def _signal_catching() -> threading.Event:
+    stop = _STOPS.get(threading.get_ident())
+    return stop if stop is not None else _tune_signals()
+
+
+_tune_run._setup_signal_catching = _signal_catching
+
+
+def fit_until(tuner: tune.Tuner, stop: threading.Event) -> Any:
+    """`tuner.fit()` on this thread, ended like a Ctrl-C (state saved, unfinished trials resumable) once `stop`
+    is set."""
+    _STOPS[threading.get_ident()] = stop
+    try:
+        return tuner.fit()
+    finally:
+        _STOPS.pop(threading.get_ident(), None)
 
 
 class ConvergenceStopper(Stopper):
