@@ -14,7 +14,7 @@ import sys
 import threading
 from pathlib import Path
 
-from er_ray.config import UserError, load_config
+from er_ray.config import UserError, load_config, settings
 from er_ray.methods import check_config
 
 
@@ -33,6 +33,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     check_config(cfg)
     print(f"{args.config}: ok ({cfg.method} on {cfg.data.name}, model {cfg.model.name_or_path})")
+    if cfg.ray.attack:
+        from er_ray.attacks.builds import pending_builds
+
+        for build in pending_builds(cfg.attack, settings().cache_dir, settings().data_dir):
+            print(f"the first run builds {build}")
     return 0
 
 
@@ -59,7 +64,7 @@ def print_results(rows: list[dict]) -> None:
             r["method"], fmt(r.get("seed"), "d"), fmt(r["gamma"], "g"), fmt(r["head_ratio"], ".3g"), fmt(r["ffn_ratio"], ".3g"), stop,
             fmt(100 * r["clean_acc"], ".1f"), *[fmt(_pct(r.get(aua(a))), ".1f") for a in attacks],
             *[fmt(r.get(queries(a)), ".1f") for a in attacks],
-            fmt(r["search_seconds"], ".1f"), fmt(r["finetune_seconds"], ".1f"), fmt(r["params"], ","),
+            fmt(r["search_seconds"], ".1f"), fmt(r["finetune_seconds"], ".1f"), fmt(r["param_count"], ","),
         )  # fmt: skip
     # off a terminal (a log, CI) rich would squeeze the table into 80 columns
     console = Console() if sys.stdout.isatty() else Console(width=240)
@@ -218,10 +223,16 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--experiment", metavar="NAME",
                        help="MLflow experiment (every finished parent run, grouped by seed)")
     which.add_argument("--run", metavar="PARENT_RUN_ID", action="append", help="a parent run (repeatable)")
+    which.add_argument("--config", type=Path, metavar="CONFIG",
+                       help="the experiment and store of a config (as `er-ray run` used them)")
+    which.add_argument("--run-dir", type=Path, metavar="DIR", help="a run folder (outputs/<name>/runs/<stamp>)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --config: a config override, as given to `er-ray run`")
     p.add_argument("--out", type=Path, default=Path("outputs") / "report", metavar="DIR",
                    help="output folder (default: outputs/report)")
     p.add_argument("--tracking-uri", metavar="URI",
-                   help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///outputs/mlflow.db)")
+                   help="MLflow store (default: the config's tracking.uri, else $MLFLOW_TRACKING_URI, else "
+                        "<output_dir>/mlflow.db)")
     p.add_argument("--no-log", action="store_true", help="do not attach the files to the parent run in MLflow")
     p.set_defaults(func=cmd_report)
     return parser

@@ -189,6 +189,8 @@ class RayConfig(_Strict):
 class TrackingConfig(_Strict):
     uri: str | None = None  # MLFLOW_TRACKING_URI, else a sqlite store in runtime.output_dir
     experiment: str | None = None  # default: the config's name
+    # tickets logged as MLflow models (transformers flavour, tens of MB each): the config's own combo, all, none
+    models: Literal["primary", "all", "none"] = "primary"
 
 
 class ParamSpace(_Strict):
@@ -209,12 +211,25 @@ class ParamSpace(_Strict):
         return self
 
 
+class Objective(_Strict):
+    metric: str  # a metric name, or a '+'-joined sum of them
+    mode: Literal["max", "min"] = "max"
+
+
 class TuneConfig(_Strict):
     """`er-ray tune`: Optuna through Ray Tune over dotted config keys (e.g. search.lambda_head)."""
 
     space: dict[str, ParamSpace] = {}
     objective: str = "clean_acc+aua_textfooler"  # a metric name, or a '+'-joined sum of them
     mode: Literal["max", "min"] = "max"
+    # two or more: a multi-objective study (its Pareto front); then `objective` and `mode` are not used
+    objectives: list[Objective] = []
+
+    @model_validator(mode="after")
+    def _several(self) -> TuneConfig:
+        if len(self.objectives) == 1:
+            raise ValueError("tune.objectives takes two or more; one objective is tune.objective and tune.mode")
+        return self
     num_samples: int = Field(default=8, ge=1)
     max_concurrent: int = Field(default=1, ge=1)
     storage: str | None = None  # Optuna RDB URL; default sqlite in runtime.output_dir (resumable)

@@ -419,6 +419,14 @@ def load_splits(cfg: DataConfig, seed: int, data_dir: Path | None = None) -> tup
     return train, evaluation
 
 
+def dataset_name(cfg: DataConfig) -> str:
+    """What results call the dataset: the GLUE name, or `custom:<train file stem>` (two custom datasets never
+    merge in a report)."""
+    if cfg.name == "custom":
+        return f"custom:{Path(cfg.train_file).stem}"
+    return str(cfg.name)
+
+
 def local_files(cfg: DataConfig, data_dir: Path | None = None) -> list[Path]:
     """The files `load_splits` would read (for sha256 provenance); empty when everything comes from the hub."""
     if cfg.name == "custom":

@@ -108,6 +108,12 @@ class Prepared:
         return Batches(d.eval_encoded, d.tokenizer, batch_size, self.cfg.seed, shuffle=False)
 
 
+def with_threads(cfg: ExperimentConfig, threads: int) -> ExperimentConfig:
+    """The config with torch's threads set to what a worker was granted (`runtime.threads` is for one process
+    running alone: two tickets of 1 CPU each must not run 2 threads each)."""
+    return cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"threads": threads})})
+
+
 def prepare(cfg: ExperimentConfig, progress: bool = False, data: SplitData | None = None) -> Prepared:
     """The method's settings resolved, the data (loaded here unless given) and the device."""
     cfg = resolve_method(cfg)
@@ -226,7 +232,7 @@ class TicketResult:
     search_seconds: float
     finetune_seconds: float
     train_seconds: float
-    params: int
+    param_count: int
     size_mb: float
     latency_ms: float
     device: str
@@ -289,8 +295,8 @@ def _finish(
     tmp = _atomic_dir(out)
     try:
         result = TicketResult(
-            method=cfg.method, dataset=cfg.data.name, model=cfg.model.name_or_path,
-            **stops, clean_acc=acc, finetune_seconds=ft_seconds, train_seconds=stops["search_seconds"] + ft_seconds, params=count_parameters(model), size_mb=0.0,
+            method=cfg.method, dataset=data_mod.dataset_name(cfg.data), model=cfg.model.name_or_path,
+            **stops, clean_acc=acc, finetune_seconds=ft_seconds, train_seconds=stops["search_seconds"] + ft_seconds, param_count=count_parameters(model), size_mb=0.0,
             latency_ms=latency_ms(model, prep), device=prep.device.type, threads=torch.get_num_threads(),
             ticket_dir=str(out), precision=prep.precision, kept_heads=masks.kept_heads(),
             kept_neurons=masks.kept_neurons(), finetune_losses=losses, seed=cfg.seed, finetune_interval=interval,

@@ -22,6 +22,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from er_ray.config import UserError
+
 # ---------------------------------------------------------------- the contract
 
 TAG_KIND = "er_ray.kind"  # parent | search | ticket | attack | trial
@@ -29,7 +31,8 @@ TAG_NAME = "er_ray.name"  # the config's `name`
 TAG_PARENT = "mlflow.parentRunId"  # MLflow's own nesting tag
 TAG_KEY = "er_ray.key"  # a child run's work item (search / ticket / attack), so a resume never logs it twice
 TAG_STUDY = "er_ray.study"  # trials of `er-ray tune`: the Optuna study
-TAG_TRIAL_ID = "er_ray.trial_id"
+TAG_TRIAL_ID = "er_ray.trial_id"  # the Ray Tune trial
+TAG_OPTUNA_TRIAL = "er_ray.optuna_trial"  # its number in the Optuna study (the run is named trial-<number>)
 TAG_ERROR = "er_ray.error"  # a failed trial's error, one line
 OBJECTIVE = "objective"  # the tuned objective of a trial
 TAG_PRIMARY = "er_ray.primary"  # "1" on the ticket at the config's own gamma and ratios (Table 1's row)
@@ -84,6 +87,9 @@ def success_rate(attack: str) -> str:
 
 
 ATTACKS = ("textfooler", "textbugger", "bertattack")
+PARENT_ID_FILE = "mlflow_parent_run_id"  # in a run folder: the parent run that holds it
+MODEL_ARTIFACT = "model"  # a ticket run's MLflow model: runs:/<ticket run>/model
+MODEL_REQUIREMENTS = ("torch", "transformers", "tokenizers", "safetensors", "mlflow")  # pinned to what ran
 
 # ---------------------------------------------------------------- store
 
@@ -100,6 +106,14 @@ def tracking_uri(cfg: Any) -> str:
     from er_ray.config import settings
 
     return cfg.tracking.uri or settings().mlflow_uri or default_tracking_uri(cfg.runtime.output_dir)
+
+
+def existing_store(uri: str) -> str:
+    """`uri`, unless it is a sqlite file that does not exist (opening it would create an empty store)."""
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise UserError(f"no MLflow store at {uri.removeprefix('sqlite:///')}; pass --tracking-uri or set "
+                        "MLFLOW_TRACKING_URI")
+    return uri
 
 
 def open_store(cfg: Any) -> tuple[Any, str]:
@@ -142,8 +156,10 @@ class Tracker:
     time the worker reported), so MLflow's run times are the stages' real times.
     """
 
-    def __init__(self, client: Any, experiment_id: str, parent_id: str) -> None:
+    def __init__(self, client: Any, experiment_id: str, parent_id: str, inputs: list[Any] | None = None) -> None:
         self.client, self.experiment_id, self.parent_id = client, experiment_id, parent_id
+        self.uri = client.tracking_uri
+        self.inputs = inputs or []  # the data splits, logged on the parent and on every ticket and trial run
         self.existing: dict[str, str] = {}  # key -> FINISHED child run id
         self.open_runs: dict[str, str] = {}  # key -> RUNNING child run id opened here
 
@@ -160,20 +176,24 @@ class Tracker:
         try:
             prov = provenance(data.local_files(cfg.data, settings().data_dir))
             log_batch(client, parent, params=params, tags=prov)
+            inputs = dataset_inputs(cfg.data, settings().data_dir)
+            client.log_inputs(parent, datasets=inputs)
             for file, obj in (artifacts or {}).items():
                 log_json(client, parent, obj, file)
         except BaseException:
             client.set_terminated(parent, "FAILED")
             raise
-        return cls(client, exp_id, parent)
+        return cls(client, exp_id, parent, inputs)
 
     @classmethod
     def resume(cls, cfg: Any, parent_id: str) -> Tracker:
         """An earlier parent run reopened: its FINISHED children are collected (never logged twice) and
         children a dead driver left RUNNING end KILLED."""
+        from er_ray.config import settings
+
         client, exp_id = open_store(cfg)
         client.update_run(parent_id, status="RUNNING")
-        tracker = cls(client, exp_id, parent_id)
+        tracker = cls(client, exp_id, parent_id, dataset_inputs(cfg.data, settings().data_dir))
         filt = f"tags.`{TAG_PARENT}` = '{parent_id}'"
         for run in client.search_runs([exp_id], filter_string=filt, max_results=50000):
             key = run.data.tags.get(TAG_KEY)
@@ -190,6 +210,8 @@ class Tracker:
         run_id = self.client.create_run(self.experiment_id, start_time=now_ms(start_time), run_name=name,
                                         tags=all_tags).info.run_id
         self.open_runs[key] = run_id
+        if kind in ("ticket", "trial") and self.inputs:
+            self.client.log_inputs(run_id, datasets=self.inputs)
         return run_id
 
     def finish(self, key: str, status: str = "FINISHED", end_time: float | None = None) -> str:
@@ -207,6 +229,27 @@ class Tracker:
             self.client.log_artifacts(run_id, str(path), where)
         else:
             self.client.log_artifact(run_id, str(path), where)
+
+    def log_model(self, run_id: str, hf_folder: Path, examples: list[str]) -> None:
+        """A folder stock transformers loads (`er_ray.export.export_hf`) as the run's MLflow model: transformers
+        flavour from the local checkpoint (no pickled code), a signature, an input example and pinned
+        requirements; `mlflow.pyfunc.load_model("runs:/<run>/model").predict(texts)` gives labels and scores."""
+        import mlflow
+        from mlflow.models import ModelSignature
+        from mlflow.types import ColSpec, Schema
+
+        signature = ModelSignature(inputs=Schema([ColSpec("string")]),
+                                   outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score")]))
+        pins = []
+        for pkg in MODEL_REQUIREMENTS:
+            try:
+                pins.append(f"{pkg}=={metadata.version(pkg)}")
+            except metadata.PackageNotFoundError:
+                pass
+        mlflow.set_tracking_uri(self.uri)
+        with mlflow.start_run(run_id=run_id):  # the flavour logs into the active run only
+            mlflow.transformers.log_model(str(hf_folder), name=MODEL_ARTIFACT, task="text-classification",
+                                          signature=signature, input_example=examples, pip_requirements=pins)
 
     def close(self, status: str) -> None:
         """End every child still open here (KILLED unless the parent FINISHED) and then the parent."""
@@ -226,30 +269,65 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def provenance(data_files: list[Path]) -> dict[str, str]:
-    """Package versions, git commit and sha256 of local data files, as tags."""
+def _sha256(path: Path) -> str:
     import hashlib
 
-    tags = {"python": sys.version.split()[0]}
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def provenance(data_files: list[Path]) -> dict[str, str]:
+    """Package versions, the git commit (MLflow's own source tags) and sha256 of local data files, as tags."""
+    tags = {"python": sys.version.split()[0], "mlflow.source.type": "LOCAL", "mlflow.source.name": "er-ray"}
     for pkg in ("torch", "transformers", "textattack", "ray", "mlflow", "er-ray"):
         try:
             tags[f"version.{pkg}"] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             pass
-    try:
-        here = Path(__file__).resolve().parent
-        tags["git_commit"] = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
+    if commit := git_commit():
+        tags["mlflow.source.git.commit"] = commit
     for f in data_files:
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        tags[f"sha256.{f.parent.name}/{f.name}"] = h.hexdigest()
+        tags[f"sha256.{f.parent.name}/{f.name}"] = _sha256(f)
     return tags
+
+
+def dataset_inputs(data_cfg: Any, data_dir: Path | None = None) -> list[Any]:
+    """The training and evaluation splits as MLflow dataset inputs (name, digest, source, context tag), so the
+    Dataset column names what a run trained and was evaluated on. Digest: sha256 of the file read, else of
+    the hub name and split."""
+    import hashlib
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    from er_ray import data
+
+    files = data.local_files(data_cfg, data_dir)
+    splits = [("train", data_cfg.train_split, data_cfg.max_train_examples),
+              ("eval", data_cfg.eval_split, data_cfg.max_eval_examples)]
+    out = []
+    for i, (context, split, limit) in enumerate(splits):
+        if len(files) == 2:
+            digest, source_type, source = _sha256(files[i])[:16], "local", {"uri": str(files[i])}
+        else:
+            digest = hashlib.sha256(f"{data_cfg.name}/{split}".encode()).hexdigest()[:16]
+            source_type, source = "hugging_face", {"path": "glue", "config_name": data_cfg.name, "split": split}
+        profile = json.dumps({"max_examples": limit, "max_length": data_cfg.max_length})
+        ds = Dataset(name=f"{data.dataset_name(data_cfg)}/{split}", digest=digest, source_type=source_type,
+                     source=json.dumps(source), profile=profile)
+        out.append(DatasetInput(ds, tags=[InputTag("mlflow.data.context", context)]))
+    return out
 
 
 def log_batch(

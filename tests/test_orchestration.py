@@ -104,8 +104,11 @@ def _sweep_config(model_dir, out, **over):
 def test_fan_out_one_ticket_per_combo_and_mlflow_states(ray_session, tiny_model_dir, tmp_path):
     from er_ray.orchestration.pipeline import run_pipeline
 
-    cfg = _sweep_config(tiny_model_dir, tmp_path, **{"ray.methods": "[earlyrobust, finetune]"})
+    cfg = _sweep_config(tiny_model_dir, tmp_path, **{"ray.methods": "[earlyrobust, finetune]",
+                                                     "runtime.threads": 2})
     rows = run_pipeline(cfg)
+    # a task runs as many torch threads as it holds CPUs (ray.ticket_cpus 1), not runtime.threads
+    assert {json.loads(p.read_text())["threads"] for p in tmp_path.glob("tiny/runs/*/*/seed3/*/result.json")} == {1}
     tickets = [(r["method"], r["gamma"], r["ffn_ratio"]) for r in rows]
     assert sorted(t for t in tickets if t[0] == "earlyrobust") == [
         ("earlyrobust", g, f) for g in (0.2, 0.5) for f in (0.2, 0.3)]  # fmt: skip
@@ -129,6 +132,28 @@ def test_fan_out_one_ticket_per_combo_and_mlflow_states(ray_session, tiny_model_
     for r in _runs(uri):  # every ticket and search run carries its seed
         if r.data.tags[T.TAG_KIND] in ("search", "ticket"):
             assert r.data.params[T.PARAM_SEED] == "3"
+    parent = _runs(uri, "parent")[0]
+    assert len(parent.data.tags["mlflow.source.git.commit"]) == 40  # MLflow's Source / Version columns
+    for r in (parent, *_runs(uri, "ticket")):  # MLflow's Dataset column: both splits, by name and digest
+        inputs = {(d.dataset.name, t.value) for d in r.inputs.dataset_inputs for t in d.tags}
+        assert inputs == {("sst2/train", "train"), ("sst2/validation", "eval")}
+
+
+def test_primary_tickets_are_mlflow_models_that_predict_label_names(ray_session, tiny_model_dir, tmp_path):
+    from er_ray.orchestration.pipeline import run_pipeline
+
+    cfg = _sweep_config(tiny_model_dir, tmp_path, **{"sweep.gammas": "[0.5]"})
+    run_pipeline(cfg)
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    by_primary = {r.data.tags[T.TAG_PRIMARY]: r for r in _runs(cfg.tracking.uri, "ticket")}
+    assert set(by_primary) == {"0", "1"}
+    exp = by_primary["1"].info.experiment_id
+    models = {m.source_run_id: m for m in mlflow.search_logged_models([exp], output_format="list")}
+    assert set(models) == {by_primary["1"].info.run_id}  # the config's own combo only, by default
+    model = mlflow.pyfunc.load_model(f"runs:/{by_primary['1'].info.run_id}/{T.MODEL_ARTIFACT}")
+    assert model.metadata.signature is not None and "transformers" in model.metadata.flavors
+    out = model.predict(["a gripping, funny film", "dull and far too long"])
+    assert len(out) == 2 and set(out["label"]) <= {"negative", "positive"}
 
 
 def test_failure_ends_runs_failed(ray_session, tiny_model_dir, tmp_path):

@@ -415,3 +415,36 @@ def test_server_serves_the_runs_and_contract_metrics(server, store):
         assert metrics[key] == pytest.approx(want[key])
     assert set(tracking.PARAMS) <= set(params) and params[tracking.PARAM_METHOD] == "earlyrobust"
     assert tags[TAG_PRIMARY] == "1"
+
+
+def test_report_finds_the_store_and_experiment_from_a_config_or_a_run_folder(tmp_path, tiny_model_dir,
+                                                                             monkeypatch):
+    import argparse
+
+    import yaml
+    from conftest import tiny_experiment
+
+    from er_ray.report.cli import target
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "elsewhere"  # as with --set runtime.output_dir=...: not ./outputs
+    cfg = tiny_experiment(tiny_model_dir, out)
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    none = {"config": None, "run_dir": None, "experiment": None, "run": None, "tracking_uri": None, "overrides": []}
+    by_config = argparse.Namespace(**{**none, "config": cfg_file})
+    with pytest.raises(UserError, match="no MLflow store"):  # never an empty store made up on the way
+        target(by_config)
+    tracking.open_store(cfg)
+    store = f"sqlite:///{(out / 'mlflow.db').resolve()}"
+    assert target(by_config) == ("tiny", None, store)
+    renamed = argparse.Namespace(**{**none, "config": cfg_file, "overrides": ["tracking.experiment=other"]})
+    assert target(renamed)[0] == "other"
+
+    run_dir = out / "tiny" / "runs" / "20261129-120000"
+    run_dir.mkdir(parents=True)
+    by_folder = argparse.Namespace(**{**none, "run_dir": run_dir})
+    with pytest.raises(UserError, match="not an er-ray run folder"):
+        target(by_folder)
+    (run_dir / tracking.PARENT_ID_FILE).write_text("abc123\n")
+    assert target(by_folder) == (None, ["abc123"], store)

@@ -110,8 +110,9 @@ def test_a_trial_attacks_only_what_the_objective_names(tiny_model_dir, tmp_path,
         return SimpleNamespace(aua=rates, success_rate=rates, mean_queries={r: 7.0 for r in cfg.recipes})
 
     monkeypatch.setattr(attacks, "evaluate_robustness", evaluate_robustness, raising=False)
-    cfg = tiny_experiment(tiny_model_dir, tmp_path, **{"tune.attack_examples": 5})
-    metrics = ot.evaluate_trial(cfg, tmp_path / "trial", ot.objective_terms("clean_acc+aua_textbugger"))
+    cfg = tiny_experiment(tiny_model_dir, tmp_path, **{"tune.attack_examples": 5,
+                                                       "tune.objective": "clean_acc+aua_textbugger"})
+    metrics = ot.evaluate_trial(cfg, tmp_path / "trial")
     assert seen == {"recipes": ["textbugger"], "examples": 5, "rows": 24}
     assert metrics[ot.OBJECTIVE] == pytest.approx(metrics[T.CLEAN_ACC] + 0.25)
     assert metrics[T.queries("textbugger")] == 7.0 and (tmp_path / "trial" / "ticket.json").exists()
@@ -145,6 +146,8 @@ def test_tune_logs_every_trial_and_resumes_the_study(tiny_model_dir, tmp_path, r
         assert run.data.params[T.PARAM_METHOD] == "earlyrobust" and run.data.params[T.PARAM_GAMMA] == "0.2"
         assert run.data.metrics[ot.OBJECTIVE] == run.data.metrics[T.CLEAN_ACC] == pytest.approx(t.value)
         assert {T.SEARCH_SECONDS, T.PARAM_COUNT, T.STOP_EPOCH} <= set(run.data.metrics)
+        # named after its Optuna trial, as optuna-dashboard numbers it
+        assert run.data.tags[T.TAG_OPTUNA_TRIAL] == str(t.number) and run.info.run_name == f"trial-{t.number}"
 
     assert cli(path, "--set", "tune.num_samples=3") == 0  # complete: nothing runs, no run opened
     assert len(runs_of(tmp_path, "parent")) == 2 and len(study_of(tmp_path).trials) == 4

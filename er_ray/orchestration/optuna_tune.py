@@ -32,6 +32,7 @@ from er_ray.config import (
     config_from_dict,
     load_config,
 )
+from er_ray.data import dataset_name
 
 OBJECTIVE, TAG_STUDY, TAG_TRIAL_ID, TAG_ERROR = T.OBJECTIVE, T.TAG_STUDY, T.TAG_TRIAL_ID, T.TAG_ERROR
 STUDY_CONFIG_ATTR = "er_ray.config"  # study user attribute: the flattened config the study was made from
@@ -63,9 +64,32 @@ def objective_terms(objective: str) -> list[str]:
     return terms
 
 
+@dataclass(frozen=True)
+class Goal:
+    """One objective of the study: what the trial reports (`name`), as the sum of `terms`, and its direction."""
+
+    name: str  # "objective" for a single-objective study, else "objective_<i>"
+    metric: str  # as configured
+    terms: tuple[str, ...]
+    mode: str  # max | min
+
+    @property
+    def direction(self) -> str:
+        return "maximize" if self.mode == "max" else "minimize"
+
+
+def goals(cfg: ExperimentConfig) -> list[Goal]:
+    """`tune.objectives` (a multi-objective study) when given, else `tune.objective` / `tune.mode`."""
+    t = cfg.tune
+    if t.objectives:
+        return [Goal(f"{OBJECTIVE}_{i}", o.metric, tuple(objective_terms(o.metric)), o.mode)
+                for i, o in enumerate(t.objectives)]
+    return [Goal(OBJECTIVE, t.objective, tuple(objective_terms(t.objective)), t.mode)]
+
+
 def check_objective(cfg: ExperimentConfig) -> list[str]:
-    """The objective's terms, refused before any trial when a method that may be sampled cannot produce one."""
-    terms = objective_terms(cfg.tune.objective)
+    """Every objective's terms, refused before any trial when a method that may be sampled cannot produce one."""
+    terms = list(dict.fromkeys(t for g in goals(cfg) for t in g.terms))
     space = cfg.tune.space.get("method")
     methods = list(space.values or []) if space and space.kind == "choice" else [cfg.method]
     no_search = [m for m in methods if m not in TICKET_METHODS]
@@ -102,6 +126,30 @@ def trial_config(base: dict[str, Any], params: dict[str, Any]) -> ExperimentConf
     # one ticket per trial, at the config's own combo: the search then waits for no other grid point
     cfg.sweep = SweepConfig()
     return cfg
+
+
+OPTUNA_TRIAL = "optuna_trial"  # a Tune trial's config constant: its Optuna trial number
+
+
+class Suggest:
+    """The space as a define-by-run function: Optuna's suggestions, plus the Optuna trial number as a constant
+    of the Tune config, so each trial's MLflow run is named after its trial in the study. A class, not a
+    closure: Tune pickles its searcher with the experiment state."""
+
+    def __init__(self, dists: dict[str, Any]) -> None:
+        self.dists = dists
+
+    def __call__(self, trial: Any) -> dict[str, int]:
+        from optuna.distributions import CategoricalDistribution, IntDistribution
+
+        for key, d in self.dists.items():
+            if isinstance(d, CategoricalDistribution):
+                trial.suggest_categorical(key, d.choices)
+            elif isinstance(d, IntDistribution):
+                trial.suggest_int(key, d.low, d.high, log=d.log)
+            else:
+                trial.suggest_float(key, d.low, d.high, log=d.log)
+        return {OPTUNA_TRIAL: trial.number}
 
 
 def search_space(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -179,13 +227,13 @@ def _ticket_metrics(r: Any) -> dict[str, float | None]:
     return {
         T.CLEAN_ACC: r.clean_acc, T.SEARCH_SECONDS: r.search_seconds, T.FINETUNE_SECONDS: r.finetune_seconds,
         T.TRAIN_SECONDS: r.train_seconds, T.STOP_EPOCH: r.stop_epoch, T.STOP_MINI_EPOCH: r.stop_mini_epoch,
-        T.CONVERGED: None if r.converged is None else float(r.converged), T.PARAM_COUNT: r.params,
+        T.CONVERGED: None if r.converged is None else float(r.converged), T.PARAM_COUNT: r.param_count,
         T.SIZE_MB: r.size_mb, T.LATENCY_MS: r.latency_ms,
     }  # fmt: skip
 
 
-def evaluate_trial(cfg: ExperimentConfig, out: Path, terms: list[str]) -> dict[str, Any]:
-    """The whole pipeline for one sampled config, in this process: contract metrics, the objective, and the
+def evaluate_trial(cfg: ExperimentConfig, out: Path) -> dict[str, Any]:
+    """The whole pipeline for one sampled config, in this process: contract metrics, the objectives, and the
     device and threads the timings were measured with."""
     from er_ray.convergence import Combo
     from er_ray.methods import full_model_pipeline, prepare, search_stage, ticket_pipeline
@@ -198,6 +246,7 @@ def evaluate_trial(cfg: ExperimentConfig, out: Path, terms: list[str]) -> dict[s
     else:
         result = full_model_pipeline(prep, out)
     metrics = _ticket_metrics(result)
+    terms = check_objective(c)
     recipes = attack_recipes(terms)
     if recipes:
         from er_ray.attacks import evaluate_robustness, load_victim
@@ -219,17 +268,18 @@ def evaluate_trial(cfg: ExperimentConfig, out: Path, terms: list[str]) -> dict[s
             f"tune.objective needs {', '.join(missing)}, which method {c.method} does not produce"
         )
     values = {k: float(v) for k, v in metrics.items() if v is not None}
-    values[OBJECTIVE] = sum(values[t] for t in terms)
+    for goal in goals(c):
+        values[goal.name] = sum(values[t] for t in goal.terms)
     return {**values, T.PARAM_DEVICE: result.device, T.PARAM_THREADS: result.threads}
 
 
-def _trainable(config: dict[str, Any], base: dict, terms: list[str], out_root: str, threads: int) -> None:
-    import torch
+def _trainable(config: dict[str, Any], base: dict, out_root: str, threads: int) -> None:
     from ray import tune
 
-    torch.set_num_threads(threads)
-    cfg = trial_config(base, config)
-    tune.report(evaluate_trial(cfg, Path(out_root) / tune.get_context().get_trial_id(), terms))
+    from er_ray.methods import with_threads
+
+    cfg = with_threads(trial_config(base, {k: v for k, v in config.items() if k != OPTUNA_TRIAL}), threads)
+    tune.report(evaluate_trial(cfg, Path(out_root) / tune.get_context().get_trial_id()))
 
 
 # ---------------------------------------------------------------- the driver
@@ -243,18 +293,19 @@ def open_study(cfg: ExperimentConfig, resume: bool) -> tuple[Any, Any]:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url, name = storage_url(cfg), study_name(cfg)
     storage = optuna.storages.RDBStorage(url)
-    direction = "maximize" if cfg.tune.mode == "max" else "minimize"
+    directions = [g.direction for g in goals(cfg)]
     now = fingerprint(cfg)
     if name not in optuna.get_all_study_names(storage):
         if resume:
             raise UserError(f"nothing to resume: no study '{name}' in {redact(url)}")
-        study = optuna.create_study(study_name=name, storage=storage, direction=direction)
+        study = optuna.create_study(study_name=name, storage=storage, directions=directions)
         study.set_user_attr(STUDY_CONFIG_ATTR, now)
         return study, storage
     study = optuna.load_study(study_name=name, storage=storage)
-    if study.direction.name.lower() != direction:
-        raise UserError(f"study '{name}' in {redact(url)} {study.direction.name.lower()}s its objective; "
-                        f"tune.mode={cfg.tune.mode} needs another tune.study_name")  # fmt: skip
+    if [d.name.lower() for d in study.directions] != directions:
+        had = ", ".join(d.name.lower() for d in study.directions)
+        raise UserError(f"study '{name}' in {redact(url)} has the directions ({had}), not "
+                        f"({', '.join(directions)}): other objectives need another tune.study_name")
     before = study.user_attrs.get(STUDY_CONFIG_ATTR, {})
     changed = sorted(k for k in now.keys() | before.keys() if now.get(k) != before.get(k))
     if changed and not resume:
@@ -275,7 +326,7 @@ def completed(study: Any) -> int:
 def _contract_params(cfg: ExperimentConfig) -> dict[str, Any]:
     ticket = cfg.uses_ticket()
     return {
-        T.PARAM_METHOD: cfg.method, T.PARAM_DATASET: cfg.data.name, T.PARAM_MODEL: cfg.model.name_or_path,
+        T.PARAM_METHOD: cfg.method, T.PARAM_DATASET: dataset_name(cfg.data), T.PARAM_MODEL: cfg.model.name_or_path,
         T.PARAM_GAMMA: cfg.search.gamma if ticket else None,
         T.PARAM_HEAD_RATIO: cfg.prune.head_ratio if ticket else 0.0,
         T.PARAM_FFN_RATIO: cfg.prune.ffn_ratio if ticket else 0.0,
@@ -303,6 +354,7 @@ class TrialLogger:
 
     def _log(self, trial: Any, status: str) -> None:
         sampled = dict(trial.config)
+        number = sampled.pop(OPTUNA_TRIAL, None)
         params: dict[str, Any] = dict(sampled)
         try:
             params |= _contract_params(trial_config(self.base, sampled))
@@ -310,13 +362,15 @@ class TrialLogger:
             pass
         result = trial.last_result or {}
         params |= {k: result[k] for k in (T.PARAM_DEVICE, T.PARAM_THREADS) if k in result}
-        known = {*TICKET_METRICS, *ATTACK_METRICS, OBJECTIVE}
-        metrics = {k: v for k, v in result.items() if k in known and isinstance(v, (int, float))}
-        tags = {T.TAG_NAME: self.base.get("name", ""), TAG_STUDY: self.study, TAG_TRIAL_ID: trial.trial_id}
+        known = {*TICKET_METRICS, *ATTACK_METRICS}
+        metrics = {k: v for k, v in result.items()
+                   if (k in known or k.startswith(OBJECTIVE)) and isinstance(v, (int, float))}
+        tags = {T.TAG_NAME: self.base.get("name", ""), TAG_STUDY: self.study, TAG_TRIAL_ID: trial.trial_id,
+                T.TAG_OPTUNA_TRIAL: str(number)}
         if status == "FAILED":
             tags[TAG_ERROR] = _error_line(trial)
         key = f"trial/{trial.trial_id}"
-        run_id = self.tracker.start(key, "trial", f"trial-{trial.trial_id}", tags=tags)
+        run_id = self.tracker.start(key, "trial", f"trial-{number}", tags=tags)
         end = "FAILED"
         try:
             self.tracker.log(run_id, metrics=metrics, params={k: v for k, v in params.items() if v is not None})
@@ -346,21 +400,45 @@ class TuneSummary:
     parent_run_id: str | None = None
     best_value: float | None = None
     best_params: dict[str, Any] = field(default_factory=dict)
+    goals: list[Goal] = field(default_factory=list)
+    front: list[dict[str, Any]] = field(default_factory=list)  # several objectives: the Pareto-optimal trials
 
     def lines(self) -> list[str]:
         out = [f"study '{self.study_name}' in {self.storage}: {self.completed} of {self.num_samples} trials "
                f"complete ({self.new_trials} new, {self.failed_trials} failed)"]  # fmt: skip
         if self.best_value is not None:
             out.append(f"best {OBJECTIVE} {self.best_value:.4f} at {json.dumps(self.best_params)}")
+        if self.front:
+            out.append(f"Pareto front: {len(self.front)} trial(s) (" + ", ".join(
+                f"{g.metric} {g.mode}" for g in self.goals) + ")")
+            for t in self.front:
+                values = ", ".join(f"{g.metric} {v:.4g}" for g, v in zip(self.goals, t["values"], strict=True))
+                out.append(f"  trial {t['number']}: {values} at {json.dumps(t['params'])}")
         if self.interrupted:
             out.append("interrupted: run the same command again to continue the study")
         return out
 
 
+PARETO_FILE = "pareto_front.json"  # on a multi-objective study's parent run: objectives and front
+
+
+def _front_json(summary: TuneSummary) -> dict[str, Any]:
+    return {"objectives": [{"name": g.name, "metric": g.metric, "mode": g.mode} for g in summary.goals],
+            "front": summary.front}
+
+
 def _best(study: Any) -> tuple[float | None, dict]:
-    if not completed(study):
+    if not completed(study) or len(study.directions) > 1:
         return None, {}
     return study.best_value, dict(study.best_params)
+
+
+def pareto_front(study: Any) -> list[dict[str, Any]]:
+    """A multi-objective study's Pareto-optimal trials (Optuna's `best_trials`), by trial number."""
+    if len(study.directions) < 2 or not completed(study):
+        return []
+    return [{"number": t.number, "values": list(t.values), "params": dict(t.params)}
+            for t in sorted(study.best_trials, key=lambda t: t.number)]
 
 
 def _open_parent(cfg: ExperimentConfig, study: str, url: str) -> T.Tracker:
@@ -371,8 +449,7 @@ def _open_parent(cfg: ExperimentConfig, study: str, url: str) -> T.Tracker:
     return T.Tracker.open(cfg, f"tune-{study}", tags, {**params, "study": study, "storage": url})
 
 
-def _tuner(cfg: ExperimentConfig, study: Any, storage: Any, terms: list[str], num_samples: int,
-           callback: Any) -> Any:  # fmt: skip
+def _tuner(cfg: ExperimentConfig, study: Any, storage: Any, num_samples: int, callback: Any) -> Any:
     import optuna
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
@@ -380,13 +457,17 @@ def _tuner(cfg: ExperimentConfig, study: Any, storage: Any, terms: list[str], nu
 
     name = study.study_name
     # a fresh seed per invocation: a resumed study must not replay its first random samples
+    # TPE handles one objective and several (MOTPE); a fresh seed per invocation: a resumed study must not
+    # replay its first random samples
     sampler = optuna.samplers.TPESampler(seed=cfg.seed + len(study.trials))
-    searcher = OptunaSearch(space=search_space(cfg), metric=OBJECTIVE, mode=cfg.tune.mode, sampler=sampler,
-                            study_name=name, storage=storage)  # fmt: skip
+    gs = goals(cfg)
+    metric, mode = ([g.name for g in gs], [g.mode for g in gs]) if len(gs) > 1 else (gs[0].name, gs[0].mode)
+    searcher = OptunaSearch(space=Suggest(search_space(cfg)), metric=metric, mode=mode, sampler=sampler,
+                            study_name=name, storage=storage)
     out_root = Path(cfg.runtime.output_dir) / cfg.name / "tune" / name
-    threads = cfg.runtime.threads or max(1, int(cfg.ray.search_cpus))
-    trainable = tune.with_parameters(_trainable, base=cfg.model_dump(mode="json"), terms=terms,
-                                     out_root=str(out_root), threads=threads)  # fmt: skip
+    threads = max(1, int(cfg.ray.search_cpus))  # a trial runs as many torch threads as it holds CPUs
+    trainable = tune.with_parameters(_trainable, base=cfg.model_dump(mode="json"), out_root=str(out_root),
+                                     threads=threads)
     return tune.Tuner(
         tune.with_resources(trainable, {"cpu": cfg.ray.search_cpus, "gpu": cfg.ray.search_gpus}),
         tune_config=tune.TuneConfig(
@@ -409,7 +490,7 @@ def tune_study(cfg: ExperimentConfig, resume: bool = False) -> TuneSummary:
 
     from er_ray.orchestration.ray_env import init_ray
 
-    terms = check_objective(cfg)
+    check_objective(cfg)
     cfg = absolute_paths(cfg)
     search_space(cfg)  # bad keys and values fail here, before Ray, MLflow or the study are touched
     study, storage = open_study(cfg, resume)
@@ -418,6 +499,7 @@ def tune_study(cfg: ExperimentConfig, resume: bool = False) -> TuneSummary:
     remaining = cfg.tune.num_samples - summary.completed
     if remaining <= 0:
         summary.best_value, summary.best_params = _best(study)
+        summary.goals, summary.front = goals(cfg), pareto_front(study)
         return summary
 
     init_ray(cfg)
@@ -429,12 +511,15 @@ def tune_study(cfg: ExperimentConfig, resume: bool = False) -> TuneSummary:
         logger = type("TrialLoggerCallback", (TrialLogger, tune.Callback), {})(
             tracker, cfg.model_dump(mode="json"), name
         )
-        _tuner(cfg, study, storage, terms, remaining, logger).fit()
+        _tuner(cfg, study, storage, remaining, logger).fit()
         # Tune stops gracefully on the first Ctrl-C and returns: fewer trials ended than were asked for
         summary.new_trials, summary.failed_trials = logger.finished, logger.failed
         summary.interrupted = logger.finished + logger.failed < remaining
         summary.completed = completed(study)
         summary.best_value, summary.best_params = _best(study)
+        summary.goals, summary.front = goals(cfg), pareto_front(study)
+        if summary.front:
+            T.log_json(tracker.client, tracker.parent_id, _front_json(summary), PARETO_FILE)
         metrics = {"trials_completed": summary.completed, "trials_new": logger.finished,
                    "trials_failed": logger.failed, f"best_{OBJECTIVE}": summary.best_value}  # fmt: skip
         tracker.log(tracker.parent_id, metrics=metrics, tags={"best_params": json.dumps(summary.best_params)})

@@ -20,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 import queue
+import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,6 +33,7 @@ import ray
 from er_ray import tracking as T
 from er_ray.config import ExperimentConfig, UserError, settings
 from er_ray.convergence import Combo
+from er_ray.data import dataset_name
 from er_ray.methods import (
     SplitData,
     load_data,
@@ -39,6 +42,7 @@ from er_ray.methods import (
     stop_fields,
     ticket_masks,
     ticket_name,
+    with_threads,
 )
 from er_ray.orchestration import search_tune as S
 from er_ray.orchestration.ray_env import init_ray
@@ -48,7 +52,6 @@ RESULT_FILE = "result.json"
 ATTACK_DIR = "attack"
 SUMMARY_FILE = "summary.json"
 TIMING_FILE = "timing.json"
-PARENT_ID_FILE = "mlflow_parent_run_id"
 
 
 # ---------------------------------------------------------------- work on the workers
@@ -58,14 +61,11 @@ PARENT_ID_FILE = "mlflow_parent_run_id"
 def ticket_task(experiment: dict, data: SplitData, traj: Trajectory | None, combo: dict | None, out: str,
                 threads: int, events: Any, key: str) -> dict:
     """Draw + rewind + fine-tune one ticket (or train a full-model baseline); returns its TicketResult."""
-    import torch
-
     from er_ray.methods import full_model_pipeline, ticket_pipeline
 
     # fire and forget: a task blocked in ray.get lends its CPUs to another task (oversubscribing the node)
     events.actor.put_nowait.remote(("ticket_started", key, time.time()))
-    torch.set_num_threads(threads)
-    prep = prepare(ExperimentConfig.model_validate(experiment), data=data)
+    prep = prepare(with_threads(ExperimentConfig.model_validate(experiment), threads), data=data)
     if traj is None:
         return full_model_pipeline(prep, Path(out)).to_json()
     return ticket_pipeline(prep, traj, Combo(**combo), Path(out)).to_json()
@@ -308,7 +308,7 @@ class Sweep:
         run_id = self.tracker.start(key, "search", f"search-{trial.key.replace('/', '-')}")
         combos = [vars(x) for x in search_grid(c)]
         self.tracker.log(run_id, params={
-            T.PARAM_METHOD: c.method, T.PARAM_SEED: c.seed, T.PARAM_DATASET: c.data.name,
+            T.PARAM_METHOD: c.method, T.PARAM_SEED: c.seed, T.PARAM_DATASET: dataset_name(c.data),
             T.PARAM_MODEL: c.model.name_or_path, "combos": json.dumps(combos), "scope": c.prune.scope,
             "adversary": resolve_method(c).search.adversary.kind, "lambda_head": c.search.lambda_head,
             "lambda_ffn": c.search.lambda_ffn, "patience": c.search.patience})
@@ -389,6 +389,12 @@ class Sweep:
             trial.traj_ref = ray.put(trial.traj)
         c = trial.cfg
         primary = combo == Combo(c.search.gamma, c.prune.head_ratio, c.prune.ffn_ratio)
+        stop = trial.traj.stops.get(combo)
+        if stop is not None:
+            how = "converged" if stop.converged else "search cap"
+            same = f", same masks as {self.jobs[owner].out.name}" if owner != key else ""
+            epoch = trial.traj.mini_epochs[stop.mini_epoch].epoch
+            say(f"{trial.key} {out.name}: stop at epoch {epoch:.2f} ({how}){same}")
         self._add_job(c, combo, out, primary, owner if owner != key else None, trial.traj_ref)
 
     def _on_ticket(self, key: str, ref: Any) -> None:
@@ -400,6 +406,7 @@ class Sweep:
     def _done_ticket(self, job: Job, result: dict) -> None:
         job.result = result
         if job.key not in self.tracker.existing:
+            say(f"{job.key}: clean {result['clean_acc']:.1%}, fine-tuned in {result['finetune_seconds']:.0f} s")
             if job.key not in self.tracker.open_runs:  # finished before its start was heard (or on resume)
                 self._open_ticket(job, result["finetune_interval"][0] if result.get("finetune_interval") else None)
             run_id = self.tracker.open_runs[job.key]
@@ -427,6 +434,16 @@ class Sweep:
         if not job.owner:
             self.tracker.artifact(run_id, job.out / "ticket.json", "ticket")
             self.tracker.artifact(run_id, job.out / RESULT_FILE, "ticket")
+            wanted = self.cfg.tracking.models
+            if wanted == "all" or (wanted == "primary" and job.primary):
+                self._log_model(run_id, job)
+
+    def _log_model(self, run_id: str, job: Job) -> None:
+        from er_ray.export import export_hf
+
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = export_hf(job.out, Path(tmp) / "hf")
+            self.tracker.log_model(run_id, folder, self.data.eval.texts[:2])
 
     def _maybe_share(self, job: Job) -> None:
         """A combo with the same masks as `job.owner`: the owner's ticket and attack, its own stop point."""
@@ -489,6 +506,8 @@ class Sweep:
             self.tracker.artifact(run_id, job.out / ATTACK_DIR, "attack")
             self.tracker.finish(key, end_time=max(e for _, e in intervals) if intervals else None)
             self.tracker.log(job.run_id, metrics=metrics)
+            aua = ", ".join(f"{r} {v:.0%}" for r, v in summary["aua"].items())
+            say(f"{job.key}: attacked, Aua {aua}")
         job.attacked = True
         for other in self.jobs.values():
             if other.owner == job.key and other.result is not None:
@@ -534,9 +553,14 @@ class Sweep:
             self.service.shutdown()
 
 
+def say(line: str) -> None:
+    """What the run is doing, one line at a time on stderr (stdout keeps the results table)."""
+    print(f"er-ray {time.strftime('%H:%M:%S')} {line}", file=sys.stderr, flush=True)
+
+
 def _ticket_params(cfg: ExperimentConfig, combo: Combo | None) -> dict:
     return {
-        T.PARAM_METHOD: cfg.method, T.PARAM_SEED: cfg.seed, T.PARAM_DATASET: cfg.data.name,
+        T.PARAM_METHOD: cfg.method, T.PARAM_SEED: cfg.seed, T.PARAM_DATASET: dataset_name(cfg.data),
         T.PARAM_MODEL: cfg.model.name_or_path, T.PARAM_GAMMA: combo.gamma if combo else None,
         T.PARAM_HEAD_RATIO: combo.head_ratio if combo else 0.0, T.PARAM_FFN_RATIO: combo.ffn_ratio if combo else 0.0,
         T.PARAM_DEVICE: cfg.runtime.device, T.PARAM_THREADS: max(1, int(cfg.ray.ticket_cpus)),
@@ -549,7 +573,7 @@ def _ticket_metrics(r: dict) -> dict:
         T.FINETUNE_SECONDS: r["finetune_seconds"], T.TRAIN_SECONDS: r["train_seconds"],
         T.STOP_EPOCH: r["stop_epoch"], T.STOP_MINI_EPOCH: r["stop_mini_epoch"],
         T.CONVERGED: None if r["converged"] is None else float(r["converged"]),
-        T.PARAM_COUNT: r["params"], T.SIZE_MB: r["size_mb"], T.LATENCY_MS: r["latency_ms"],
+        T.PARAM_COUNT: r["param_count"], T.SIZE_MB: r["size_mb"], T.LATENCY_MS: r["latency_ms"],
     }
 
 
@@ -564,16 +588,16 @@ def _attack_metrics(summary: dict) -> dict:
 
 def summary_row(result: dict) -> dict:
     keys = ("method", "seed", "gamma", "head_ratio", "ffn_ratio", "stop_epoch", "converged", "clean_acc",
-            "search_seconds", "finetune_seconds", "train_seconds", "params")
+            "search_seconds", "finetune_seconds", "train_seconds", "param_count")
     return {k: result.get(k) for k in keys}
 
 
 def _parent(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> T.Tracker:
-    id_file = run_dir / PARENT_ID_FILE
+    id_file = run_dir / T.PARENT_ID_FILE
     if resume and id_file.exists():
         return T.Tracker.resume(cfg, id_file.read_text().strip())
     params = {"methods": ",".join(cfg.methods()), "seeds": ",".join(map(str, cfg.seeds())),
-              T.PARAM_DATASET: cfg.data.name, T.PARAM_MODEL: cfg.model.name_or_path,
+              T.PARAM_DATASET: dataset_name(cfg.data), T.PARAM_MODEL: cfg.model.name_or_path,
               T.PARAM_SEED: cfg.seed, "run_dir": str(run_dir)}
     tracker = T.Tracker.open(cfg, f"{cfg.name}-{run_dir.name}", {"run_dir": str(run_dir)}, params,
                              artifacts={"config.json": cfg.model_dump(mode="json")})
@@ -587,6 +611,13 @@ def run_pipeline(cfg: ExperimentConfig, resume: bool = False) -> list[dict]:
     run_dir = run_dir_for(cfg, resume)
     init_ray(cfg)
     tracker = _parent(cfg, run_dir, resume)
+    say(f"run folder {run_dir}; MLflow parent run {tracker.parent_id} (experiment "
+        f"'{cfg.tracking.experiment or cfg.name}', store {T.tracking_uri(cfg)})")
+    if cfg.ray.attack:
+        from er_ray.attacks.builds import pending_builds
+
+        for build in pending_builds(cfg.attack, settings().cache_dir, settings().data_dir):
+            say(f"the attack actors first build {build}")
     sweep = Sweep(cfg, run_dir, data, tracker, resume)
     try:
         sweep.start()
@@ -604,6 +635,9 @@ def run_pipeline(cfg: ExperimentConfig, resume: bool = False) -> list[dict]:
         sweep.close()
     tracker.close("FINISHED")
     _write_atomic(run_dir / SUMMARY_FILE, json.dumps(rows, indent=1))
+    uri = T.tracking_uri(cfg)
+    say(f"done in {timing[T.WALL_SECONDS]:.0f} s. Report: er-ray report --run {tracker.parent_id} "
+        f"--tracking-uri {uri}; UI: mlflow ui --backend-store-uri {uri}")
     return rows
 
 

@@ -25,13 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from ray import tune
 from ray.tune.stopper import Stopper
 
 from er_ray import tracking as T
 from er_ray.config import ExperimentConfig
-from er_ray.methods import SplitData, prepare
+from er_ray.methods import SplitData, prepare, with_threads
 from er_ray.model import load_backbone
 from er_ray.search import (
     TRAJECTORY_FILE,
@@ -83,9 +82,8 @@ class ConvergenceStopper(Stopper):
 
 def search_trainable(config: dict[str, Any], data: SplitData) -> None:
     """Tune function trainable: one search stage, resumable from its last checkpoint."""
-    cfg = ExperimentConfig.model_validate(config["trial"]["experiment"])
     threads = max(1, int(config.get("threads") or 1))
-    torch.set_num_threads(threads)
+    cfg = with_threads(ExperimentConfig.model_validate(config["trial"]["experiment"]), threads)
     prep = prepare(cfg, data=data)
     model = load_backbone(prep.cfg.model.name_or_path, prep.num_labels, prep.cfg.seed).to(prep.device)
     stage = SearchStage(prep.cfg, model, prep.batches(prep.cfg.search.batch_size), prep.device)

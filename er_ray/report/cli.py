@@ -6,19 +6,29 @@ import argparse
 import os
 from pathlib import Path
 
-from er_ray.config import UserError, settings
+from er_ray import tracking as T
+from er_ray.config import UserError, load_config, settings
 
-DEFAULT_STORE = Path("outputs") / "mlflow.db"
+
+def tracking_uri(arg: str | None, output_dir: Path = Path("outputs")) -> str:
+    # the rule `er-ray run` follows: --tracking-uri, else MLFLOW_TRACKING_URI, else <output_dir>/mlflow.db
+    return T.existing_store(arg or settings().mlflow_uri or f"sqlite:///{(output_dir / 'mlflow.db').resolve()}")
 
 
-def tracking_uri(arg: str | None) -> str:
-    # the same variable MLflow itself reads, so `er-ray report` finds the store `er-ray run` wrote to
-    uri = arg or settings().mlflow_uri
-    if uri:
-        return uri
-    if not DEFAULT_STORE.is_file():  # opening a missing sqlite file would create an empty store
-        raise UserError(f"no MLflow store at {DEFAULT_STORE}; pass --tracking-uri or set MLFLOW_TRACKING_URI")
-    return f"sqlite:///{DEFAULT_STORE.resolve()}"
+def target(args: argparse.Namespace) -> tuple[str | None, list[str] | None, str]:
+    """(experiment, parent run ids, store): named outright, or found from a config or a run folder the way
+    `er-ray run` chose them."""
+    if args.config is not None:
+        cfg = load_config(args.config, args.overrides)
+        uri = T.existing_store(args.tracking_uri or T.tracking_uri(cfg))
+        return cfg.tracking.experiment or cfg.name, None, uri
+    if args.run_dir is not None:
+        id_file = args.run_dir / T.PARENT_ID_FILE
+        if not id_file.is_file():
+            raise UserError(f"{args.run_dir} is not an er-ray run folder (it has no {T.PARENT_ID_FILE})")
+        output_dir = args.run_dir.resolve().parents[2]  # <output_dir>/<name>/runs/<stamp>
+        return None, [id_file.read_text().strip()], tracking_uri(args.tracking_uri, output_dir)
+    return args.experiment, args.run, tracking_uri(args.tracking_uri)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -27,8 +37,8 @@ def run(args: argparse.Namespace) -> int:
 
     # MLflow's per-download progress bars would bury the table
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    result = build_report(args.experiment, args.run, args.out, tracking_uri(args.tracking_uri),
-                          log_to_mlflow=not args.no_log)  # fmt: skip
+    experiment, runs, uri = target(args)
+    result = build_report(experiment, runs, args.out, uri, log_to_mlflow=not args.no_log)
     print_table(result.table)
     for note in result.notes:
         print(f"note: {note}")
