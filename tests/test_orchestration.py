@@ -154,6 +154,8 @@ def test_primary_tickets_are_mlflow_models_that_predict_label_names(ray_session,
     assert model.metadata.signature is not None and "transformers" in model.metadata.flavors
     out = model.predict(["a gripping, funny film", "dull and far too long"])
     assert len(out) == 2 and set(out["label"]) <= {"negative", "positive"}
+    version = mlflow.register_model(f"runs:/{by_primary['1'].info.run_id}/{T.MODEL_ARTIFACT}", "tiny-ticket")
+    assert str(version.version) == "1" and version.run_id == by_primary["1"].info.run_id
 
 
 def test_failure_ends_runs_failed(ray_session, tiny_model_dir, tmp_path):

@@ -448,3 +448,11 @@ def test_report_finds_the_store_and_experiment_from_a_config_or_a_run_folder(tmp
         target(by_folder)
     (run_dir / tracking.PARENT_ID_FILE).write_text("abc123\n")
     assert target(by_folder) == (None, ["abc123"], store)
+
+
+def test_pareto_dominance_follows_each_objectives_direction():
+    from er_ray.report.pareto import dominated
+
+    points = [[0.9, 100.0], [0.8, 50.0], [0.7, 60.0], [0.9, 100.0]]
+    assert dominated(points, ["max", "min"]) == [False, False, True, False]  # ties both stay on the front
+    assert dominated(points, ["min", "max"]) == [False, True, False, False]

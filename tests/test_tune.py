@@ -185,3 +185,33 @@ def test_failed_and_interrupted_invocations_leave_no_running_run(tiny_model_dir,
     assert cli(path) == 130
     statuses = sorted(r.info.status for r in runs_of(tmp_path, "parent"))
     assert statuses == ["FAILED", "KILLED", "KILLED", "KILLED"]  # the stale one, and two interrupted
+
+
+def test_a_multi_objective_study_has_its_pareto_front_in_the_study_and_the_report(tiny_model_dir, tmp_path,
+                                                                                  ray_session, capsys):
+    import pandas as pd
+
+    from er_ray.config import load_config
+    from er_ray.report import build_report
+
+    objectives = "[{metric: clean_acc, mode: max}, {metric: train_seconds, mode: min}]"
+    path = write_config(tiny_model_dir, tmp_path, **{"tune.num_samples": 4, "tune.objectives": objectives})
+    assert [g.name for g in ot.goals(load_config(path))] == ["objective_0", "objective_1"]
+    assert cli(path) == 0
+    study = study_of(tmp_path)
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    optuna_front = {t.number for t in study.best_trials}
+    printed = capsys.readouterr().out
+    assert f"Pareto front: {len(optuna_front)} trial(s)" in printed
+    for run in runs_of(tmp_path, "trial"):  # each objective logged as the study saw it
+        t = study.trials[int(run.data.tags[T.TAG_OPTUNA_TRIAL])]
+        assert [run.data.metrics["objective_0"], run.data.metrics["objective_1"]] == pytest.approx(t.values)
+        assert run.data.metrics["objective_0"] == run.data.metrics[T.CLEAN_ACC]
+
+    result = build_report("tiny", None, tmp_path / "report", f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
+    csv = next(p for p in result.pareto if p.suffix == ".csv")
+    trials = pd.read_csv(csv)
+    assert len(trials) == 4 and set(trials.loc[trials["on_front"], "trial"]) == optuna_front  # as Optuna has it
+    assert {p.suffix for p in result.pareto} == {".csv", ".md", ".png"}
+    with pytest.raises(UserError, match="two or more"):
+        load_config(path, ["tune.objectives=[{metric: clean_acc}]"])

@@ -151,6 +151,7 @@ class AttackService:
         self.running: dict[Any, tuple[Any, tuple[str, str, list[int]]]] = {}
         self.tickets: dict[str, _Ticket] = {}
         self.redo: dict[tuple, int] = {}
+        self.hold = False  # see `yield_to_training`
 
     def _start(self) -> Any:
         if not self.actors_started:
@@ -188,8 +189,18 @@ class AttackService:
         self.work.extend((key, recipe, idx) for recipe, idx in units)
         self._dispatch()
 
+    def yield_to_training(self, starved: bool) -> None:
+        """While training waits for CPUs (`starved`), start no actor and retire each actor as it finishes its
+        unit: a ticket is the critical path (it makes more attack work), and queued units wait for it."""
+        self.hold = starved
+        self._dispatch()
+
     def _dispatch(self) -> None:
-        while len(self.work) > len(self.idle) and self._alive() < self.cfg.actors:
+        while self.hold and self.idle and self._alive() > 1:  # keep one actor: attacks still progress
+            actor = self.idle.pop()
+            self.ready = {ref: a for ref, a in self.ready.items() if a is not actor}
+            ray.kill(actor)
+        while len(self.work) > len(self.idle) and self._alive() < self.cfg.actors and not self.hold:
             self.idle.append(self._start())
         while self.work and self.idle:
             actor, unit = self.idle.pop(), self.work.popleft()

@@ -446,6 +446,8 @@ def _open_parent(cfg: ExperimentConfig, study: str, url: str) -> T.Tracker:
     flat = T.flatten(cfg.model_dump(mode="json"))
     params = {k: redact(v) if isinstance(v, str) else v for k, v in flat.items()}
     tags = {TAG_STUDY: study, "er_ray.command": "tune"}
+    params[T.PARAM_OBJECTIVES] = json.dumps([{"name": g.name, "metric": g.metric, "mode": g.mode}
+                                             for g in goals(cfg)])
     return T.Tracker.open(cfg, f"tune-{study}", tags, {**params, "study": study, "storage": url})
 
 

@@ -230,12 +230,18 @@ class Sweep:
         self._drain_workers()
 
     def _make_room(self) -> None:
-        """Release an idle attack actor when a search or ticket waits for CPUs and nothing that runs will free
-        any: on a small machine, actors waiting for tickets would otherwise starve the tickets for good."""
+        """Training before attacks when CPUs are short. While a ticket waits for CPUs the attack service starts
+        no actor and retires actors as they finish a unit (keeping one); an idle actor is released when a
+        search or ticket waits and nothing that runs will free any (else actors waiting for tickets would
+        starve the tickets for good, on a small machine)."""
         now = time.time()
-        if self.service is None or not self.service.idle or now - self.room_checked < 1.0:
+        if self.service is None or now - self.room_checked < 1.0:
             return
         self.room_checked = now
+        waits = any(k not in self.tracker.open_runs and k not in self.tracker.existing for k in self.running.values())
+        self.service.yield_to_training(waits and ray.available_resources().get("CPU", 0) < self.cfg.ray.ticket_cpus)
+        if not self.service.idle:
+            return
         started = [k for k in self.running.values() if k in self.tracker.open_runs]
         if started or any(t.started and not t.done for t in self.trials.values()):
             return  # running work will free CPUs: let attacks and training overlap

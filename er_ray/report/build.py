@@ -16,7 +16,7 @@ import pandas as pd
 
 from er_ray import tracking
 from er_ray.config import UserError
-from er_ray.report import claims, figures, stats, stops, table
+from er_ray.report import claims, figures, pareto, stats, stops, table
 from er_ray.report.store import (
     FFN_RATIO,
     GAMMA,
@@ -58,6 +58,7 @@ class ReportResult:
     stop_points: str | None = None  # Markdown: the two stop rules side by side, per search and combo
     source_run_ids: list[str] = field(default_factory=list)  # the parents the table was drawn from
     logged_run_id: str | None = None  # the run the files were logged to
+    pareto: list[Path] = field(default_factory=list)  # multi-objective studies: front tables and figures
 
 
 def build_report(
@@ -76,10 +77,12 @@ def build_report(
     scope = open_scope(experiment, run_ids, uri)
     cells = table_cells(scope)
     searches = [s for root in scope.roots for s in scope.of_kind(scope.subtree(root.run_id), "search")]
-    if not cells and not searches:
+    studies = pareto.fronts(scope)
+    if not cells and not searches and not studies:
         where = f"run(s) {', '.join(run_ids)}" if run_ids else f"experiment '{experiment}'"
         left = f"; {len(scope.skipped)} unfinished parent run(s) left out: pass them with --run" if scope.skipped else ""
-        raise UserError(f"nothing to report: no ticket or search runs (tag {tracking.TAG_KIND}) in {where}{left}")
+        raise UserError(f"nothing to report: no ticket or search runs (tag {tracking.TAG_KIND}) and no "
+                        f"multi-objective study in {where}{left}")
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -100,6 +103,8 @@ def build_report(
         found, notes = stops.read(scope, searches, Path(tmp))
         result.notes += notes
         result.stop_points = stops.to_markdown(found) if found else None
+        for front in studies:
+            result.pareto += pareto.write(front, out_dir)
 
     table.write_csv(df, result.table_csv)
     result.table_md.write_text(_markdown(scope, experiment, cells, result))
@@ -361,7 +366,8 @@ def _log(scope: Scope, result: ReportResult) -> None:
         return
     run_id = scope.roots[0].run_id
     try:
-        files = [result.table_csv, result.table_md, result.claims_csv, result.claims_md, *result.figures]
+        files = [result.table_csv, result.table_md, result.claims_csv, result.claims_md, *result.figures,
+                 *result.pareto]
         tracking.log_files(scope.client, run_id, files, ARTIFACT_DIR)
     except Exception as err:  # the files are on disk either way; say why the copy in MLflow is missing
         result.notes.append(f"not logged to MLflow: {type(err).__name__}: {err}")

@@ -46,6 +46,10 @@ def run(args: argparse.Namespace) -> int:
         if d.verdict:
             print(f"claim ({d.dataset}, {d.claim.source}): {d.claim.text}: {d.verdict}")
     print(f"wrote {result.table_md}, {result.claims_md}, their CSVs and {len(result.figures)} figure(s) to {args.out}")
+    for path in result.pareto:
+        if path.suffix == ".md":
+            print(path.read_text().split("\n\n")[1])  # "k of n finished trials are on the front of ..."
+            print(f"wrote {path} and its .csv and .png")
     if result.logged_run_id:
         print(f"logged under artifacts 'report/' of run {result.logged_run_id}")
     return 0
