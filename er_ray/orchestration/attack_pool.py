@@ -151,7 +151,7 @@ class AttackService:
         self.running: dict[Any, tuple[Any, tuple[str, str, list[int]]]] = {}
         self.tickets: dict[str, _Ticket] = {}
         self.redo: dict[tuple, int] = {}
-        self.hold = False  # see `yield_to_training`
+        self.hold = self.retire = False  # see `yield_to_training`
 
     def _start(self) -> Any:
         if not self.actors_started:
@@ -189,14 +189,15 @@ class AttackService:
         self.work.extend((key, recipe, idx) for recipe, idx in units)
         self._dispatch()
 
-    def yield_to_training(self, starved: bool) -> None:
-        """While training waits for CPUs (`starved`), start no actor and retire each actor as it finishes its
-        unit: a ticket is the critical path (it makes more attack work), and queued units wait for it."""
-        self.hold = starved
+    def yield_to_training(self, waiting: bool, starved: bool) -> None:
+        """Training first: while a ticket waits to start (`waiting`) start no actor, which would race it for
+        the CPUs; while it waits for CPUs (`starved`) also retire actors as they finish a unit, down to one.
+        A ticket is the critical path (it makes more attack work); queued units wait for it."""
+        self.hold, self.retire = waiting, starved
         self._dispatch()
 
     def _dispatch(self) -> None:
-        while self.hold and self.idle and self._alive() > 1:  # keep one actor: attacks still progress
+        while self.retire and self.idle and self._alive() > 1:  # keep one actor: attacks still progress
             actor = self.idle.pop()
             self.ready = {ref: a for ref, a in self.ready.items() if a is not actor}
             ray.kill(actor)

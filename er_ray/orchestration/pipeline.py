@@ -230,8 +230,7 @@ class Sweep:
         self._drain_workers()
 
     def _make_room(self) -> None:
-        """Training before attacks when CPUs are short. While a ticket waits for CPUs the attack service starts
-        no actor and retires actors as they finish a unit (keeping one); an idle actor is released when a
+        """Training before attacks (`AttackService.yield_to_training`) while a ticket waits; an idle actor is released when a
         search or ticket waits and nothing that runs will free any (else actors waiting for tickets would
         starve the tickets for good, on a small machine)."""
         now = time.time()
@@ -239,7 +238,8 @@ class Sweep:
             return
         self.room_checked = now
         waits = any(k not in self.tracker.open_runs and k not in self.tracker.existing for k in self.running.values())
-        self.service.yield_to_training(waits and ray.available_resources().get("CPU", 0) < self.cfg.ray.ticket_cpus)
+        short = waits and ray.available_resources().get("CPU", 0) < self.cfg.ray.ticket_cpus
+        self.service.yield_to_training(waits, short)
         if not self.service.idle:
             return
         started = [k for k in self.running.values() if k in self.tracker.open_runs]
