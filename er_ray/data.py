@@ -6,6 +6,7 @@ Every problem with the data is a one-line `UserError` that names the file, the c
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import random
 import re
@@ -417,6 +418,15 @@ def load_splits(cfg: DataConfig, seed: int, data_dir: Path | None = None) -> tup
     train = load_split(cfg, cfg.train_split, seed, cfg.max_train_examples, data_dir)
     evaluation = load_split(cfg, cfg.eval_split, seed, cfg.max_eval_examples, data_dir)
     return train, evaluation
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (provenance tags, dataset digests, cache keys)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def dataset_name(cfg: DataConfig) -> str:

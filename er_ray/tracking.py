@@ -14,10 +14,12 @@ Runs of one invocation:
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -247,8 +249,7 @@ class Tracker:
                 pins.append(f"{pkg}=={metadata.version(pkg)}")
             except metadata.PackageNotFoundError:
                 pass
-        mlflow.set_tracking_uri(self.uri)
-        with mlflow.start_run(run_id=run_id):  # the flavour logs into the active run only
+        with fluent(self.uri), mlflow.start_run(run_id=run_id):  # the flavour logs into the active run only
             mlflow.transformers.log_model(str(hf_folder), name=MODEL_ARTIFACT, task="text-classification",
                                           signature=signature, input_example=examples, pip_requirements=pins)
 
@@ -257,6 +258,23 @@ class Tracker:
         for key in list(self.open_runs):
             self.finish(key, "KILLED" if status != "FINISHED" else "FAILED")
         self.client.set_terminated(self.parent_id, status)
+
+
+@contextlib.contextmanager
+def fluent(uri: str) -> Iterator[None]:
+    """MLflow's fluent API pointed at `uri` for the block, then back as it was. `mlflow.set_tracking_uri` also
+    sets MLFLOW_TRACKING_URI, which would send every later store lookup of this process to `uri`."""
+    import mlflow
+
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    before = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)
+        if env is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = env
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -268,16 +286,6 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def git_commit() -> str | None:
@@ -299,8 +307,10 @@ def provenance(data_files: list[Path]) -> dict[str, str]:
             pass
     if commit := git_commit():
         tags["mlflow.source.git.commit"] = commit
+    from er_ray.data import sha256_file
+
     for f in data_files:
-        tags[f"sha256.{f.parent.name}/{f.name}"] = _sha256(f)
+        tags[f"sha256.{f.parent.name}/{f.name}"] = sha256_file(f)
     return tags
 
 
@@ -320,7 +330,7 @@ def dataset_inputs(data_cfg: Any, data_dir: Path | None = None) -> list[Any]:
     out = []
     for i, (context, split, limit) in enumerate(splits):
         if len(files) == 2:
-            digest, source_type, source = _sha256(files[i])[:16], "local", {"uri": str(files[i])}
+            digest, source_type, source = data.sha256_file(files[i])[:16], "local", {"uri": str(files[i])}
         else:
             digest = hashlib.sha256(f"{data_cfg.name}/{split}".encode()).hexdigest()[:16]
             source_type, source = "hugging_face", {"path": "glue", "config_name": data_cfg.name, "split": split}

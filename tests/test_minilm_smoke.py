@@ -37,7 +37,7 @@ def test_earlyrobust_on_minilm_end_to_end(tmp_path, two_threads):
     # 1/6 of 72 heads and 30% of 6 x 1536 neurons, removed physically
     assert sum(map(len, result.kept_heads)) == 60 and sum(map(len, result.kept_neurons)) == 6451
     full = load_backbone("minilm", 2, 1)
-    assert result.params < count_parameters(full) - 1_000_000
+    assert result.param_count < count_parameters(full) - 1_000_000
     model, tok = load_ticket(result.ticket_dir)
     assert heads_per_layer(model) == [len(h) for h in result.kept_heads]
     assert neurons_per_layer(model) == [len(n) for n in result.kept_neurons]

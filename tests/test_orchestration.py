@@ -144,18 +144,19 @@ def test_primary_tickets_are_mlflow_models_that_predict_label_names(ray_session,
 
     cfg = _sweep_config(tiny_model_dir, tmp_path, **{"sweep.gammas": "[0.5]"})
     run_pipeline(cfg)
-    mlflow.set_tracking_uri(cfg.tracking.uri)
+    assert os.environ.get("MLFLOW_TRACKING_URI") != cfg.tracking.uri  # logging the model left no global behind
     by_primary = {r.data.tags[T.TAG_PRIMARY]: r for r in _runs(cfg.tracking.uri, "ticket")}
     assert set(by_primary) == {"0", "1"}
-    exp = by_primary["1"].info.experiment_id
-    models = {m.source_run_id: m for m in mlflow.search_logged_models([exp], output_format="list")}
-    assert set(models) == {by_primary["1"].info.run_id}  # the config's own combo only, by default
-    model = mlflow.pyfunc.load_model(f"runs:/{by_primary['1'].info.run_id}/{T.MODEL_ARTIFACT}")
-    assert model.metadata.signature is not None and "transformers" in model.metadata.flavors
-    out = model.predict(["a gripping, funny film", "dull and far too long"])
-    assert len(out) == 2 and set(out["label"]) <= {"negative", "positive"}
-    version = mlflow.register_model(f"runs:/{by_primary['1'].info.run_id}/{T.MODEL_ARTIFACT}", "tiny-ticket")
-    assert str(version.version) == "1" and version.run_id == by_primary["1"].info.run_id
+    run_id, exp = by_primary["1"].info.run_id, by_primary["1"].info.experiment_id
+    with T.fluent(cfg.tracking.uri):
+        models = {m.source_run_id: m for m in mlflow.search_logged_models([exp], output_format="list")}
+        assert set(models) == {run_id}  # the config's own combo only, by default
+        model = mlflow.pyfunc.load_model(f"runs:/{run_id}/{T.MODEL_ARTIFACT}")
+        assert model.metadata.signature is not None and "transformers" in model.metadata.flavors
+        out = model.predict(["a gripping, funny film", "dull and far too long"])
+        assert len(out) == 2 and set(out["label"]) <= {"negative", "positive"}
+        version = mlflow.register_model(f"runs:/{run_id}/{T.MODEL_ARTIFACT}", "tiny-ticket")
+        assert str(version.version) == "1" and version.run_id == run_id
 
 
 def test_failure_ends_runs_failed(ray_session, tiny_model_dir, tmp_path):

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from er_ray.data import sha256_file
+
 CONSTRAINT_FILES = ("ppdb_synonyms.txt", "ppdb_antonyms.txt", "wordnet_antonyms.txt", "vocabulary.txt")
 FORMAT_VERSION = 2  # bump when the build changes, so old cache entries are not reused
 
@@ -182,14 +184,6 @@ def simlex(vectors: WordVectors, simlex_path: Path) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------- building and caching
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def cache_key(constraints_dir: Path, params: CounterFitParams, vocab_limit: int | None,

@@ -27,17 +27,17 @@ def init_ray(cfg: ExperimentConfig | None = None, num_cpus: int | None = None) -
     if ray.is_initialized():
         return
     address = (cfg.ray.address if cfg else None) or settings().ray_address
-    # workers import er_ray from this checkout; keep their output quiet unless something fails
+    # workers' warnings and progress reach the terminal (Ray prefixes each line with its worker and folds
+    # repeats across workers); the per-checkpoint INFO lines of Tune are silenced in the trainable
     # ray.init replaces the driver's SIGTERM handler with one that exits at once: keep the caller's (the CLI
     # turns SIGTERM into an interrupt, so runs end KILLED and can be resumed)
     main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM) if main else None
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address)
     else:
         # "local": always a fresh Ray of our own; a bare init() would join whatever Ray instance this machine
         # last started (another user's run, or the leftovers of a driver that was killed)
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
-                 log_to_driver=False)
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False)
     if main and previous is not None:
         signal.signal(signal.SIGTERM, previous)

@@ -17,6 +17,7 @@ driver had stopped listening, and the experiment state on storage could name a c
 from __future__ import annotations
 
 import importlib
+import logging
 import queue
 import tempfile
 import threading
@@ -82,6 +83,7 @@ class ConvergenceStopper(Stopper):
 
 def search_trainable(config: dict[str, Any], data: SplitData) -> None:
     """Tune function trainable: one search stage, resumable from its last checkpoint."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # "Checkpoint successfully created" per report
     threads = max(1, int(config.get("threads") or 1))
     cfg = with_threads(ExperimentConfig.model_validate(config["trial"]["experiment"]), threads)
     prep = prepare(cfg, data=data)
