@@ -513,3 +513,29 @@ def test_pool_redoes_the_shard_of_a_dead_actor(victim_dir, pool_case, ray_sessio
     keys = [(r["recipe"], r["index"]) for r in result.records]
     assert len(keys) == len(set(keys)) == 2 * len(reference.indices)  # nothing lost, nothing twice
     assert _same(result, reference)
+
+
+def test_the_attack_service_gives_way_to_waiting_training(victim_dir, pool_case, ray_session):
+    import ray
+
+    from er_ray.config import settings
+    from er_ray.orchestration.attack_pool import AttackService
+
+    sub, cfg, reference, options = pool_case
+    service = AttackService(sub, cfg, 64, settings().cache_dir, resource_options=options)
+    try:
+        service.yield_to_training(waiting=True, starved=False)
+        service.submit("t", victim_dir, reference.indices, 3)
+        assert service.actors_started == 0  # a ticket waits to start: no actor races it for the CPUs
+        service.yield_to_training(waiting=False, starved=False)
+        assert service.actors_started == 2
+        service.yield_to_training(waiting=True, starved=True)  # now it waits for CPUs: retire down to one
+        done = []
+        while service.busy():
+            ready, _ = ray.wait(service.refs(), num_returns=1)
+            done += service.handle(ready[0])
+        assert service.actors_started == 2 and len(service.idle) + len(service.running) == 1
+        (finished,) = done
+        assert _same(finished.result, reference)  # the units of the retired actor were not lost
+    finally:
+        service.shutdown()
