@@ -224,11 +224,15 @@ class TuneConfig(_Strict):
     mode: Literal["max", "min"] = "max"
     # two or more: a multi-objective study (its Pareto front); then `objective` and `mode` are not used
     objectives: list[Objective] = []
+    # asha: stop single-objective trials early on their clean accuracy after each fine-tuning epoch
+    scheduler: Literal["none", "asha"] = "none"
 
     @model_validator(mode="after")
     def _several(self) -> TuneConfig:
         if len(self.objectives) == 1:
             raise ValueError("tune.objectives takes two or more; one objective is tune.objective and tune.mode")
+        if self.objectives and self.scheduler != "none":
+            raise ValueError("tune.scheduler stops single-objective studies only (tune.objectives is set)")
         return self
     num_samples: int = Field(default=8, ge=1)
     max_concurrent: int = Field(default=1, ge=1)

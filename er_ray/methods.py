@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,16 @@ from er_ray.model import count_parameters, load_backbone, load_tokenizer
 from er_ray.precision import Amp, resolve
 from er_ray.search import TRAJECTORY_FILE, MiniEpoch, SearchStage, Trajectory
 from er_ray.ticket import Masks, build_ticket, draw_masks, random_masks, random_masks_like, save_ticket
-from er_ray.train import Batches, accuracy, make_optimizer, make_scheduler, pick_device, to_device, train
+from er_ray.train import (
+    Batches,
+    TrainState,
+    accuracy,
+    make_optimizer,
+    make_scheduler,
+    pick_device,
+    to_device,
+    train,
+)
 
 
 def resolve_method(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -81,6 +91,9 @@ class Prepared:
     device: torch.device
     progress: bool = False  # progress bars (CLI runs)
     precision: str = "fp32"  # runtime.precision resolved on `device` (fp32, bf16 or fp16)
+    # called after each fine-tuning epoch but the last with (epoch, clean accuracy): a Tune scheduler's
+    # intermediate results (the evaluation is not training time)
+    on_epoch: Callable[[int, float], None] | None = None
 
     def amp(self, training: bool = True) -> Amp:
         return Amp(self.precision, self.device.type, training)
@@ -190,11 +203,21 @@ def fine_tune(prep: Prepared, model: nn.Module, adversarial: bool = False) -> tu
     total = max(1, math.ceil(f.epochs * len(batches)))
     opt = make_optimizer(model, f.lr, f.weight_decay)
     adv = cfg.search.adversary if adversarial else cfg.search.adversary.model_copy(update={"kind": "none"})
+
+    def evaluate() -> float:
+        return accuracy(model, prep.batches(f.eval_batch_size, train=False), prep.eval.labels, prep.device,
+                        prep.amp(training=False))
+
+    def epoch_done(state: TrainState) -> bool:
+        if prep.on_epoch is not None and state.step < total:
+            prep.on_epoch(state.step // len(batches), evaluate())
+            model.train()
+        return False
+
     state = train(model, batches, total, opt, make_scheduler(opt, total, f.warmup_ratio), adv, f.max_grad_norm,
-                  prep.device, progress="fine-tune" if prep.progress else None, amp=prep.amp())  # fmt: skip
-    acc = accuracy(model, prep.batches(f.eval_batch_size, train=False), prep.eval.labels, prep.device,
-                   prep.amp(training=False))
-    return acc, state.seconds, state.losses
+                  prep.device, every=len(batches), on_every=epoch_done,
+                  progress="fine-tune" if prep.progress else None, amp=prep.amp())
+    return evaluate(), state.seconds, state.losses
 
 
 @torch.no_grad()

@@ -37,6 +37,8 @@ TAG_TRIAL_ID = "er_ray.trial_id"  # the Ray Tune trial
 TAG_OPTUNA_TRIAL = "er_ray.optuna_trial"  # its number in the Optuna study (the run is named trial-<number>)
 TAG_ERROR = "er_ray.error"  # a failed trial's error, one line
 OBJECTIVE = "objective"  # the tuned objective of a trial; objective_<i> for each of several
+EPOCH_CLEAN_ACC = "epoch_clean_acc"  # a tune trial's clean accuracy after each fine-tuning epoch (step = epoch)
+TAG_STOPPED_EARLY = "er_ray.stopped_early"  # "1" on a tune trial its scheduler stopped (Optuna: PRUNED)
 PARAM_OBJECTIVES = "objectives"  # a tune parent: JSON list of {name, metric, mode}
 TAG_PRIMARY = "er_ray.primary"  # "1" on the ticket at the config's own gamma and ratios (Table 1's row)
 TAG_SHARED = "er_ray.shared_with"  # a combo whose masks equal another's: the ticket run holding the weights

@@ -215,3 +215,37 @@ def test_a_multi_objective_study_has_its_pareto_front_in_the_study_and_the_repor
     assert {p.suffix for p in result.pareto} == {".csv", ".md", ".png"}
     with pytest.raises(UserError, match="two or more"):
         load_config(path, ["tune.objectives=[{metric: clean_acc}]"])
+
+
+def test_a_trial_stopped_by_the_scheduler_is_pruned_in_optuna_not_complete():
+    from optuna.distributions import FloatDistribution
+    from ray.tune.search.optuna import OptunaSearch
+
+    space = ot.Suggest({"finetune.lr": FloatDistribution(1e-5, 1e-3, log=True)})
+    searcher = ot._final_results_only(OptunaSearch)(space=space, metric=ot.OBJECTIVE, mode="max")
+    stopped, finished = searcher.suggest("a"), searcher.suggest("b")
+    assert {"finetune.lr", ot.OPTUNA_TRIAL} <= set(stopped) and finished[ot.OPTUNA_TRIAL] == 1
+    searcher.on_trial_result("a", {T.EPOCH_CLEAN_ACC: 0.5, "training_iteration": 1})  # no objective yet
+    searcher.on_trial_complete("a", {T.EPOCH_CLEAN_ACC: 0.5, "training_iteration": 1})  # ASHA stopped it
+    searcher.on_trial_result("b", {T.EPOCH_CLEAN_ACC: 0.6, "training_iteration": 1})
+    searcher.on_trial_complete("b", {ot.OBJECTIVE: 0.7, "training_iteration": 2})
+    trials = searcher._ot_study.trials
+    assert [t.state for t in trials] == [TrialState.PRUNED, TrialState.COMPLETE] and trials[1].value == 0.7
+
+
+def test_asha_runs_a_study_on_per_epoch_results(tiny_model_dir, tmp_path, ray_session):
+    path = write_config(tiny_model_dir, tmp_path, **{"tune.num_samples": 3, "tune.scheduler": "asha",
+                                                     "finetune.epochs": 3})
+    assert cli(path) == 0
+    study = study_of(tmp_path)
+    states = {t.number: t.state for t in study.trials}
+    assert set(states.values()) <= {TrialState.COMPLETE, TrialState.PRUNED}
+    assert len(states) == 3 and TrialState.COMPLETE in states.values()
+    for run in runs_of(tmp_path, "trial"):  # a run is tagged stopped early exactly when Optuna pruned it
+        pruned = states[int(run.data.tags[T.TAG_OPTUNA_TRIAL])] == TrialState.PRUNED
+        assert (run.data.tags.get(T.TAG_STOPPED_EARLY) == "1") == pruned
+        assert pruned or ot.OBJECTIVE in run.data.metrics
+    with pytest.raises(UserError, match="single-objective"):
+        from er_ray.config import load_config
+
+        load_config(path, ["tune.objectives=[{metric: clean_acc}, {metric: train_seconds, mode: min}]"])

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import re
 import time
 import uuid
@@ -232,13 +233,15 @@ def _ticket_metrics(r: Any) -> dict[str, float | None]:
     }  # fmt: skip
 
 
-def evaluate_trial(cfg: ExperimentConfig, out: Path) -> dict[str, Any]:
+def evaluate_trial(cfg: ExperimentConfig, out: Path, on_epoch: Any = None) -> dict[str, Any]:
     """The whole pipeline for one sampled config, in this process: contract metrics, the objectives, and the
-    device and threads the timings were measured with."""
+    device and threads the timings were measured with. `on_epoch(epoch, clean_acc)`: after each fine-tuning
+    epoch but the last."""
     from er_ray.convergence import Combo
     from er_ray.methods import full_model_pipeline, prepare, search_stage, ticket_pipeline
 
     prep = prepare(cfg)
+    prep.on_epoch = on_epoch
     c = prep.cfg
     if c.uses_ticket():
         combo = Combo(c.search.gamma, c.prune.head_ratio, c.prune.ffn_ratio)
@@ -279,7 +282,12 @@ def _trainable(config: dict[str, Any], base: dict, out_root: str, threads: int) 
     from er_ray.methods import with_threads
 
     cfg = with_threads(trial_config(base, {k: v for k, v in config.items() if k != OPTUNA_TRIAL}), threads)
-    tune.report(evaluate_trial(cfg, Path(out_root) / tune.get_context().get_trial_id()))
+
+    def on_epoch(epoch: int, acc: float) -> None:  # the scheduler's intermediate results: no objective yet
+        tune.report({T.EPOCH_CLEAN_ACC: acc, "finetune_epoch": epoch})
+
+    early = on_epoch if cfg.tune.scheduler != "none" else None
+    tune.report(evaluate_trial(cfg, Path(out_root) / tune.get_context().get_trial_id(), early))
 
 
 # ---------------------------------------------------------------- the driver
@@ -369,6 +377,8 @@ class TrialLogger:
                 T.TAG_OPTUNA_TRIAL: str(number)}
         if status == "FAILED":
             tags[TAG_ERROR] = _error_line(trial)
+        elif not any(k.startswith(OBJECTIVE) for k in result):
+            tags[T.TAG_STOPPED_EARLY] = "1"
         key = f"trial/{trial.trial_id}"
         run_id = self.tracker.start(key, "trial", f"trial-{number}", tags=tags)
         end = "FAILED"
@@ -451,6 +461,18 @@ def _open_parent(cfg: ExperimentConfig, study: str, url: str) -> T.Tracker:
     return T.Tracker.open(cfg, f"tune-{study}", tags, {**params, "study": study, "storage": url})
 
 
+def _final_results_only(optuna_search: type) -> type:
+    """Ray's OptunaSearch, told only final results: a scheduler's intermediate results carry no objective, and a
+    trial the scheduler stopped (its last result has none) is told PRUNED, not COMPLETE with a partial value."""
+
+    class FinalResultsOnly(optuna_search):
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            if isinstance(self.metric, str) and self.metric in result:
+                super().on_trial_result(trial_id, result)
+
+    return FinalResultsOnly
+
+
 def _tuner(cfg: ExperimentConfig, study: Any, storage: Any, num_samples: int, callback: Any) -> Any:
     import optuna
     from ray import tune
@@ -464,16 +486,25 @@ def _tuner(cfg: ExperimentConfig, study: Any, storage: Any, num_samples: int, ca
     sampler = optuna.samplers.TPESampler(seed=cfg.seed + len(study.trials))
     gs = goals(cfg)
     metric, mode = ([g.name for g in gs], [g.mode for g in gs]) if len(gs) > 1 else (gs[0].name, gs[0].mode)
-    searcher = OptunaSearch(space=Suggest(search_space(cfg)), metric=metric, mode=mode, sampler=sampler,
-                            study_name=name, storage=storage)
+    searcher = _final_results_only(OptunaSearch)(space=Suggest(search_space(cfg)), metric=metric, mode=mode,
+                                                 sampler=sampler, study_name=name, storage=storage)
     out_root = Path(cfg.runtime.output_dir) / cfg.name / "tune" / name
     threads = max(1, int(cfg.ray.search_cpus))  # a trial runs as many torch threads as it holds CPUs
     trainable = tune.with_parameters(_trainable, base=cfg.model_dump(mode="json"), out_root=str(out_root),
                                      threads=threads)
+    scheduler = None
+    if cfg.tune.scheduler == "asha":
+        # per-epoch results carry no objective by design; Tune would refuse them
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+        # rungs at fine-tuning epochs 1, 2, 4, ... (iteration e = after epoch e); a trial in the lower half of
+        # those that reached a rung stops there
+        scheduler = tune.schedulers.ASHAScheduler(metric=T.EPOCH_CLEAN_ACC, mode="max", grace_period=1,
+                                                  reduction_factor=2, max_t=max(2, cfg.finetune.epochs))
     return tune.Tuner(
         tune.with_resources(trainable, {"cpu": cfg.ray.search_cpus, "gpu": cfg.ray.search_gpus}),
         tune_config=tune.TuneConfig(
             search_alg=ConcurrencyLimiter(searcher, max_concurrent=cfg.tune.max_concurrent),
+            scheduler=scheduler,
             num_samples=num_samples,
             reuse_actors=True,  # one process imports torch once for a run of trials
         ),
