@@ -14,7 +14,7 @@ import sys
 import threading
 from pathlib import Path
 
-from er_ray.config import UserError, load_config, settings
+from er_ray.config import UserError, load_config
 from er_ray.methods import check_config
 
 
@@ -36,7 +36,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     if cfg.ray.attack:
         from er_ray.attacks.builds import pending_builds
 
-        for build in pending_builds(cfg.attack, settings().cache_dir, settings().data_dir):
+        for build in pending_builds(cfg.attack):
             print(f"the first run builds {build}")
     return 0
 

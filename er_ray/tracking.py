@@ -94,6 +94,7 @@ def success_rate(attack: str) -> str:
 ATTACKS = ("textfooler", "textbugger", "bertattack")
 PARENT_ID_FILE = "mlflow_parent_run_id"  # in a run folder: the parent run that holds it
 MODEL_ARTIFACT = "model"  # a ticket run's MLflow model: runs:/<ticket run>/model
+PROVENANCE_PACKAGES = ("torch", "transformers", "textattack", "ray", "mlflow", "er-ray")  # version.<pkg> tags
 MODEL_REQUIREMENTS = ("torch", "transformers", "tokenizers", "safetensors", "mlflow")  # pinned to what ran
 
 # ---------------------------------------------------------------- store
@@ -245,12 +246,7 @@ class Tracker:
 
         signature = ModelSignature(inputs=Schema([ColSpec("string")]),
                                    outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score")]))
-        pins = []
-        for pkg in MODEL_REQUIREMENTS:
-            try:
-                pins.append(f"{pkg}=={metadata.version(pkg)}")
-            except metadata.PackageNotFoundError:
-                pass
+        pins = [f"{pkg}=={v}" for pkg, v in versions(MODEL_REQUIREMENTS).items()]
         with fluent(self.uri), mlflow.start_run(run_id=run_id):  # the flavour logs into the active run only
             mlflow.transformers.log_model(str(hf_folder), name=MODEL_ARTIFACT, task="text-classification",
                                           signature=signature, input_example=examples, pip_requirements=pins)
@@ -299,14 +295,21 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def versions(packages: tuple[str, ...]) -> dict[str, str]:
+    """The installed version of each package that is installed."""
+    out = {}
+    for pkg in packages:
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
 def provenance(data_files: list[Path]) -> dict[str, str]:
     """Package versions, the git commit (MLflow's own source tags) and sha256 of local data files, as tags."""
     tags = {"python": sys.version.split()[0], "mlflow.source.type": "LOCAL", "mlflow.source.name": "er-ray"}
-    for pkg in ("torch", "transformers", "textattack", "ray", "mlflow", "er-ray"):
-        try:
-            tags[f"version.{pkg}"] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
+    tags |= {f"version.{pkg}": v for pkg, v in versions(PROVENANCE_PACKAGES).items()}
     if commit := git_commit():
         tags["mlflow.source.git.commit"] = commit
     from er_ray.data import sha256_file

@@ -15,15 +15,19 @@ VECTORS_MINUTES = 1  # counter-fitting the full GloVe vocabulary
 MASKED_LM_MINUTES = 15  # 1,500 steps of MiniLM's MLM head on review text
 
 
-def pending_builds(cfg: AttackConfig, cache_dir: Path, data_dir: Path | None) -> list[str]:
-    """What the config's attacks would build into `cache_dir` on first use; empty when everything is cached
-    (or the attacks use textattack's published resources)."""
+def pending_builds(cfg: AttackConfig, cache_dir: Path | None = None, data_dir: Path | None = None) -> list[str]:
+    """What the config's attacks would build into the cache on first use (default: ER_RAY_CACHE_DIR, data from
+    ER_RAY_DATA_DIR); empty when everything is cached (or the attacks use textattack's published resources)."""
+    from er_ray.config import settings
+
+    cache_dir = cache_dir or settings().cache_dir
+    data_dir = data_dir or settings().data_dir
     if cfg.resources != "offline" or data_dir is None or not (data_dir / "counter-fitting").is_dir():
         return []  # nothing is built (or the run fails on the missing data first, with its own message)
-    from er_ray.attacks.vectors import CounterFitParams, cache_folder, cache_key
+    from er_ray.attacks.vectors import cache_folder, cache_key
 
     out = []
-    folder = cache_folder(cache_dir, cache_key(data_dir / "counter-fitting", CounterFitParams(), None, (), 50))
+    folder = cache_folder(cache_dir, cache_key(data_dir / "counter-fitting"))  # the attacks' defaults
     if not (folder / "meta.json").exists():
         out.append(f"counter-fitted word vectors into {folder.parent} (one time, about {VECTORS_MINUTES} min "
                    "on 2 CPU cores)")

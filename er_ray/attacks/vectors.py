@@ -186,8 +186,8 @@ def simlex(vectors: WordVectors, simlex_path: Path) -> dict[str, float]:
 # ---------------------------------------------------------------- building and caching
 
 
-def cache_key(constraints_dir: Path, params: CounterFitParams, vocab_limit: int | None,
-              extra_words: Sequence[str], k: int) -> dict:
+def cache_key(constraints_dir: Path, params: CounterFitParams = CounterFitParams(), vocab_limit: int | None = None,
+              extra_words: Sequence[str] = (), k: int = 50) -> dict:
     """What a cache entry is built from: input files (sha256), parameters, vocabulary restriction."""
     emb, index = glove_files()
     return {

@@ -78,6 +78,10 @@ class Goal:
     def direction(self) -> str:
         return "maximize" if self.mode == "max" else "minimize"
 
+    def describe(self) -> dict[str, str]:
+        """As logged (the tune parent's `objectives` param, `pareto_front.json`) and read by the report."""
+        return {"name": self.name, "metric": self.metric, "mode": self.mode}
+
 
 def goals(cfg: ExperimentConfig) -> list[Goal]:
     """`tune.objectives` (a multi-objective study) when given, else `tune.objective` / `tune.mode`."""
@@ -433,8 +437,7 @@ PARETO_FILE = "pareto_front.json"  # on a multi-objective study's parent run: ob
 
 
 def _front_json(summary: TuneSummary) -> dict[str, Any]:
-    return {"objectives": [{"name": g.name, "metric": g.metric, "mode": g.mode} for g in summary.goals],
-            "front": summary.front}
+    return {"objectives": [g.describe() for g in summary.goals], "front": summary.front}
 
 
 def _best(study: Any) -> tuple[float | None, dict]:
@@ -456,8 +459,7 @@ def _open_parent(cfg: ExperimentConfig, study: str, url: str) -> T.Tracker:
     flat = T.flatten(cfg.model_dump(mode="json"))
     params = {k: redact(v) if isinstance(v, str) else v for k, v in flat.items()}
     tags = {TAG_STUDY: study, "er_ray.command": "tune"}
-    params[T.PARAM_OBJECTIVES] = json.dumps([{"name": g.name, "metric": g.metric, "mode": g.mode}
-                                             for g in goals(cfg)])
+    params[T.PARAM_OBJECTIVES] = json.dumps([g.describe() for g in goals(cfg)])
     return T.Tracker.open(cfg, f"tune-{study}", tags, {**params, "study": study, "storage": url})
 
 

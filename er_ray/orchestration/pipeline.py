@@ -230,25 +230,24 @@ class Sweep:
         self._drain_workers()
 
     def _make_room(self) -> None:
-        """Training before attacks (`AttackService.yield_to_training`) while a ticket waits; an idle actor is released when a
-        search or ticket waits and nothing that runs will free any (else actors waiting for tickets would
-        starve the tickets for good, on a small machine)."""
+        """Training before attacks on a small machine. While a ticket waits to start the attack service starts
+        no actor, and while it waits for CPUs actors retire down to one (`AttackService.yield_to_training`);
+        an idle actor is released when a search or ticket waits and nothing that runs will free any (actors
+        waiting for tickets would otherwise starve the tickets for good)."""
         now = time.time()
         if self.service is None or now - self.room_checked < 1.0:
             return
         self.room_checked = now
-        waits = any(k not in self.tracker.open_runs and k not in self.tracker.existing for k in self.running.values())
-        short = waits and ray.available_resources().get("CPU", 0) < self.cfg.ray.ticket_cpus
-        self.service.yield_to_training(waits, short)
-        if not self.service.idle:
-            return
-        started = [k for k in self.running.values() if k in self.tracker.open_runs]
-        if started or any(t.started and not t.done for t in self.trials.values()):
-            return  # running work will free CPUs: let attacks and training overlap
         c = self.cfg.ray
-        waiting = [c.ticket_cpus for k in self.running.values() if k not in self.tracker.open_runs]
-        waiting += [c.search_cpus for t in self.trials.values() if not t.done and not t.started]
-        if waiting and ray.available_resources().get("CPU", 0) < min(waiting):
+        pending = [k for k in self.running.values() if k not in self.tracker.open_runs]  # submitted, not started
+        free = ray.available_resources().get("CPU", 0)
+        self.service.yield_to_training(bool(pending), bool(pending) and free < c.ticket_cpus)
+        started = len(pending) < len(self.running) or any(t.started and not t.done for t in self.trials.values())
+        if not self.service.idle or started:
+            return  # running work will free CPUs: let attacks and training overlap
+        waiting = [c.ticket_cpus] * len(pending) + [c.search_cpus for t in self.trials.values()
+                                                   if not t.done and not t.started]
+        if waiting and free < min(waiting):
             self.service.release_idle()
 
     def _finished(self) -> bool:
@@ -618,11 +617,11 @@ def run_pipeline(cfg: ExperimentConfig, resume: bool = False) -> list[dict]:
     init_ray(cfg)
     tracker = _parent(cfg, run_dir, resume)
     say(f"run folder {run_dir}; MLflow parent run {tracker.parent_id} (experiment "
-        f"'{cfg.tracking.experiment or cfg.name}', store {T.tracking_uri(cfg)})")
+        f"'{cfg.tracking.experiment or cfg.name}', store {tracker.uri})")
     if cfg.ray.attack:
         from er_ray.attacks.builds import pending_builds
 
-        for build in pending_builds(cfg.attack, settings().cache_dir, settings().data_dir):
+        for build in pending_builds(cfg.attack):
             say(f"the attack actors first build {build}")
     sweep = Sweep(cfg, run_dir, data, tracker, resume)
     try:
@@ -641,9 +640,8 @@ def run_pipeline(cfg: ExperimentConfig, resume: bool = False) -> list[dict]:
         sweep.close()
     tracker.close("FINISHED")
     _write_atomic(run_dir / SUMMARY_FILE, json.dumps(rows, indent=1))
-    uri = T.tracking_uri(cfg)
     say(f"done in {timing[T.WALL_SECONDS]:.0f} s. Report: er-ray report --run {tracker.parent_id} "
-        f"--tracking-uri {uri}; UI: mlflow ui --backend-store-uri {uri}")
+        f"--tracking-uri {tracker.uri}; UI: mlflow ui --backend-store-uri {tracker.uri}")
     return rows
 
 

@@ -191,10 +191,7 @@ def open_scope(experiment: str | None, run_ids: list[str] | None, uri: str) -> S
     run_ids = list(dict.fromkeys(run_ids or []))
     if not experiment and not run_ids:
         raise UserError("report needs --experiment NAME or --run PARENT_RUN_ID")
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        # MLflow would create an empty store there and then find nothing in it
-        raise UserError(f"no MLflow store at {uri}")
-    client = MlflowClient(tracking_uri=uri)
+    client = MlflowClient(tracking_uri=tracking.existing_store(uri))
     exp, exp_ids = None, set()
     rid = None
     try:
