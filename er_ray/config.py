@@ -67,6 +67,9 @@ class DataConfig(_Strict):
     label_map: dict[str, int] | None = None
     max_train_examples: int | None = Field(default=None, gt=0)
     max_eval_examples: int | None = Field(default=None, gt=0)
+    # N rows of the training split, never trained on, evaluated instead of eval_split (clean accuracy and the
+    # attack sample): model selection (`er-ray tune`) scores itself here, keeping the reported split unseen
+    validation_from_train: int | None = Field(default=None, gt=0)
     max_length: int = Field(default=128, ge=8, le=4096)
     # the training and evaluation subsets and the attack sample; None = the config's `seed`. A sweep over
     # seeds varies only the training randomness, so every seed trains and is attacked on the same rows.
@@ -76,6 +79,9 @@ class DataConfig(_Strict):
     def _custom_needs_files(self) -> DataConfig:
         if self.name == "custom" and (self.train_file is None or self.eval_file is None):
             raise ValueError("data.name=custom needs data.train_file and data.eval_file")
+        if self.validation_from_train is not None and self.max_eval_examples is not None:
+            raise ValueError("data.validation_from_train and data.max_eval_examples both size the evaluation "
+                             "set: set one")
         return self
 
 

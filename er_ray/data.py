@@ -413,11 +413,41 @@ def _check_distinct(cfg: DataConfig) -> None:
 
 
 def load_splits(cfg: DataConfig, seed: int, data_dir: Path | None = None) -> tuple[TextDataset, TextDataset]:
-    """(train, eval) as configured, each capped by max_train_examples / max_eval_examples."""
+    """(train, eval) as configured, each capped by max_train_examples / max_eval_examples; with
+    validation_from_train, eval is that many training rows that train leaves out (see `carve_validation`)."""
     _check_distinct(cfg)
+    if cfg.validation_from_train is not None:
+        return carve_validation(cfg, load_split(cfg, cfg.train_split, seed, None, data_dir), seed)
     train = load_split(cfg, cfg.train_split, seed, cfg.max_train_examples, data_dir)
     evaluation = load_split(cfg, cfg.eval_split, seed, cfg.max_eval_examples, data_dir)
     return train, evaluation
+
+
+def carve_validation(cfg: DataConfig, full: TextDataset, seed: int) -> tuple[TextDataset, TextDataset]:
+    """(train, held-out) from the whole training split. The training rows are those the config trains on
+    without a carve-out (same seed, same rows), the held-out ones a seeded sample of the rest; with no
+    max_train_examples, train is everything not held out."""
+    n, held = len(full), cfg.validation_from_train
+    assert held is not None
+    wanted = held + (cfg.max_train_examples or 1)
+    if wanted > n:
+        raise UserError(f"data.validation_from_train={held} leaves too few of the {n} rows of "
+                        f"{cfg.train_split} for training (max_train_examples={cfg.max_train_examples})")
+    if cfg.max_train_examples is None:
+        out = sample_indices(n, held, seed)
+        train_idx = sorted(set(range(n)) - set(out))
+    else:
+        train_idx = sample_indices(n, cfg.max_train_examples, seed)
+        rest = sorted(set(range(n)) - set(train_idx))
+        out = [rest[i] for i in sample_indices(len(rest), held, seed)]
+    validation = full.subset(out)
+    validation.origin = f"{full.origin} (held out: {held} rows)"
+    return full.subset(train_idx), validation
+
+
+def eval_split_name(cfg: DataConfig) -> str:
+    """What the evaluation set is called in results: the eval split, or `<train split>-heldout`."""
+    return cfg.eval_split if cfg.validation_from_train is None else f"{cfg.train_split}-heldout"
 
 
 def sha256_file(path: Path) -> str:
@@ -437,14 +467,19 @@ def dataset_name(cfg: DataConfig) -> str:
     return str(cfg.name)
 
 
+def _read_splits(cfg: DataConfig) -> tuple[str, ...]:
+    return (cfg.train_split,) if cfg.validation_from_train else (cfg.train_split, cfg.eval_split)
+
+
 def local_files(cfg: DataConfig, data_dir: Path | None = None) -> list[Path]:
     """The files `load_splits` would read (for sha256 provenance); empty when everything comes from the hub."""
     if cfg.name == "custom":
-        return [Path(p) for p in (cfg.train_file, cfg.eval_file) if p is not None]
+        files = (cfg.train_file,) if cfg.validation_from_train else (cfg.train_file, cfg.eval_file)
+        return [Path(p) for p in files if p is not None]
     spec = _spec(cfg.name)
     data_dir = _data_dir(data_dir)
     files: list[Path] = []
-    for split in (cfg.train_split, cfg.eval_split):
+    for split in _read_splits(cfg):
         _check_split(cfg.name, spec, split)
         if cfg.source == "local":
             files.append(_local_path(cfg.name, spec, split, data_dir))

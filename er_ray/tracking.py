@@ -330,11 +330,13 @@ def dataset_inputs(data_cfg: Any, data_dir: Path | None = None) -> list[Any]:
     from er_ray import data
 
     files = data.local_files(data_cfg, data_dir)
-    splits = [("train", data_cfg.train_split, data_cfg.max_train_examples),
-              ("eval", data_cfg.eval_split, data_cfg.max_eval_examples)]
+    held = data_cfg.validation_from_train
+    # (context, split, rows, which file): a held-out evaluation set is read from the training file
+    splits = [("train", data_cfg.train_split, data_cfg.max_train_examples, 0),
+              ("eval", data.eval_split_name(data_cfg), held or data_cfg.max_eval_examples, 0 if held else 1)]
     out = []
-    for i, (context, split, limit) in enumerate(splits):
-        if len(files) == 2:
+    for context, split, limit, i in splits:
+        if len(files) == (1 if held else 2):
             digest, source_type, source = data.sha256_file(files[i])[:16], "local", {"uri": str(files[i])}
         else:
             digest = hashlib.sha256(f"{data_cfg.name}/{split}".encode()).hexdigest()[:16]

@@ -13,6 +13,7 @@ from er_ray import data
 from er_ray.config import DataConfig, UserError
 from er_ray.data import (
     TextDataset,
+    carve_validation,
     check_data,
     encode,
     load_split,
@@ -109,6 +110,31 @@ def test_load_splits_auto_and_limits() -> None:
     for ds in (train, evaluation):
         assert ds.pairs is None and ds.num_labels == 2 and set(ds.labels) <= {0, 1}
         assert all(isinstance(t, str) and len(t) > 20 for t in ds.texts)
+
+
+def test_a_validation_carved_from_train_is_never_trained_on_and_leaves_the_training_rows_as_they_were() -> None:
+    full = TextDataset([f"row {i}" for i in range(1000)], None, [i % 2 for i in range(1000)], 2, ["n", "p"], "f")
+    cfg = DataConfig(name="sst2", max_train_examples=300, validation_from_train=120)
+    train, held = carve_validation(cfg, full, seed=5)
+    assert train.texts == full.subset(sample_indices(1000, 300, 5)).texts  # as without the carve-out
+    assert len(held) == 120 and not set(held.texts) & set(train.texts)
+    assert held.origin == "f (held out: 120 rows)" and held.texts != carve_validation(cfg, full, 6)[1].texts
+    # no training cap: every row is used once
+    train_all, held_all = carve_validation(cfg.model_copy(update={"max_train_examples": None}), full, 5)
+    assert sorted(train_all.texts + held_all.texts) == sorted(full.texts) and len(held_all) == 120
+    with pytest.raises(UserError, match="too few"):
+        carve_validation(cfg.model_copy(update={"validation_from_train": 701}), full, 5)
+    with pytest.raises(ValueError, match="set one"):
+        DataConfig(name="sst2", validation_from_train=10, max_eval_examples=10)
+
+
+def test_the_real_split_with_a_carved_validation_reads_no_dev_file() -> None:
+    plain = local("sst2", max_train_examples=300)
+    carved = local("sst2", max_train_examples=300, validation_from_train=120)
+    train, held = load_splits(carved, seed=5)
+    assert train.texts == load_splits(plain, seed=5)[0].texts and len(held) == 120
+    assert held.origin.endswith("sst2/train.tsv (held out: 120 rows)")
+    assert local_files(carved, DATA) == [DATA / "sst2/train.tsv"]  # the dev split stays out of selection
 
 
 def test_subset() -> None:

@@ -296,8 +296,10 @@ def _init_error(err: Exception) -> Exception:
 
 def attack_dataset(data: DataConfig, seed: int, split: str | None = None) -> Any:
     """The split attacks are run on: all of it (Clean%), the attack sample drawn from it by seed."""
-    from er_ray.data import load_split
+    from er_ray.data import load_split, load_splits
 
+    if split is None and data.validation_from_train is not None:
+        return load_splits(data, seed)[1]
     return load_split(data, split or data.eval_split, seed, None)
 
 

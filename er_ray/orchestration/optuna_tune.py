@@ -261,7 +261,7 @@ def evaluate_trial(cfg: ExperimentConfig, out: Path, on_epoch: Any = None) -> di
         model, tokenizer = load_victim(result.ticket_dir)
         acfg = c.attack.model_copy(update={"recipes": recipes, "num_examples": c.tune.attack_examples})
         rob = evaluate_robustness(
-            model.to(prep.device), tokenizer, prep.eval, acfg, c.seed, c.data.max_length
+            model.to(prep.device), tokenizer, prep.eval, acfg, c.sample_seed, c.data.max_length
         )
         for r in recipes:
             metrics |= {
