@@ -32,6 +32,12 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 def cmd_check(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     check_config(cfg)
+    if cfg.tune.space:
+        from er_ray.orchestration.optuna_tune import storage_url
+        from er_ray.storage import is_uri
+
+        if is_uri(cfg.runtime.output_dir):
+            storage_url(cfg)  # the study needs a database, which a storage URI is not
     print(f"{args.config}: ok ({cfg.method} on {cfg.data.name}, model {cfg.model.name_or_path})")
     if cfg.ray.attack:
         from er_ray.attacks.builds import pending_builds

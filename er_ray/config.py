@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 
 class UserError(Exception):
@@ -188,7 +188,11 @@ class RayConfig(_Strict):
     ticket_cpus: float = Field(default=2.0, gt=0)  # per draw + rewind + fine-tune task
     ticket_gpus: float = Field(default=0.0, ge=0)
     max_retries: int = Field(default=2, ge=0)  # task retries and trial max_failures on worker failure
-    checkpoint_every: int = Field(default=1, ge=1)  # mini-epochs between full search checkpoints
+    # a search's restart state (weights, optimizer, RNG: ~1.3 GB at BERT-base) is written, one copy
+    # overwritten, every `checkpoint_every` mini-epochs and whenever `checkpoint_seconds` have passed since
+    # the last write; Tune's per-mini-epoch checkpoints hold only the trajectory
+    checkpoint_every: int = Field(default=1, ge=1)
+    checkpoint_seconds: float | None = Field(default=None, gt=0)
     attack: bool = True  # evaluate every ticket with the attack pool
 
 
@@ -239,18 +243,26 @@ class TuneConfig(_Strict):
             raise ValueError("tune.objectives takes two or more; one objective is tune.objective and tune.mode")
         if self.objectives and self.scheduler != "none":
             raise ValueError("tune.scheduler stops single-objective studies only (tune.objectives is set)")
+        if self.objectives and self.min_clean_acc is not None:
+            raise ValueError("tune.min_clean_acc is for single-objective studies: with tune.objectives, make "
+                             "clean_acc one of them")
         return self
     num_samples: int = Field(default=8, ge=1)
     max_concurrent: int = Field(default=1, ge=1)
     storage: str | None = None  # Optuna RDB URL; default sqlite in runtime.output_dir (resumable)
     study_name: str | None = None
     attack_examples: int = Field(default=50, ge=1)  # per-trial attack sample
+    # a trial below this clean accuracy is not attacked and is PRUNED: a model that learned nothing (one class
+    # for every input) cannot be flipped, and its Aua (the share of that class) would win a robustness study
+    min_clean_acc: float | None = Field(default=None, ge=0, le=1)
 
 
 class RuntimeConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(default=None, ge=1)  # torch threads; None = torch's default
-    output_dir: Path = Path("outputs")
+    # a local folder or a storage URI (s3://bucket/prefix, gs://...; see er_ray/storage.py): run folders, Tune's
+    # search checkpoints, tickets, attack results. With a URI, MLflow and Optuna need a server or a local path.
+    output_dir: Annotated[str, BeforeValidator(lambda v: str(v) if isinstance(v, Path) else v)] = "outputs"
     # autocast for every forward of search, fine-tuning, evaluation and latency; weights stay fp32
     precision: Precision = "fp32"
 

@@ -26,6 +26,7 @@ from er_ray.convergence import Combo, StopPoint
 from er_ray.model import count_parameters, load_backbone, load_tokenizer
 from er_ray.precision import Amp, resolve
 from er_ray.search import TRAJECTORY_FILE, MiniEpoch, SearchStage, Trajectory
+from er_ray.storage import Store, is_uri
 from er_ray.ticket import Masks, build_ticket, draw_masks, random_masks, random_masks_like, save_ticket
 from er_ray.train import (
     Batches,
@@ -152,8 +153,13 @@ def check_output_dir(path: Path) -> None:
 def check_config(cfg: ExperimentConfig) -> None:
     """Schema is checked by loading; here the local paths it names (nothing is downloaded or loaded)."""
     from er_ray.model import resolve_model_path
+    from er_ray.tracking import tracking_uri
 
-    check_output_dir(Path(cfg.runtime.output_dir))
+    if is_uri(cfg.runtime.output_dir):
+        Store.at(cfg.runtime.output_dir)  # the scheme and its options are known to pyarrow
+        tracking_uri(cfg)  # MLflow cannot live under a URI: a server or a local path is named
+    else:
+        check_output_dir(Path(cfg.runtime.output_dir))
     data_mod.check_data(cfg.data, settings().data_dir)
     path = resolve_model_path(cfg.model.name_or_path)
     local = path.startswith((".", "/", "~")) or Path(path).expanduser().exists()
@@ -372,6 +378,9 @@ def full_model_pipeline(prep: Prepared, out: Path) -> TicketResult:
 
 
 def experiment_dir(cfg: ExperimentConfig) -> Path:
+    if is_uri(cfg.runtime.output_dir):
+        raise UserError("runtime.output_dir is a storage URI: a run in one process (--no-ray) writes a local "
+                        "folder; run it on Ray (er-ray run) or give a local runtime.output_dir")
     return Path(cfg.runtime.output_dir) / cfg.name / cfg.method
 
 

@@ -39,6 +39,7 @@ TAG_ERROR = "er_ray.error"  # a failed trial's error, one line
 OBJECTIVE = "objective"  # the tuned objective of a trial; objective_<i> for each of several
 EPOCH_CLEAN_ACC = "epoch_clean_acc"  # a tune trial's clean accuracy after each fine-tuning epoch (step = epoch)
 TAG_STOPPED_EARLY = "er_ray.stopped_early"  # "1" on a tune trial its scheduler stopped (Optuna: PRUNED)
+TAG_BELOW_FLOOR = "er_ray.below_min_clean_acc"  # "1" on a tune trial under tune.min_clean_acc (Optuna: PRUNED)
 PARAM_OBJECTIVES = "objectives"  # a tune parent: JSON list of {name, metric, mode}
 TAG_PRIMARY = "er_ray.primary"  # "1" on the ticket at the config's own gamma and ratios (Table 1's row)
 TAG_SHARED = "er_ray.shared_with"  # a combo whose masks equal another's: the ticket run holding the weights
@@ -101,7 +102,13 @@ MODEL_REQUIREMENTS = ("torch", "transformers", "tokenizers", "safetensors", "mlf
 
 
 def default_tracking_uri(output_dir: str | Path) -> str:
-    """A local sqlite store beside the outputs (sqlite allows one writer: the driver logs)."""
+    """A local sqlite store beside the outputs (sqlite allows one writer: the driver logs). A storage URI
+    holds files, not a database: MLflow then needs a server or a local path."""
+    from er_ray.storage import is_uri, redact
+
+    if is_uri(output_dir):
+        raise UserError(f"runtime.output_dir is a storage URI ({redact(str(output_dir))}): MLflow needs a "
+                        "tracking server or a local path: set tracking.uri or MLFLOW_TRACKING_URI")
     path = Path(output_dir).resolve() / "mlflow.db"
     path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -102,7 +103,7 @@ def test_identical_masks_share_one_trained_ticket_and_attack(sweep):
         for m in (T.CLEAN_ACC, T.FINETUNE_SECONDS, T.aua("textbugger")):
             assert r.data.metrics[m] == owner.data.metrics[m]
     assert len(runs["attack"]) == len(owners)  # one attack per trained ticket
-    trained = list(cfg.runtime.output_dir.glob("tiny/runs/*/earlyrobust/seed*/*/result.json"))
+    trained = list(Path(cfg.runtime.output_dir).glob("tiny/runs/*/earlyrobust/seed*/*/result.json"))
     assert len(trained) == len(owners)
 
 
@@ -122,7 +123,7 @@ def test_search_runs_log_one_history_point_per_mini_epoch(sweep):
 
     for run in runs["search"]:
         seed = run.data.params[T.PARAM_SEED]
-        (traj_file,) = cfg.runtime.output_dir.glob(f"tiny/runs/*/earlyrobust/seed{seed}/{TRAJECTORY_FILE}")
+        (traj_file,) = Path(cfg.runtime.output_dir).glob(f"tiny/runs/*/earlyrobust/seed{seed}/{TRAJECTORY_FILE}")
         steps = [m.step for m in client.get_metric_history(run.info.run_id, T.SEARCH_SECONDS)]
         assert sorted(steps) == list(range(len(Trajectory.load(traj_file).mini_epochs)))
 
@@ -131,12 +132,12 @@ def test_seeds_train_differently_on_the_same_rows(sweep):
     cfg, rows, client, runs = sweep
     by_seed = {s: sorted((r["gamma"], r["ffn_ratio"], r["clean_acc"]) for r in rows if r["seed"] == s) for s in SEEDS}
     summaries = {}
-    for path in cfg.runtime.output_dir.glob("tiny/runs/*/earlyrobust/seed*/*/attack/summary.json"):
+    for path in Path(cfg.runtime.output_dir).glob("tiny/runs/*/earlyrobust/seed*/*/attack/summary.json"):
         summaries.setdefault(path.parts[-4], []).append(json.loads(path.read_text())["indices"])
     # the attacked sample is the config's, whatever the training seed
     assert len({json.dumps(i) for v in summaries.values() for i in v}) == 1
     losses = {}
-    for path in cfg.runtime.output_dir.glob("tiny/runs/*/earlyrobust/seed*/*/result.json"):
+    for path in Path(cfg.runtime.output_dir).glob("tiny/runs/*/earlyrobust/seed*/*/result.json"):
         r = json.loads(path.read_text())
         losses.setdefault(r["seed"], r["finetune_losses"])
     assert losses[1] != losses[2] and by_seed[1] and by_seed[2]

