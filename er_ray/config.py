@@ -168,6 +168,7 @@ class AttackConfig(_Strict):
     actors: int = Field(default=1, ge=1)
     cpus_per_actor: float = Field(default=1.0, gt=0)
     gpus_per_actor: float = Field(default=0.0, ge=0)
+    memory_gb_per_actor: float = Field(default=0.0, ge=0)  # Ray `memory` reserved per actor (host RAM)
     batch_size: int = Field(default=32, ge=1)  # model queries per forward pass
     query_budget: int | None = Field(default=None, gt=0)
     # BERT-Attack's masked LM offline: "minilm" (MiniLM + an MLM head trained once into the cache: ~15 min on
@@ -187,6 +188,10 @@ class RayConfig(_Strict):
     search_gpus: float = Field(default=0.0, ge=0)
     ticket_cpus: float = Field(default=2.0, gt=0)  # per draw + rewind + fine-tune task
     ticket_gpus: float = Field(default=0.0, ge=0)
+    # host RAM reserved in Ray's `memory` resource per search trial / ticket task: with fractional GPUs several
+    # share a node, and Ray then places no more of them than its memory holds (0: no reservation)
+    search_memory_gb: float = Field(default=0.0, ge=0)
+    ticket_memory_gb: float = Field(default=0.0, ge=0)
     max_retries: int = Field(default=2, ge=0)  # task retries and trial max_failures on worker failure
     # a search's restart state (weights, optimizer, RNG: ~1.3 GB at BERT-base) is written, one copy
     # overwritten, every `checkpoint_every` mini-epochs and whenever `checkpoint_seconds` have passed since

@@ -249,9 +249,9 @@ def test_run_folder_is_absolute_for_a_relative_output_dir(tmp_path, monkeypatch)
 
     monkeypatch.chdir(tmp_path)
     cfg = config_from_dict({"name": "rel", "runtime": {"output_dir": "outputs"}})
-    run_dir = run_dir_for(cfg, resume=False)
+    run_dir = run_dir_for(cfg, resume=False).local
     assert run_dir.is_absolute() and run_dir.is_dir() and run_dir.parent == tmp_path / "outputs" / "rel" / "runs"
-    assert run_dir_for(cfg, resume=True) == run_dir
+    assert run_dir_for(cfg, resume=True).local == run_dir
     with pytest.raises(Exception, match="nothing to resume"):
         run_dir_for(config_from_dict({"name": "other"}), resume=True)
 

@@ -149,7 +149,9 @@ def test_a_run_on_a_bucket_writes_everything_there_and_resumes_from_it(s3, clust
     cfg = tiny_experiment(tiny_model_dir, tmp_path, **{
         "ray.methods": "[earlyrobust, finetune]", "ray.search_cpus": 1, "ray.ticket_cpus": 1,
         "attack.recipes": "[textbugger]", "attack.num_examples": 4, "attack.actors": 1,
-        "attack.cpus_per_actor": 1, "tracking.uri": f"sqlite:///{tmp_path}/mlflow.db"})
+        "attack.cpus_per_actor": 1, "tracking.uri": f"sqlite:///{tmp_path}/mlflow.db",
+        # memory reservations on every kind of work (fractional GPUs rely on them): accepted by Ray, and held
+        "ray.search_memory_gb": 0.25, "ray.ticket_memory_gb": 0.25, "attack.memory_gb_per_actor": 0.25})
     cfg.runtime.output_dir = uri
     rows = run_pipeline(cfg)
 

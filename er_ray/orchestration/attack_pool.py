@@ -21,6 +21,7 @@ from typing import Any
 import ray
 
 from er_ray.config import AttackConfig, DataConfig, UserError
+from er_ray.orchestration.ray_env import gib, init_ray
 from er_ray.storage import Store, is_uri
 
 VICTIMS_CACHED = 3  # tickets an actor keeps loaded (units of one ticket mostly arrive together)
@@ -143,13 +144,11 @@ class AttackService:
 
     def __init__(self, dataset: Any, cfg: AttackConfig, max_length: int, cache_dir: Path,
                  resource_options: dict | None = None, events: Any = None, shared_cache: str | None = None):
-        from er_ray.orchestration.ray_env import init_ray
-
         init_ray()
         self.cfg, self.dataset, self.started = cfg, dataset, time.time()
         options = {"masked_lm": cfg.masked_lm, **(resource_options or {})}
-        self._remote = ray.remote(num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor, max_restarts=0)(
-            AttackActor)
+        self._remote = ray.remote(num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor,
+                                  memory=gib(cfg.memory_gb_per_actor), max_restarts=0)(AttackActor)
         self._args = (ray.put(dataset), cfg.model_dump(), max_length, str(Path(cache_dir).resolve()), options,
                       max(1, int(cfg.cpus_per_actor)), "cuda" if cfg.gpus_per_actor > 0 else "cpu", events,
                       shared_cache)

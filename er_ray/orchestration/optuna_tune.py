@@ -512,9 +512,11 @@ def _tuner(cfg: ExperimentConfig, study: Any, storage: Any, num_samples: int, ca
     trainable = tune.with_parameters(_trainable, base=cfg.model_dump(mode="json"), out_root=out_root.uri,
                                      threads=threads)
     scheduler = None
-    if cfg.tune.scheduler == "asha":
-        # per-epoch results carry no objective by design; Tune would refuse them
+    if cfg.tune.scheduler == "asha" or cfg.tune.min_clean_acc is not None:
+        # per-epoch results and trials under the accuracy floor carry no objective by design; Tune would
+        # refuse them
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    if cfg.tune.scheduler == "asha":
         # rungs at fine-tuning epochs 1, 2, 4, ... (iteration e = after epoch e); a trial in the lower half of
         # those that reached a rung stops there
         scheduler = tune.schedulers.ASHAScheduler(metric=T.EPOCH_CLEAN_ACC, mode="max", grace_period=1,

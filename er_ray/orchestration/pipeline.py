@@ -49,7 +49,7 @@ from er_ray.methods import (
     with_threads,
 )
 from er_ray.orchestration import search_tune as S
-from er_ray.orchestration.ray_env import init_ray
+from er_ray.orchestration.ray_env import gib, init_ray
 from er_ray.search import STOP_POINTS_FILE, TRAJECTORY_FILE, Trajectory, search_grid, stop_point_rows
 from er_ray.storage import Store, is_uri
 
@@ -404,7 +404,8 @@ class Sweep:
             return job
         c = cfg.ray
         ref = ticket_task.options(
-            num_cpus=c.ticket_cpus, num_gpus=c.ticket_gpus, max_retries=c.max_retries, retry_exceptions=False,
+            num_cpus=c.ticket_cpus, num_gpus=c.ticket_gpus, memory=gib(c.ticket_memory_gb), max_retries=c.max_retries,
+            retry_exceptions=False,
         ).remote(cfg.model_dump(mode="json"), self.data_ref, traj_ref, vars(combo) if combo else None, out.uri,
                  max(1, int(c.ticket_cpus)), self.events, key)
         self.running[ref] = key

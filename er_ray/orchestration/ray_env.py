@@ -41,3 +41,8 @@ def init_ray(cfg: ExperimentConfig | None = None, num_cpus: int | None = None) -
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False)
     if main and previous is not None:
         signal.signal(signal.SIGTERM, previous)
+
+
+def gib(gb: float) -> int | None:
+    """A `memory` resource request in bytes; None (no reservation) for 0."""
+    return int(gb * 2**30) or None

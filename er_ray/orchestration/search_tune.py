@@ -33,6 +33,7 @@ from er_ray import tracking as T
 from er_ray.config import ExperimentConfig
 from er_ray.methods import SplitData, prepare, with_threads
 from er_ray.model import load_backbone
+from er_ray.orchestration.ray_env import gib
 from er_ray.search import (
     SEARCH_STATE_FILE,
     TRAJECTORY_FILE,
@@ -185,7 +186,7 @@ def search_tuner(trials: dict[str, ExperimentConfig], storage: Store | Path, dat
     some = next(iter(trials.values()))
     trainable = tune.with_resources(
         tune.with_parameters(search_trainable, data=data_ref),
-        {"cpu": some.ray.search_cpus, "gpu": some.ray.search_gpus},
+        {"cpu": some.ray.search_cpus, "gpu": some.ray.search_gpus, "memory": gib(some.ray.search_memory_gb) or 0},
     )
     storage = storage if isinstance(storage, Store) else Store.at(storage)
     fs = None if storage.local is not None else storage.fs
