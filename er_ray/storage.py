@@ -25,6 +25,8 @@ from urllib.parse import urlsplit, urlunsplit
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from er_ray.config import UserError
+
 
 def is_uri(where: str | Path) -> bool:
     """`s3://…`, `gs://…` and the like; a local path (or `file://`) is not."""
@@ -48,8 +50,6 @@ class Store:
         try:
             fs, path = pafs.FileSystem.from_uri(str(where))
         except (pa.ArrowInvalid, OSError, ValueError) as err:  # unknown scheme, bad options
-            from er_ray.config import UserError
-
             raise UserError(f"cannot open storage {redact(str(where))}: {str(err).splitlines()[0]}") from None
         return cls(fs, path.rstrip("/"), str(where))
 
