@@ -70,6 +70,10 @@ class DataConfig(_Strict):
     # N rows of the training split, never trained on, evaluated instead of eval_split (clean accuracy and the
     # attack sample): model selection (`er-ray tune`) scores itself here, keeping the reported split unseen
     validation_from_train: int | None = Field(default=None, gt=0)
+    # held-out rows shorter than this many words are not drawn: SST-2's training split is mostly parse-tree
+    # phrases (median 7 words, a third of them 1-3) while its dev split is sentences (median 19), and a phrase
+    # too short to perturb survives every attack
+    validation_min_words: int | None = Field(default=None, gt=0)
     max_length: int = Field(default=128, ge=8, le=4096)
     # the training and evaluation subsets and the attack sample; None = the config's `seed`. A sweep over
     # seeds varies only the training randomness, so every seed trains and is attacked on the same rows.

@@ -433,13 +433,21 @@ def carve_validation(cfg: DataConfig, full: TextDataset, seed: int) -> tuple[Tex
     if wanted > n:
         raise UserError(f"data.validation_from_train={held} leaves too few of the {n} rows of "
                         f"{cfg.train_split} for training (max_train_examples={cfg.max_train_examples})")
+    long_enough = [i for i in range(n) if len(full.texts[i].split()) >= (cfg.validation_min_words or 0)]
     if cfg.max_train_examples is None:
-        out = sample_indices(n, held, seed)
+        if held > len(long_enough):
+            raise UserError(f"data.validation_from_train={held}: only {len(long_enough)} rows of "
+                            f"{cfg.train_split} have {cfg.validation_min_words}+ words")
+        out = [long_enough[i] for i in sample_indices(len(long_enough), held, seed)]
         train_idx = sorted(set(range(n)) - set(out))
     else:
         train_idx = sample_indices(n, cfg.max_train_examples, seed)
-        rest = sorted(set(range(n)) - set(train_idx))
-        out = [rest[i] for i in sample_indices(len(rest), held, seed)]
+        rest = sorted(set(long_enough) - set(train_idx))
+        if held > len(rest):
+            raise UserError(f"data.validation_from_train={held} leaves too few of the {n} rows of "
+                            f"{cfg.train_split} for training (max_train_examples={cfg.max_train_examples}, "
+                            f"validation_min_words={cfg.validation_min_words})")
+        out = sorted(rest[i] for i in sample_indices(len(rest), held, seed))
     validation = full.subset(out)
     validation.origin = f"{full.origin} (held out: {held} rows)"
     return full.subset(train_idx), validation

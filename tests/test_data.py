@@ -126,6 +126,15 @@ def test_a_validation_carved_from_train_is_never_trained_on_and_leaves_the_train
         carve_validation(cfg.model_copy(update={"validation_from_train": 701}), full, 5)
     with pytest.raises(ValueError, match="set one"):
         DataConfig(name="sst2", validation_from_train=10, max_eval_examples=10)
+    # only rows of at least validation_min_words words are held out; training rows stay as they were
+    words = TextDataset([" ".join(["w"] * (1 + i % 10)) + f" {i}" for i in range(1000)], None, [0] * 1000, 2,
+                        ["n", "p"], "f")
+    long_cfg = cfg.model_copy(update={"validation_min_words": 8})
+    train_l, held_l = carve_validation(long_cfg, words, seed=5)
+    assert min(len(t.split()) for t in held_l.texts) >= 8 and len(held_l) == 120
+    assert train_l.texts == carve_validation(cfg, words, seed=5)[0].texts
+    with pytest.raises(UserError, match="too few"):
+        carve_validation(long_cfg.model_copy(update={"validation_min_words": 50}), words, 5)
 
 
 def test_the_real_split_with_a_carved_validation_reads_no_dev_file() -> None:
