@@ -427,27 +427,18 @@ def carve_validation(cfg: DataConfig, full: TextDataset, seed: int) -> tuple[Tex
     """(train, held-out) from the whole training split. The training rows are those the config trains on
     without a carve-out (same seed, same rows), the held-out ones a seeded sample of the rest; with no
     max_train_examples, train is everything not held out."""
-    n, held = len(full), cfg.validation_from_train
+    n, held, cap = len(full), cfg.validation_from_train, cfg.max_train_examples
     assert held is not None
-    wanted = held + (cfg.max_train_examples or 1)
-    if wanted > n:
-        raise UserError(f"data.validation_from_train={held} leaves too few of the {n} rows of "
-                        f"{cfg.train_split} for training (max_train_examples={cfg.max_train_examples})")
-    long_enough = [i for i in range(n) if len(full.texts[i].split()) >= (cfg.validation_min_words or 0)]
-    if cfg.max_train_examples is None:
-        if held > len(long_enough):
-            raise UserError(f"data.validation_from_train={held}: only {len(long_enough)} rows of "
-                            f"{cfg.train_split} have {cfg.validation_min_words}+ words")
-        out = [long_enough[i] for i in sample_indices(len(long_enough), held, seed)]
+    train_idx = sample_indices(n, cap, seed) if cap else []
+    minimum = cfg.validation_min_words or 0
+    candidates = sorted(set(i for i in range(n) if len(full.texts[i].split()) >= minimum) - set(train_idx))
+    if held > len(candidates) or (not cap and held >= n):
+        raise UserError(f"data.validation_from_train={held} leaves too few of the {n} rows of {cfg.train_split} "
+                        f"for training and holding out (max_train_examples={cap}, "
+                        f"validation_min_words={cfg.validation_min_words})")
+    out = [candidates[i] for i in sample_indices(len(candidates), held, seed)]
+    if not cap:
         train_idx = sorted(set(range(n)) - set(out))
-    else:
-        train_idx = sample_indices(n, cfg.max_train_examples, seed)
-        rest = sorted(set(long_enough) - set(train_idx))
-        if held > len(rest):
-            raise UserError(f"data.validation_from_train={held} leaves too few of the {n} rows of "
-                            f"{cfg.train_split} for training (max_train_examples={cfg.max_train_examples}, "
-                            f"validation_min_words={cfg.validation_min_words})")
-        out = sorted(rest[i] for i in sample_indices(len(rest), held, seed))
     validation = full.subset(out)
     validation.origin = f"{full.origin} (held out: {held} rows)"
     return full.subset(train_idx), validation

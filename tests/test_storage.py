@@ -72,7 +72,7 @@ def test_an_upload_puts_its_completion_file_last_and_a_fetch_gets_the_folder_bac
     got = dest.fetch(tmp_path / "cache")
     assert (got / "sub" / "a.txt").read_text() == "sub/a.txt" and dest.fetch(tmp_path / "cache") == got
     assert (dest / "result.json").read_text() == "result.json" and (dest / "result.json").exists()
-    assert (Store.at(s3.format("upload")) ).children() == ["ticket"]
+    assert Store.at(s3.format("upload")).children() == ["ticket"]
     local = Store.at(tmp_path / "here")
     (local / "x" / "f.txt").write_text("hi")  # local writes: tmp + rename, parents made
     assert local.children() == ["x"] and local.fetch() == tmp_path / "here"
