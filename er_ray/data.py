@@ -431,7 +431,7 @@ def carve_validation(cfg: DataConfig, full: TextDataset, seed: int) -> tuple[Tex
     assert held is not None
     train_idx = sample_indices(n, cap, seed) if cap else []
     minimum = cfg.validation_min_words or 0
-    candidates = sorted(set(i for i in range(n) if len(full.texts[i].split()) >= minimum) - set(train_idx))
+    candidates = sorted({i for i in range(n) if len(full.texts[i].split()) >= minimum} - set(train_idx))
     if held > len(candidates) or (not cap and held >= n):
         raise UserError(f"data.validation_from_train={held} leaves too few of the {n} rows of {cfg.train_split} "
                         f"for training and holding out (max_train_examples={cap}, "
