@@ -133,7 +133,7 @@ def store(tmp_path_factory) -> dict:
 
     parent = ids["parent"] = run("parent", None, now)
     search_params = {tracking.PARAM_METHOD: "earlyrobust", tracking.PARAM_DATASET: "sst2", tracking.PARAM_GAMMA: 0.1,
-                     tracking.PARAM_HEAD_RATIO: 0.25, tracking.PARAM_FFN_RATIO: 0.3}  # fmt: skip
+                     tracking.PARAM_HEAD_RATIO: 0.25, tracking.PARAM_FFN_RATIO: 0.3, tracking.PARAM_SEED: 7}  # fmt: skip
     curves = {tracking.MASK_DISTANCE_HEADS: [(1, 0.5), (2, 0.2), (3, 0.0)],
               tracking.MASK_DISTANCE_FFN: [(1, 0.4), (2, 0.1), (3, 0.05)]}  # fmt: skip
     search = run("search", parent, now + 1, search_params, series=curves)
@@ -278,8 +278,8 @@ def test_markdown_shows_both_stop_rules_side_by_side(report):
     assert "## Stop points under both rules" in md
     lines = [line for line in md.splitlines() if line.startswith("| earlyrobust sst2 |")]
     assert lines == [
-        "| earlyrobust sst2 | 0.1 | 0.25 | 0.3 | 3 → 3 (epoch 0.75 → 0.75) | 1 → 3 (epoch 0.25 → 0.75) * |",
-        "| earlyrobust sst2 | 0.05 | 0.25 | 0.3 | not reached | 4 → 4 (epoch 1.00 → 1.00), cap * |",
+        "| earlyrobust sst2 | 7 | 0.1 | 0.25 | 0.3 | 3 → 3 (epoch 0.75 → 0.75) | 1 → 3 (epoch 0.25 → 0.75) * |",
+        "| earlyrobust sst2 | 7 | 0.05 | 0.25 | 0.3 | not reached | 4 → 4 (epoch 1.00 → 1.00), cap * |",
     ]
 
 

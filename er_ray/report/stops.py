@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from er_ray.report.store import RunView, Scope, download
+from er_ray import tracking
+from er_ray.report.store import RunView, Scope, download, seed_order
+from er_ray.report.table import METHOD_ORDER, rank
 from er_ray.search import STOP_POINTS_FILE
 
 RULE_LABEL = {"paper": "paper rule", "authors": "authors' rule"}
@@ -45,12 +47,18 @@ def _cell(row: dict | None) -> str:
     return text if row.get("converged") else f"{text}, cap"
 
 
+def _order(item: tuple[RunView, list[dict]]) -> tuple:
+    search = item[0]
+    return rank(METHOD_ORDER, search.method), search.dataset, seed_order(search.params.get(tracking.PARAM_SEED, ""))
+
+
 def to_markdown(found: Found) -> str:
-    """One line per (search, combo): each rule's draw → decision mini-epoch (and epochs); * = configured."""
+    """One line per (search, combo), in the table's method order then by seed: each rule's draw → decision
+    mini-epoch (and epochs); * = configured."""
     rules = list(RULE_LABEL)
-    head = ["search", "γ", "heads pruned", "FFN pruned", *(RULE_LABEL[r] for r in rules)]
+    head = ["search", "seed", "γ", "heads pruned", "FFN pruned", *(RULE_LABEL[r] for r in rules)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for search, rows in found:
+    for search, rows in sorted(found, key=_order):
         by_combo: dict[tuple, dict[str, dict]] = {}
         for r in rows:
             c = r["combo"]
@@ -59,5 +67,6 @@ def to_markdown(found: Found) -> str:
         for (g, h, f), per_rule in by_combo.items():
             mark = {r: " *" if per_rule.get(r, {}).get("configured") else "" for r in rules}
             cells = [_cell(per_rule.get(r)) + mark[r] for r in rules]
-            lines.append(f"| {name} | {g:g} | {h:.4g} | {f:.4g} | " + " | ".join(cells) + " |")
+            seed = search.params.get(tracking.PARAM_SEED, "")
+            lines.append(f"| {name} | {seed} | {g:g} | {h:.4g} | {f:.4g} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
