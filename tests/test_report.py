@@ -283,6 +283,19 @@ def test_markdown_shows_both_stop_rules_side_by_side(report):
     ]
 
 
+def test_stop_points_follow_table_order_then_numeric_seed():
+    from er_ray.report import stops
+    from er_ray.report.store import RunView
+
+    def search(method: str, seed: str) -> tuple[RunView, list[dict]]:
+        params = {tracking.PARAM_METHOD: method, tracking.PARAM_DATASET: "sst2", tracking.PARAM_SEED: seed}
+        return RunView(f"{method}-{seed}", "search", None, 0, params), STOP_ROWS[:1]
+
+    md = stops.to_markdown([search("earlyrobust", "10"), search("earlyrobust", "2"), search("earlybert", "1")])
+    rows = [line.split(" | ")[:2] for line in md.splitlines()[2:]]
+    assert rows == [["| earlybert sst2", "1"], ["| earlyrobust sst2", "2"], ["| earlyrobust sst2", "10"]]
+
+
 def test_figures_are_valid_pngs_and_logged(report, store):
     from matplotlib.image import imread
     from mlflow import MlflowClient

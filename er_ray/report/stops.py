@@ -47,9 +47,13 @@ def _cell(row: dict | None) -> str:
     return text if row.get("converged") else f"{text}, cap"
 
 
+def _seed(search: RunView) -> str:
+    return search.params.get(tracking.PARAM_SEED, "")
+
+
 def _order(item: tuple[RunView, list[dict]]) -> tuple:
     search = item[0]
-    return rank(METHOD_ORDER, search.method), search.dataset, seed_order(search.params.get(tracking.PARAM_SEED, ""))
+    return rank(METHOD_ORDER, search.method), search.dataset, seed_order(_seed(search))
 
 
 def to_markdown(found: Found) -> str:
@@ -64,9 +68,9 @@ def to_markdown(found: Found) -> str:
             c = r["combo"]
             by_combo.setdefault((c["gamma"], c["head_ratio"], c["ffn_ratio"]), {})[r["rule"]] = r
         name = " ".join(x for x in (search.method, search.dataset) if x) or search.run_id
+        seed = _seed(search)
         for (g, h, f), per_rule in by_combo.items():
             mark = {r: " *" if per_rule.get(r, {}).get("configured") else "" for r in rules}
             cells = [_cell(per_rule.get(r)) + mark[r] for r in rules]
-            seed = search.params.get(tracking.PARAM_SEED, "")
             lines.append(f"| {name} | {seed} | {g:g} | {h:.4g} | {f:.4g} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
