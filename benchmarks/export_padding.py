@@ -47,11 +47,17 @@ def main() -> None:
     masks = draw_masks(head_scores, torch.rand(layers, neurons, generator=gen) * spread, 1 / 6, 0.3)
     ticket = build_ticket("minilm", 2, masks, seed=0)
     tokenizer = load_tokenizer("minilm")
-    rows = load_split(DataConfig(name="sst2", source="local"), "validation", 0, args.batch_size, settings().data_dir)
-    batch = tokenizer(rows.texts, padding=True, truncation=True, max_length=args.max_length, return_tensors="pt")
+    rows = load_split(
+        DataConfig(name="sst2", source="local"), "validation", 0, args.batch_size, settings().data_dir
+    )
+    batch = tokenizer(
+        rows.texts, padding=True, truncation=True, max_length=args.max_length, return_tensors="pt"
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
-        tdir = save_ticket(ticket, masks, "minilm", Path(tmp) / "ticket", tokenizer, labels=["negative", "positive"])
+        tdir = save_ticket(
+            ticket, masks, "minilm", Path(tmp) / "ticket", tokenizer, labels=["negative", "positive"]
+        )
         real, _ = load_ticket(tdir)
         padded = AutoModelForSequenceClassification.from_pretrained(export_hf(tdir, Path(tmp) / "hf")).eval()
         widths = neurons_per_layer(real)
@@ -61,11 +67,15 @@ def main() -> None:
         print(f"batch {shape}, {args.threads} threads, {args.repeats} interleaved repeats")
         real_params = sum(p.numel() for p in real.parameters())
         padded_params = sum(p.numel() for p in padded.parameters())
-        print(f"parameters: real {real_params:,}, padded {padded_params:,} (+{padded_params / real_params - 1:.1%})")
+        print(
+            f"parameters: real {real_params:,}, padded {padded_params:,} (+{padded_params / real_params - 1:.1%})"
+        )
 
         with torch.no_grad():
             reference = real(**batch).logits
-            print(f"max |logit diff| hf padded vs ticket: {(padded(**batch).logits - reference).abs().max():.2e}")
+            print(
+                f"max |logit diff| hf padded vs ticket: {(padded(**batch).logits - reference).abs().max():.2e}"
+            )
             # wall time, and this process's CPU time (less sensitive to other jobs on a shared machine)
             times: dict[tuple[str, str], list[float]] = {}
             for _ in range(2):  # warm-up
@@ -79,8 +89,10 @@ def main() -> None:
         med = {k: statistics.median(v) for k, v in times.items()}
         for clock in ("wall", "cpu"):
             real_ms, padded_ms = med["real", clock], med["padded", clock]
-            print(f"inference ms/batch, {clock} time (median): real {real_ms:.1f}, padded {padded_ms:.1f}, "
-                  f"padded/real {padded_ms / real_ms:.3f}")
+            print(
+                f"inference ms/batch, {clock} time (median): real {real_ms:.1f}, padded {padded_ms:.1f}, "
+                f"padded/real {padded_ms / real_ms:.3f}"
+            )
 
         if not args.no_onnx:
             import onnxruntime

@@ -109,7 +109,9 @@ def pgd_perturbation(
     return delta.detach()
 
 
-def pgd_step(model: nn.Module, batch: dict[str, torch.Tensor], cfg: AdversaryConfig, amp: Amp = FP32) -> StepResult:
+def pgd_step(
+    model: nn.Module, batch: dict[str, torch.Tensor], cfg: AdversaryConfig, amp: Amp = FP32
+) -> StepResult:
     """Madry's objective: the parameters train on the loss at the worst-case perturbation found."""
     delta = pgd_perturbation(model, batch, cfg, amp)
     input_ids, labels, rest = _split(batch)
@@ -118,7 +120,9 @@ def pgd_step(model: nn.Module, batch: dict[str, torch.Tensor], cfg: AdversaryCon
     return StepResult(loss.item(), [loss.item()], delta)
 
 
-def backward(model: nn.Module, batch: dict[str, torch.Tensor], cfg: AdversaryConfig, amp: Amp = FP32) -> StepResult:
+def backward(
+    model: nn.Module, batch: dict[str, torch.Tensor], cfg: AdversaryConfig, amp: Amp = FP32
+) -> StepResult:
     """Compute one training step's gradients under the configured adversary (or none); with fp16 they are
     gradients of the scaled loss (`amp.step` unscales them)."""
     if cfg.kind == "freelb":

@@ -44,25 +44,42 @@ def _step(model, opt, batch, adv: AdversaryConfig | None, amp: Amp) -> float:
 
 
 def run_benchmark(
-    model_name: str = "minilm", batch_size: int = 32, max_length: int = 64, repeats: int = 5,
-    threads: int | None = None, head_ratio: float = 1 / 6, ffn_ratio: float = 0.3, steps: int = 3,
-    precisions: tuple[str, ...] = ("fp32",), device: str = "auto",
-) -> dict[str, dict[str, float]]:  # fmt: skip
+    model_name: str = "minilm",
+    batch_size: int = 32,
+    max_length: int = 64,
+    repeats: int = 5,
+    threads: int | None = None,
+    head_ratio: float = 1 / 6,
+    ffn_ratio: float = 0.3,
+    steps: int = 3,
+    precisions: tuple[str, ...] = ("fp32",),
+    device: str = "auto",
+) -> dict[str, dict[str, float]]:
     """Median ms per variant per precision: {precision: {variant: ms}} (precisions as resolved on the device)."""
     if threads:
         torch.set_num_threads(threads)
     dev = pick_device(device)
     resolved = list(dict.fromkeys(resolve(p, dev) for p in precisions))
     tok = load_tokenizer(model_name)
-    rows = load_split(DataConfig(name="sst2", max_length=max_length), "train", 0, batch_size, settings().data_dir)
+    rows = load_split(
+        DataConfig(name="sst2", max_length=max_length), "train", 0, batch_size, settings().data_dir
+    )
     # fixed-length batch: every variant sees exactly the same tokens
     enc = encode(rows, tok, max_length)
     batch = to_device(next(Batches(enc, tok, batch_size, 0, shuffle=False).epoch(0)), dev)
     full = load_backbone(model_name, 2, 0).to(dev)
     gen = torch.Generator().manual_seed(0)
-    n_layers, n_heads, n_ffn = full.config.num_hidden_layers, full.config.num_attention_heads, full.config.intermediate_size
-    masks = draw_masks(torch.rand(n_layers, n_heads, generator=gen), torch.rand(n_layers, n_ffn, generator=gen),
-                       head_ratio, ffn_ratio)  # fmt: skip
+    n_layers, n_heads, n_ffn = (
+        full.config.num_hidden_layers,
+        full.config.num_attention_heads,
+        full.config.intermediate_size,
+    )
+    masks = draw_masks(
+        torch.rand(n_layers, n_heads, generator=gen),
+        torch.rand(n_layers, n_ffn, generator=gen),
+        head_ratio,
+        ffn_ratio,
+    )
     pruned = prune_model(load_backbone(model_name, 2, 0), masks).to(dev)
     variants = {
         "plain": (full, AdversaryConfig(kind="none")),
@@ -83,17 +100,42 @@ def run_benchmark(
             m, adv = variants[name]
             times[(p, name)].append(_step(m, opts[(p, name)], batch, adv, amps[p]))
     med = {p: {name: statistics.median(times[(p, name)]) for name in variants} for p in resolved}
-    _print(med, model_name, batch, repeats, dev, steps, (head_ratio, ffn_ratio), (count_parameters(pruned), count_parameters(full)))
+    _print(
+        med,
+        model_name,
+        batch,
+        repeats,
+        dev,
+        steps,
+        (head_ratio, ffn_ratio),
+        (count_parameters(pruned), count_parameters(full)),
+    )
     return med
 
 
-def _print(med: dict[str, dict[str, float]], model_name: str, batch: dict, repeats: int, dev: torch.device,
-           steps: int, ratios: tuple[float, float], params: tuple[int, int]) -> None:  # fmt: skip
+def _print(
+    med: dict[str, dict[str, float]],
+    model_name: str,
+    batch: dict,
+    repeats: int,
+    dev: torch.device,
+    steps: int,
+    ratios: tuple[float, float],
+    params: tuple[int, int],
+) -> None:
     base, *others = list(med)
-    print(f"model {model_name} on {dev.type}: batch {batch['input_ids'].shape[0]} x {batch['input_ids'].shape[1]} "
-          f"tokens, {torch.get_num_threads()} threads, {repeats} interleaved repeats, medians")  # fmt: skip
-    print(f"ticket: heads {ratios[0]:.3g} and neurons {ratios[1]:.3g} pruned, {params[0]:,} vs {params[1]:,} parameters")
-    head = f"  {'ms/step':>10}" + "".join(f" {p:>9}" for p in med) + "".join(f" {base + '/' + p:>10}" for p in others)
+    print(
+        f"model {model_name} on {dev.type}: batch {batch['input_ids'].shape[0]} x {batch['input_ids'].shape[1]} "
+        f"tokens, {torch.get_num_threads()} threads, {repeats} interleaved repeats, medians"
+    )
+    print(
+        f"ticket: heads {ratios[0]:.3g} and neurons {ratios[1]:.3g} pruned, {params[0]:,} vs {params[1]:,} parameters"
+    )
+    head = (
+        f"  {'ms/step':>10}"
+        + "".join(f" {p:>9}" for p in med)
+        + "".join(f" {base + '/' + p:>10}" for p in others)
+    )
     print(head)
     for name in med[base]:
         cells = "".join(f" {med[p][name]:9.1f}" for p in med)
@@ -101,8 +143,10 @@ def _print(med: dict[str, dict[str, float]], model_name: str, batch: dict, repea
         print(f"  {name:>10}{cells}{speed}")
     freelb = f"freelb_k{steps}"
     for p, m in med.items():
-        print(f"  {p}: freelb / plain = {m[freelb] / m['plain']:.2f}x, plain / ticket = {m['plain'] / m['ticket']:.2f}x "
-              f"(ticket speedup), freelb / ticket = {m[freelb] / m['ticket']:.2f}x")  # fmt: skip
+        print(
+            f"  {p}: freelb / plain = {m[freelb] / m['plain']:.2f}x, plain / ticket = {m['plain'] / m['ticket']:.2f}x "
+            f"(ticket speedup), freelb / ticket = {m[freelb] / m['ticket']:.2f}x"
+        )
 
 
 def sweep_cost(trajectory: str, gammas: list[float], patience: int | None = None) -> dict[str, float]:
@@ -123,12 +167,19 @@ def sweep_cost(trajectory: str, gammas: list[float], patience: int | None = None
     seconds = {c.gamma: traj.mini_epochs[stops[c].decision].seconds for c in combos}
     capped = [c.gamma for c in combos if not stops[c].converged]
     single = traj.mini_epochs[traj.stops[own].decision].seconds
-    out = {"sweep_over_single": max(seconds.values()) / single,
-           "separate_over_sweep": sum(seconds.values()) / max(seconds.values())}  # fmt: skip
-    print("search seconds at each gamma's stop point: " + ", ".join(f"{g:g}: {s:.1f}" for g, s in seconds.items()))
+    out = {
+        "sweep_over_single": max(seconds.values()) / single,
+        "separate_over_sweep": sum(seconds.values()) / max(seconds.values()),
+    }
+    print(
+        "search seconds at each gamma's stop point: "
+        + ", ".join(f"{g:g}: {s:.1f}" for g, s in seconds.items())
+    )
     if capped:
         print(f"  not converged within the recorded trajectory (its last point used): {capped}")
-    print(f"  {len(gammas)}-value sweep / single gamma {own.gamma:g} = {out['sweep_over_single']:.2f}x search time")
+    print(
+        f"  {len(gammas)}-value sweep / single gamma {own.gamma:g} = {out['sweep_over_single']:.2f}x search time"
+    )
     print(f"  {len(gammas)} separate searches / one sweep search = {out['separate_over_sweep']:.2f}x")
     return out
 
@@ -166,8 +217,10 @@ def compare_stop_rules(trajectory: str) -> list[dict]:
     traj = Trajectory.load(trajectory)
     combos, k, at = list(traj.stops), traj.patience, traj.mini_epochs
     live = replay(traj.coefficients(), combos, k, traj.scope, traj.stop_rule)  # type: ignore[arg-type]
-    print(f"{len(at)} mini-epochs (up to epoch {at[-1].epoch:.2f}), patience {k}, configured rule "
-          f"{traj.stop_rule}; heads / neurons in the masks: {at[0].head.numel()} / {at[0].ffn.numel()}")
+    print(
+        f"{len(at)} mini-epochs (up to epoch {at[-1].epoch:.2f}), patience {k}, configured rule "
+        f"{traj.stop_rule}; heads / neurons in the masks: {at[0].head.numel()} / {at[0].ffn.numel()}"
+    )
     rows = []
     for c in combos:
         masks = [draw_masks(m.head, m.ffn, *c.ratios, traj.scope) for m in at]  # type: ignore[arg-type]
@@ -181,25 +234,39 @@ def compare_stop_rules(trajectory: str) -> list[dict]:
             row["tickets_differ"] = _differ(masks[row["paper"].mini_epoch], masks[row["authors"].mini_epoch])
         quantile = [quantile_masks(m.head, m.ffn, *c.ratios) for m in at]
         diffs = [_differ(q, m) for q, m in zip(quantile, masks, strict=True)]
-        extra = [(int((~q.head).sum() - (~m.head).sum()), int((~q.ffn).sum() - (~m.ffn).sum()))
-                 for q, m in zip(quantile, masks, strict=True)]
+        extra = [
+            (int((~q.head).sum() - (~m.head).sum()), int((~q.ffn).sum() - (~m.ffn).sum()))
+            for q, m in zip(quantile, masks, strict=True)
+        ]
         row["quantile_differ"], row["quantile_extra_pruned"] = diffs, extra
         rows.append(row)
 
         def where(p) -> str:
-            return "not reached" if p is None else f"draw {p.mini_epoch} (epoch {at[p.mini_epoch].epoch:.2f}), " \
+            return (
+                "not reached"
+                if p is None
+                else f"draw {p.mini_epoch} (epoch {at[p.mini_epoch].epoch:.2f}), "
                 f"decided {p.decision} (epoch {at[p.decision].epoch:.2f}, {at[p.decision].seconds:.1f} s)"
+            )
 
         print(f"γ {c.gamma:g}, heads {c.head_ratio:.4g}, ffn {c.ffn_ratio:.4g}:")
         for rule in ("paper", "authors"):
             window = row.get(f"{rule}_window_differ")
-            tail = "" if window is None else f"; window start vs end: {window[0]} heads, {window[1]} neurons differ"
+            tail = (
+                ""
+                if window is None
+                else f"; window start vs end: {window[0]} heads, {window[1]} neurons differ"
+            )
             print(f"  {rule:>7}: {where(row[rule])}{tail}")
         if "tickets_differ" in row:
-            print(f"  the two rules' tickets: {row['tickets_differ'][0]} heads, {row['tickets_differ'][1]} neurons differ")
+            print(
+                f"  the two rules' tickets: {row['tickets_differ'][0]} heads, {row['tickets_differ'][1]} neurons differ"
+            )
         worst = max(diffs, key=sum)
-        print(f"  signed quantile vs |c| exact count: {sum(h for h, _ in diffs)} heads, "
-              f"{sum(n for _, n in diffs)} neurons differ over {len(at)} mini-epochs (worst: {worst[0]} heads, "
-              f"{worst[1]} neurons; extra units pruned by ties: max {max(e[0] for e in extra)} heads, "
-              f"{max(e[1] for e in extra)} neurons)")
+        print(
+            f"  signed quantile vs |c| exact count: {sum(h for h, _ in diffs)} heads, "
+            f"{sum(n for _, n in diffs)} neurons differ over {len(at)} mini-epochs (worst: {worst[0]} heads, "
+            f"{worst[1]} neurons; extra units pruned by ties: max {max(e[0] for e in extra)} heads, "
+            f"{max(e[1] for e in extra)} neurons)"
+        )
     return rows

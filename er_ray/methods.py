@@ -79,8 +79,13 @@ def load_data(cfg: ExperimentConfig) -> SplitData:
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     train_ds, eval_ds = data_mod.load_splits(cfg.data, cfg.sample_seed, settings().data_dir)
     ml = cfg.data.max_length
-    return SplitData(tokenizer, train_ds, eval_ds, data_mod.encode(train_ds, tokenizer, ml),
-                     data_mod.encode(eval_ds, tokenizer, ml))
+    return SplitData(
+        tokenizer,
+        train_ds,
+        eval_ds,
+        data_mod.encode(train_ds, tokenizer, ml),
+        data_mod.encode(eval_ds, tokenizer, ml),
+    )
 
 
 @dataclass
@@ -164,15 +169,15 @@ def check_config(cfg: ExperimentConfig) -> None:
     path = resolve_model_path(cfg.model.name_or_path)
     local = path.startswith((".", "/", "~")) or Path(path).expanduser().exists()
     if local and not (Path(path).expanduser() / "config.json").is_file():
-        raise UserError(f"model.name_or_path '{cfg.model.name_or_path}' is not a Hugging Face model directory")
+        raise UserError(
+            f"model.name_or_path '{cfg.model.name_or_path}' is not a Hugging Face model directory"
+        )
 
 
 # ---------------------------------------------------------------- stages
 
 
-def search_stage(
-    prep: Prepared, on_mini_epoch=None, state: dict | None = None, on_stage=None
-) -> Trajectory:
+def search_stage(prep: Prepared, on_mini_epoch=None, state: dict | None = None, on_stage=None) -> Trajectory:
     """Search until every (gamma, ratios) combo of the config's grid has converged (or the cap).
 
     `on_stage(stage)` is called once the stage exists (checkpointing hooks need it); `state` resumes one.
@@ -202,7 +207,9 @@ def draw(prep: Prepared, point: MiniEpoch, combo: Combo) -> Masks:
     return masks
 
 
-def fine_tune(prep: Prepared, model: nn.Module, adversarial: bool = False) -> tuple[float, float, list[float]]:
+def fine_tune(
+    prep: Prepared, model: nn.Module, adversarial: bool = False
+) -> tuple[float, float, list[float]]:
     """N epochs (the last one is reported, nothing picks a best epoch): (clean acc, seconds, losses)."""
     cfg, f = prep.cfg, prep.cfg.finetune
     batches = prep.batches(f.batch_size)
@@ -211,8 +218,13 @@ def fine_tune(prep: Prepared, model: nn.Module, adversarial: bool = False) -> tu
     adv = cfg.search.adversary if adversarial else cfg.search.adversary.model_copy(update={"kind": "none"})
 
     def evaluate() -> float:
-        return accuracy(model, prep.batches(f.eval_batch_size, train=False), prep.eval.labels, prep.device,
-                        prep.amp(training=False))
+        return accuracy(
+            model,
+            prep.batches(f.eval_batch_size, train=False),
+            prep.eval.labels,
+            prep.device,
+            prep.amp(training=False),
+        )
 
     def epoch_done(state: TrainState) -> bool:
         if prep.on_epoch is not None and state.step < total:
@@ -220,9 +232,20 @@ def fine_tune(prep: Prepared, model: nn.Module, adversarial: bool = False) -> tu
             model.train()
         return False
 
-    state = train(model, batches, total, opt, make_scheduler(opt, total, f.warmup_ratio), adv, f.max_grad_norm,
-                  prep.device, every=len(batches), on_every=epoch_done,
-                  progress="fine-tune" if prep.progress else None, amp=prep.amp())
+    state = train(
+        model,
+        batches,
+        total,
+        opt,
+        make_scheduler(opt, total, f.warmup_ratio),
+        adv,
+        f.max_grad_norm,
+        prep.device,
+        every=len(batches),
+        on_every=epoch_done,
+        progress="fine-tune" if prep.progress else None,
+        amp=prep.amp(),
+    )
     return evaluate(), state.seconds, state.losses
 
 
@@ -230,7 +253,9 @@ def fine_tune(prep: Prepared, model: nn.Module, adversarial: bool = False) -> tu
 def latency_ms(model: nn.Module, prep: Prepared, repeats: int = 3) -> float:
     """Median inference time of one evaluation batch (the ticket's speed, recorded with it)."""
     model.eval()
-    batch = to_device(next(prep.batches(prep.cfg.finetune.eval_batch_size, train=False).epoch(0)), prep.device)
+    batch = to_device(
+        next(prep.batches(prep.cfg.finetune.eval_batch_size, train=False).epoch(0)), prep.device
+    )
     amp = prep.amp(training=False)
     times = []
     for _ in range(repeats):
@@ -296,24 +321,41 @@ def ticket_name(combo: Combo | None) -> str:
     return "full" if combo is None else f"g{combo.gamma:g}-h{combo.head_ratio:.4g}-f{combo.ffn_ratio:.4g}"
 
 
-def stop_fields(combo: Combo | None, stop: StopPoint | None, point: MiniEpoch | None, rule: str,
-                decided: MiniEpoch | None = None) -> dict[str, Any]:
+def stop_fields(
+    combo: Combo | None,
+    stop: StopPoint | None,
+    point: MiniEpoch | None,
+    rule: str,
+    decided: MiniEpoch | None = None,
+) -> dict[str, Any]:
     """A ticket's combo and stop point, as TicketResult fields (two combos sharing a ticket differ in these).
     Search time counts up to where the stop rule decided (`decided`, default the drawing point)."""
     decided = decided or point
     return {
         "gamma": combo.gamma if combo else None,
-        "head_ratio": combo.head_ratio if combo else 0.0, "ffn_ratio": combo.ffn_ratio if combo else 0.0,
-        "stop_mini_epoch": stop.mini_epoch if stop else None, "stop_epoch": point.epoch if point else None,
-        "converged": stop.converged if stop else None, "search_seconds": decided.seconds if decided else 0.0,
-        "stop_rule": rule if stop else None, "decision_mini_epoch": decided.index if stop and decided else None,
+        "head_ratio": combo.head_ratio if combo else 0.0,
+        "ffn_ratio": combo.ffn_ratio if combo else 0.0,
+        "stop_mini_epoch": stop.mini_epoch if stop else None,
+        "stop_epoch": point.epoch if point else None,
+        "converged": stop.converged if stop else None,
+        "search_seconds": decided.seconds if decided else 0.0,
+        "stop_rule": rule if stop else None,
+        "decision_mini_epoch": decided.index if stop and decided else None,
     }
 
 
 def _finish(
-    prep: Prepared, model: nn.Module, masks: Masks, out: Path, combo: Combo | None, stop: StopPoint | None,
-    point: MiniEpoch | None, adversarial: bool, decided: MiniEpoch | None = None, drawn: Masks | None = None,
-) -> TicketResult:  # fmt: skip
+    prep: Prepared,
+    model: nn.Module,
+    masks: Masks,
+    out: Path,
+    combo: Combo | None,
+    stop: StopPoint | None,
+    point: MiniEpoch | None,
+    adversarial: bool,
+    decided: MiniEpoch | None = None,
+    drawn: Masks | None = None,
+) -> TicketResult:
     """Fine-tune, time, save. `decided`: the mini-epoch where the stop rule decided (default `point`);
     `drawn`: the ticket's masks when the saved model keeps more than the ticket (w/o structure)."""
     cfg = prep.cfg
@@ -324,17 +366,38 @@ def _finish(
     tmp = _atomic_dir(out)
     try:
         result = TicketResult(
-            method=cfg.method, dataset=data_mod.dataset_name(cfg.data), model=cfg.model.name_or_path,
-            **stops, clean_acc=acc, finetune_seconds=ft_seconds, train_seconds=stops["search_seconds"] + ft_seconds, param_count=count_parameters(model), size_mb=0.0,
-            latency_ms=latency_ms(model, prep), device=prep.device.type, threads=torch.get_num_threads(),
-            ticket_dir=str(out), precision=prep.precision, kept_heads=masks.kept_heads(),
-            kept_neurons=masks.kept_neurons(), finetune_losses=losses, seed=cfg.seed, finetune_interval=interval,
-        )  # fmt: skip
+            method=cfg.method,
+            dataset=data_mod.dataset_name(cfg.data),
+            model=cfg.model.name_or_path,
+            **stops,
+            clean_acc=acc,
+            finetune_seconds=ft_seconds,
+            train_seconds=stops["search_seconds"] + ft_seconds,
+            param_count=count_parameters(model),
+            size_mb=0.0,
+            latency_ms=latency_ms(model, prep),
+            device=prep.device.type,
+            threads=torch.get_num_threads(),
+            ticket_dir=str(out),
+            precision=prep.precision,
+            kept_heads=masks.kept_heads(),
+            kept_neurons=masks.kept_neurons(),
+            finetune_losses=losses,
+            seed=cfg.seed,
+            finetune_interval=interval,
+        )
         meta = {k: v for k, v in result.to_json().items() if k not in ("kept_heads", "kept_neurons")}
         if drawn is not None:
             meta |= {"ticket_kept_heads": drawn.kept_heads(), "ticket_kept_neurons": drawn.kept_neurons()}
-        save_ticket(model.cpu(), masks, cfg.model.name_or_path, tmp, prep.tokenizer, meta=meta,
-                    labels=prep.train.label_names)
+        save_ticket(
+            model.cpu(),
+            masks,
+            cfg.model.name_or_path,
+            tmp,
+            prep.tokenizer,
+            meta=meta,
+            labels=prep.train.label_names,
+        )
         result.size_mb = (tmp / "model.safetensors").stat().st_size / 2**20
         (tmp / "result.json").write_text(json.dumps(result.to_json(), indent=1))
         _commit_dir(tmp, out)
@@ -379,8 +442,10 @@ def full_model_pipeline(prep: Prepared, out: Path) -> TicketResult:
 
 def experiment_dir(cfg: ExperimentConfig) -> Path:
     if is_uri(cfg.runtime.output_dir):
-        raise UserError("runtime.output_dir is a storage URI: a run in one process (--no-ray) writes a local "
-                        "folder; run it on Ray (er-ray run) or give a local runtime.output_dir")
+        raise UserError(
+            "runtime.output_dir is a storage URI: a run in one process (--no-ray) writes a local "
+            "folder; run it on Ray (er-ray run) or give a local runtime.output_dir"
+        )
     return Path(cfg.runtime.output_dir) / cfg.name / cfg.method
 
 

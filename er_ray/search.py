@@ -78,7 +78,9 @@ class Trajectory:
                 blob[key] = {Combo(**c): StopPoint(**s) for c, s in blob.get(key, [])}
             return cls(**blob)
         except (KeyError, TypeError, ValueError) as err:
-            raise UserError(f"{path} is not a trajectory of this er-ray version ({type(err).__name__}: {err})") from None
+            raise UserError(
+                f"{path} is not a trajectory of this er-ray version ({type(err).__name__}: {err})"
+            ) from None
 
 
 STOP_POINTS_FILE = "stop_points.json"  # the rows below, logged on a search run
@@ -113,7 +115,11 @@ def search_grid(cfg: ExperimentConfig) -> list[Combo]:
     sweep = cfg.sweep
     if sweep.methods is not None and cfg.method not in sweep.methods:
         return [own]
-    gammas, heads, ffns = sweep.gammas or [own.gamma], sweep.head_ratios or [own.head_ratio], sweep.ffn_ratios or [own.ffn_ratio]
+    gammas, heads, ffns = (
+        sweep.gammas or [own.gamma],
+        sweep.head_ratios or [own.head_ratio],
+        sweep.ffn_ratios or [own.ffn_ratio],
+    )
     if sweep.mode == "grid":
         combos = grid(gammas, heads, ffns)
     else:
@@ -131,7 +137,9 @@ def mini_epoch_steps(cfg: ExperimentConfig, steps_per_epoch: int) -> int:
 class SearchStage:
     """Owns the model under search, its coefficients, optimizer and stop rule; checkpointable."""
 
-    def __init__(self, cfg: ExperimentConfig, model: nn.Module, batches: Batches, device: torch.device) -> None:
+    def __init__(
+        self, cfg: ExperimentConfig, model: nn.Module, batches: Batches, device: torch.device
+    ) -> None:
         self.cfg, self.model, self.batches, self.device = cfg, model, batches, device
         self.coefs = Coefficients.for_model(model)
         self.amp = amp_for(cfg.runtime.precision, device)  # autocast for the forwards; coefficients stay fp32
@@ -177,6 +185,7 @@ class SearchStage:
         stop_when_converged: bool = True,
     ) -> Trajectory:
         """Search until every grid combo has converged (or the cap); `on_mini_epoch` returning True stops too."""
+
         def every(state: TrainState) -> bool:
             point = self._record(state)
             stop = bool(on_mini_epoch(point)) if on_mini_epoch else False
@@ -185,10 +194,21 @@ class SearchStage:
         if not (self.points and self.converged):
             s = self.cfg.search
             train(
-                self.model, self.batches, self.total_steps, self.opt, self.sched, s.adversary, s.max_grad_norm,
-                self.device, regularizer=lambda: self.coefs.l1(s.lambda_head, s.lambda_ffn),
-                every=self.every, on_every=every, state=self.state, progress=self.progress, amp=self.amp,
-            )  # fmt: skip
+                self.model,
+                self.batches,
+                self.total_steps,
+                self.opt,
+                self.sched,
+                s.adversary,
+                s.max_grad_norm,
+                self.device,
+                regularizer=lambda: self.coefs.l1(s.lambda_head, s.lambda_ffn),
+                every=self.every,
+                on_every=every,
+                state=self.state,
+                progress=self.progress,
+                amp=self.amp,
+            )
         if not self.points or self.points[-1].step != self.state.step:
             self._record(self.state)  # the cap fell between mini-epochs
         return self.trajectory()

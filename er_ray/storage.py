@@ -107,13 +107,21 @@ class Store:
             shutil.copyfile(file, tmp)
             tmp.replace(self.local)
             return
-        pafs.copy_files(str(Path(file).resolve()), self.path, source_filesystem=pafs.LocalFileSystem(),
-                        destination_filesystem=self.fs)
+        pafs.copy_files(
+            str(Path(file).resolve()),
+            self.path,
+            source_filesystem=pafs.LocalFileSystem(),
+            destination_filesystem=self.fs,
+        )
 
     def get(self, file: Path) -> Path:
         """This path's file to a local one."""
-        pafs.copy_files(self.path, str(Path(file).resolve()), source_filesystem=self.fs,
-                        destination_filesystem=pafs.LocalFileSystem())
+        pafs.copy_files(
+            self.path,
+            str(Path(file).resolve()),
+            source_filesystem=self.fs,
+            destination_filesystem=pafs.LocalFileSystem(),
+        )
         return Path(file)
 
     # ------------------------------------------------------------ folders
@@ -150,8 +158,9 @@ class Store:
         of it); a copy another process made meanwhile wins."""
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-        pafs.copy_files(self.path, str(tmp), source_filesystem=self.fs,
-                        destination_filesystem=pafs.LocalFileSystem())
+        pafs.copy_files(
+            self.path, str(tmp), source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem()
+        )
         try:
             os.rename(tmp, target)
         except OSError:
@@ -166,5 +175,7 @@ def redact(uri: str) -> str:
     parts = urlsplit(uri)
     if not parts.query:
         return uri
-    keep = [q for q in parts.query.split("&") if not q.lower().startswith(("secret", "access_key", "session"))]
+    keep = [
+        q for q in parts.query.split("&") if not q.lower().startswith(("secret", "access_key", "session"))
+    ]
     return urlunsplit(parts._replace(query="&".join(keep)))

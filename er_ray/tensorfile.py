@@ -33,7 +33,9 @@ def _encode(obj: Any, tensors: dict[str, torch.Tensor], storages: set[int]) -> A
         if all(isinstance(k, str) and not k.startswith("$") for k in obj):
             return {k: _encode(v, tensors, storages) for k, v in obj.items()}
         # int keys (optimizer state) would turn into strings in a JSON object
-        return {_ITEMS: [[_encode(k, tensors, storages), _encode(v, tensors, storages)] for k, v in obj.items()]}
+        return {
+            _ITEMS: [[_encode(k, tensors, storages), _encode(v, tensors, storages)] for k, v in obj.items()]
+        }
     if isinstance(obj, tuple):
         return {_TUPLE: [_encode(v, tensors, storages) for v in obj]}
     if isinstance(obj, list):
@@ -85,4 +87,6 @@ def load_tree(path: str | Path, kind: str) -> Any:
         raise
     except Exception as err:  # whatever the bytes are, they are bad input: refused, never unpickled
         detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UserError(f"{path} is not an er-ray {kind} file (safetensors + JSON), refused: {detail}") from None
+        raise UserError(
+            f"{path} is not an er-ray {kind} file (safetensors + JSON), refused: {detail}"
+        ) from None

@@ -367,7 +367,9 @@ def load_ticket(path: str | Path) -> tuple[nn.Module, Any]:
     try:
         model.load_state_dict(_unpadded(read_weights(path), model), strict=True)
     except RuntimeError as err:  # shapes or names that don't fit the ticket's structure
-        raise UserError(f"the weights in {path / WEIGHTS_FILE} do not fit its {TICKET_FILE}: {_error_line(err)}") from None
+        raise UserError(
+            f"the weights in {path / WEIGHTS_FILE} do not fit its {TICKET_FILE}: {_error_line(err)}"
+        ) from None
     model.eval()
     tok_source = path if (path / "tokenizer_config.json").exists() else info["base_model"]
     return model, load_tokenizer(str(tok_source))

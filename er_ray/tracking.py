@@ -37,9 +37,13 @@ TAG_TRIAL_ID = "er_ray.trial_id"  # the Ray Tune trial
 TAG_OPTUNA_TRIAL = "er_ray.optuna_trial"  # its number in the Optuna study (the run is named trial-<number>)
 TAG_ERROR = "er_ray.error"  # a failed trial's error, one line
 OBJECTIVE = "objective"  # the tuned objective of a trial; objective_<i> for each of several
-EPOCH_CLEAN_ACC = "epoch_clean_acc"  # a tune trial's clean accuracy after each fine-tuning epoch (step = epoch)
+EPOCH_CLEAN_ACC = (
+    "epoch_clean_acc"  # a tune trial's clean accuracy after each fine-tuning epoch (step = epoch)
+)
 TAG_STOPPED_EARLY = "er_ray.stopped_early"  # "1" on a tune trial its scheduler stopped (Optuna: PRUNED)
-TAG_BELOW_FLOOR = "er_ray.below_min_clean_acc"  # "1" on a tune trial under tune.min_clean_acc (Optuna: PRUNED)
+TAG_BELOW_FLOOR = (
+    "er_ray.below_min_clean_acc"  # "1" on a tune trial under tune.min_clean_acc (Optuna: PRUNED)
+)
 PARAM_OBJECTIVES = "objectives"  # a tune parent: JSON list of {name, metric, mode}
 TAG_PRIMARY = "er_ray.primary"  # "1" on the ticket at the config's own gamma and ratios (Table 1's row)
 TAG_SHARED = "er_ray.shared_with"  # a combo whose masks equal another's: the ticket run holding the weights
@@ -55,7 +59,15 @@ PARAM_DEVICE = "device"  # timing conditions, stated by the report
 PARAM_THREADS = "threads"
 PARAM_SEED = "seed"  # the training seed (a sweep dimension like gamma)
 PARAM_PRECISION = "precision"  # what runtime.precision resolved to on the device (fp32, bf16, fp16)
-PARAMS = (PARAM_METHOD, PARAM_DATASET, PARAM_MODEL, PARAM_GAMMA, PARAM_HEAD_RATIO, PARAM_FFN_RATIO, PARAM_SEED)
+PARAMS = (
+    PARAM_METHOD,
+    PARAM_DATASET,
+    PARAM_MODEL,
+    PARAM_GAMMA,
+    PARAM_HEAD_RATIO,
+    PARAM_FFN_RATIO,
+    PARAM_SEED,
+)
 
 CLEAN_ACC = "clean_acc"  # fraction in [0, 1]
 SEARCH_SECONDS = "search_seconds"
@@ -107,8 +119,10 @@ def default_tracking_uri(output_dir: str | Path) -> str:
     from er_ray.storage import is_uri, redact
 
     if is_uri(output_dir):
-        raise UserError(f"runtime.output_dir is a storage URI ({redact(str(output_dir))}): MLflow needs a "
-                        "tracking server or a local path: set tracking.uri or MLFLOW_TRACKING_URI")
+        raise UserError(
+            f"runtime.output_dir is a storage URI ({redact(str(output_dir))}): MLflow needs a "
+            "tracking server or a local path: set tracking.uri or MLFLOW_TRACKING_URI"
+        )
     path = Path(output_dir).resolve() / "mlflow.db"
     path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"
@@ -124,8 +138,10 @@ def tracking_uri(cfg: Any) -> str:
 def existing_store(uri: str) -> str:
     """`uri`, unless it is a sqlite file that does not exist (opening it would create an empty store)."""
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        raise UserError(f"no MLflow store at {uri.removeprefix('sqlite:///')}; pass --tracking-uri or set "
-                        "MLFLOW_TRACKING_URI")
+        raise UserError(
+            f"no MLflow store at {uri.removeprefix('sqlite:///')}; pass --tracking-uri or set "
+            "MLFLOW_TRACKING_URI"
+        )
     return uri
 
 
@@ -169,7 +185,9 @@ class Tracker:
     time the worker reported), so MLflow's run times are the stages' real times.
     """
 
-    def __init__(self, client: Any, experiment_id: str, parent_id: str, inputs: list[Any] | None = None) -> None:
+    def __init__(
+        self, client: Any, experiment_id: str, parent_id: str, inputs: list[Any] | None = None
+    ) -> None:
         self.client, self.experiment_id, self.parent_id = client, experiment_id, parent_id
         self.uri = client.tracking_uri
         self.inputs = inputs or []  # the data splits, logged on the parent and on every ticket and trial run
@@ -177,8 +195,14 @@ class Tracker:
         self.open_runs: dict[str, str] = {}  # key -> RUNNING child run id opened here
 
     @classmethod
-    def open(cls, cfg: Any, name: str, tags: dict[str, str], params: dict[str, Any],
-             artifacts: dict[str, Any] | None = None) -> Tracker:
+    def open(
+        cls,
+        cfg: Any,
+        name: str,
+        tags: dict[str, str],
+        params: dict[str, Any],
+        artifacts: dict[str, Any] | None = None,
+    ) -> Tracker:
         """A new parent run with provenance, params and JSON artifacts."""
         from er_ray import data
         from er_ray.config import settings
@@ -216,12 +240,20 @@ class Tracker:
                 client.set_terminated(run.info.run_id, "KILLED")
         return tracker
 
-    def start(self, key: str, kind: str, name: str, parent: str | None = None, start_time: float | None = None,
-              tags: dict[str, str] | None = None) -> str:
+    def start(
+        self,
+        key: str,
+        kind: str,
+        name: str,
+        parent: str | None = None,
+        start_time: float | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> str:
         """Open a RUNNING child run for the work item `key`."""
         all_tags = {TAG_PARENT: parent or self.parent_id, TAG_KIND: kind, TAG_KEY: key, **(tags or {})}
-        run_id = self.client.create_run(self.experiment_id, start_time=now_ms(start_time), run_name=name,
-                                        tags=all_tags).info.run_id
+        run_id = self.client.create_run(
+            self.experiment_id, start_time=now_ms(start_time), run_name=name, tags=all_tags
+        ).info.run_id
         self.open_runs[key] = run_id
         if kind in ("ticket", "trial") and self.inputs:
             self.client.log_inputs(run_id, datasets=self.inputs)
@@ -251,12 +283,20 @@ class Tracker:
         from mlflow.models import ModelSignature
         from mlflow.types import ColSpec, Schema
 
-        signature = ModelSignature(inputs=Schema([ColSpec("string")]),
-                                   outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score")]))
+        signature = ModelSignature(
+            inputs=Schema([ColSpec("string")]),
+            outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score")]),
+        )
         pins = [f"{pkg}=={v}" for pkg, v in versions(MODEL_REQUIREMENTS).items()]
         with fluent(self.uri), mlflow.start_run(run_id=run_id):  # the flavour logs into the active run only
-            mlflow.transformers.log_model(str(hf_folder), name=MODEL_ARTIFACT, task="text-classification",
-                                          signature=signature, input_example=examples, pip_requirements=pins)
+            mlflow.transformers.log_model(
+                str(hf_folder),
+                name=MODEL_ARTIFACT,
+                task="text-classification",
+                signature=signature,
+                input_example=examples,
+                pip_requirements=pins,
+            )
 
     def close(self, status: str) -> None:
         """End every child still open here (KILLED unless the parent FINISHED) and then the parent."""
@@ -296,7 +336,9 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def git_commit() -> str | None:
     here = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
@@ -339,18 +381,28 @@ def dataset_inputs(data_cfg: Any, data_dir: Path | None = None) -> list[Any]:
     files = data.local_files(data_cfg, data_dir)
     held = data_cfg.validation_from_train
     # (context, split, rows, which file): a held-out evaluation set is read from the training file
-    splits = [("train", data_cfg.train_split, data_cfg.max_train_examples, 0),
-              ("eval", data.eval_split_name(data_cfg), held or data_cfg.max_eval_examples, 0 if held else 1)]
+    splits = [
+        ("train", data_cfg.train_split, data_cfg.max_train_examples, 0),
+        ("eval", data.eval_split_name(data_cfg), held or data_cfg.max_eval_examples, 0 if held else 1),
+    ]
     out = []
     for context, split, limit, i in splits:
         if len(files) == (1 if held else 2):
             digest, source_type, source = data.sha256_file(files[i])[:16], "local", {"uri": str(files[i])}
         else:
             digest = hashlib.sha256(f"{data_cfg.name}/{split}".encode()).hexdigest()[:16]
-            source_type, source = "hugging_face", {"path": "glue", "config_name": data_cfg.name, "split": split}
+            source_type, source = (
+                "hugging_face",
+                {"path": "glue", "config_name": data_cfg.name, "split": split},
+            )
         profile = json.dumps({"max_examples": limit, "max_length": data_cfg.max_length})
-        ds = Dataset(name=f"{data.dataset_name(data_cfg)}/{split}", digest=digest, source_type=source_type,
-                     source=json.dumps(source), profile=profile)
+        ds = Dataset(
+            name=f"{data.dataset_name(data_cfg)}/{split}",
+            digest=digest,
+            source_type=source_type,
+            source=json.dumps(source),
+            profile=profile,
+        )
         out.append(DatasetInput(ds, tags=[InputTag("mlflow.data.context", context)]))
     return out
 
@@ -381,8 +433,12 @@ def log_batch(
     # the REST API takes at most 1000 metrics, 100 params and 100 tags per call
     calls = max(-(-len(ms) // 1000), -(-len(ps) // 100), -(-len(ts) // 100))
     for i in range(calls):
-        client.log_batch(run_id, metrics=ms[i * 1000 : (i + 1) * 1000], params=ps[i * 100 : (i + 1) * 100],
-                         tags=ts[i * 100 : (i + 1) * 100])  # fmt: skip
+        client.log_batch(
+            run_id,
+            metrics=ms[i * 1000 : (i + 1) * 1000],
+            params=ps[i * 100 : (i + 1) * 100],
+            tags=ts[i * 100 : (i + 1) * 100],
+        )
 
 
 def log_files(client, run_id: str, paths: list[str | Path], where: str | None = None) -> None:

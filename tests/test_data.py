@@ -112,8 +112,12 @@ def test_load_splits_auto_and_limits() -> None:
         assert all(isinstance(t, str) and len(t) > 20 for t in ds.texts)
 
 
-def test_a_validation_carved_from_train_is_never_trained_on_and_leaves_the_training_rows_as_they_were() -> None:
-    full = TextDataset([f"row {i}" for i in range(1000)], None, [i % 2 for i in range(1000)], 2, ["n", "p"], "f")
+def test_a_validation_carved_from_train_is_never_trained_on_and_leaves_the_training_rows_as_they_were() -> (
+    None
+):
+    full = TextDataset(
+        [f"row {i}" for i in range(1000)], None, [i % 2 for i in range(1000)], 2, ["n", "p"], "f"
+    )
     cfg = DataConfig(name="sst2", max_train_examples=300, validation_from_train=120)
     train, held = carve_validation(cfg, full, seed=5)
     assert train.texts == full.subset(sample_indices(1000, 300, 5)).texts  # as without the carve-out
@@ -127,8 +131,9 @@ def test_a_validation_carved_from_train_is_never_trained_on_and_leaves_the_train
     with pytest.raises(ValueError, match="set one"):
         DataConfig(name="sst2", validation_from_train=10, max_eval_examples=10)
     # only rows of at least validation_min_words words are held out; training rows stay as they were
-    words = TextDataset([" ".join(["w"] * (1 + i % 10)) + f" {i}" for i in range(1000)], None, [0] * 1000, 2,
-                        ["n", "p"], "f")
+    words = TextDataset(
+        [" ".join(["w"] * (1 + i % 10)) + f" {i}" for i in range(1000)], None, [0] * 1000, 2, ["n", "p"], "f"
+    )
     long_cfg = cfg.model_copy(update={"validation_min_words": 8})
     train_l, held_l = carve_validation(long_cfg, words, seed=5)
     assert min(len(t.split()) for t in held_l.texts) >= 8 and len(held_l) == 120
@@ -187,9 +192,13 @@ def test_hub_rows_are_converted(monkeypatch: pytest.MonkeyPatch) -> None:
         if name != "qqp":
             return datasets.Dataset.from_dict({"sentence": ["a", "b"], "label": [0, 1], "idx": [0, 1]})
         return datasets.Dataset.from_dict(
-            {"question1": [f"q{i}" for i in range(10)], "question2": [f"p{i}" for i in range(10)],
-             "label": [i % 2 for i in range(10)], "idx": list(range(10))}
-        )  # fmt: skip
+            {
+                "question1": [f"q{i}" for i in range(10)],
+                "question2": [f"p{i}" for i in range(10)],
+                "label": [i % 2 for i in range(10)],
+                "idx": list(range(10)),
+            }
+        )
 
     monkeypatch.setattr(datasets, "load_dataset", fake)
     ds = load_split(DataConfig(name="qqp", source="hub"), "validation", seed=0, limit=4)
@@ -401,8 +410,10 @@ def test_encode_and_loader(tokenizer) -> None:
     assert first["input_ids"].shape[1] == int(first["attention_mask"].sum(1).max())  # padded per batch
     again = [b["labels"].tolist() for b in make_loader(enc, tokenizer, 4, True, 11)]
     assert again == [b["labels"].tolist() for b in batches]  # same seed, same order
-    orders = {tuple(x for b in make_loader(enc, tokenizer, 4, True, s) for x in b["input_ids"][:, 1].tolist())
-              for s in range(5)}  # fmt: skip
+    orders = {
+        tuple(x for b in make_loader(enc, tokenizer, 4, True, s) for x in b["input_ids"][:, 1].tolist())
+        for s in range(5)
+    }
     assert len(orders) > 1
     plain = list(make_loader(enc, tokenizer, 4, False, 0))
     assert sum((b["labels"].tolist() for b in plain), []) == ds.labels

@@ -80,7 +80,9 @@ def ticket_dir(tiny_model_dir, tmp_path_factory):
     masks.ffn[1, 5:37] = False  # 8 kept
     prune_model(model, masks)
     out = tmp_path_factory.mktemp("tickets") / "ticket"
-    return save_ticket(model, masks, str(tiny_model_dir), out, load_tokenizer(str(tiny_model_dir)), labels=LABELS)
+    return save_ticket(
+        model, masks, str(tiny_model_dir), out, load_tokenizer(str(tiny_model_dir)), labels=LABELS
+    )
 
 
 def ticket_logits(ticket_dir) -> torch.Tensor:
@@ -106,7 +108,10 @@ def test_er_rays_own_loader_keeps_the_real_widths(ticket_dir):
 @pytest.fixture(scope="module")
 def outside(ticket_dir, tmp_path_factory) -> dict[str, dict]:
     """The ticket folder, its hf export and (with onnxruntime) its onnx export, loaded in one fresh process."""
-    folders = {"ticket": ("hf", ticket_dir), "hf": ("hf", export_hf(ticket_dir, tmp_path_factory.mktemp("x") / "hf"))}
+    folders = {
+        "ticket": ("hf", ticket_dir),
+        "hf": ("hf", export_hf(ticket_dir, tmp_path_factory.mktemp("x") / "hf")),
+    }
     if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnxscript"):
         folders["onnx"] = ("onnx", export_onnx(ticket_dir, tmp_path_factory.mktemp("x") / "onnx"))
     results = load_elsewhere(list(folders.values()))

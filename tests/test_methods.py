@@ -31,10 +31,17 @@ def _reloaded_accuracy(cfg, ticket_dir) -> float:
     """Accuracy of the saved model on the evaluation split, recomputed from the files."""
     prep = prepare(cfg)
     model, _ = load_ticket(ticket_dir)
-    return accuracy(model, prep.batches(cfg.finetune.eval_batch_size, train=False), prep.eval.labels, prep.device)
+    return accuracy(
+        model, prep.batches(cfg.finetune.eval_batch_size, train=False), prep.eval.labels, prep.device
+    )
 
 
-TICKET_ABLATIONS = ["earlyrobust-no-l1", "earlyrobust-random", "earlyrobust-random-layerwise", "earlyrobust-reinit"]
+TICKET_ABLATIONS = [
+    "earlyrobust-no-l1",
+    "earlyrobust-random",
+    "earlyrobust-random-layerwise",
+    "earlyrobust-reinit",
+]
 
 
 @pytest.mark.parametrize("method", ["earlyrobust", "earlybert", *TICKET_ABLATIONS])
@@ -44,7 +51,9 @@ def test_ticket_methods_draw_prune_and_fine_tune(tiny_model_dir, tmp_path, metho
     assert result.method == method and result.gamma == 0.2
     # 2 layers x 4 heads, 1/4 pruned globally; 30% of 2 x 40 neurons
     assert sum(len(h) for h in result.kept_heads) == 6 and sum(len(n) for n in result.kept_neurons) == 56
-    assert result.clean_acc == _reloaded_accuracy(cfg, result.ticket_dir)  # the saved ticket is the one scored
+    assert result.clean_acc == _reloaded_accuracy(
+        cfg, result.ticket_dir
+    )  # the saved ticket is the one scored
     assert result.search_seconds > 0 and result.finetune_seconds > 0
     assert result.train_seconds == pytest.approx(result.search_seconds + result.finetune_seconds)
     assert result.search_seconds == traj.mini_epochs[result.stop_mini_epoch].seconds
@@ -86,8 +95,13 @@ def test_no_structure_trains_the_full_model_and_records_the_ticket(tiny_model_di
     assert sum(map(len, result.kept_heads)) == 8 and sum(map(len, result.kept_neurons)) == 80  # full model
     meta = read_ticket_info(result.ticket_dir)["meta"]
     stop = traj.stops[next(iter(traj.stops))]
-    drawn = draw_masks(traj.mini_epochs[stop.mini_epoch].head, traj.mini_epochs[stop.mini_epoch].ffn, 0.25, 0.3)
-    assert meta["ticket_kept_heads"] == drawn.kept_heads() and meta["ticket_kept_neurons"] == drawn.kept_neurons()
+    drawn = draw_masks(
+        traj.mini_epochs[stop.mini_epoch].head, traj.mini_epochs[stop.mini_epoch].ffn, 0.25, 0.3
+    )
+    assert (
+        meta["ticket_kept_heads"] == drawn.kept_heads()
+        and meta["ticket_kept_neurons"] == drawn.kept_neurons()
+    )
     assert result.clean_acc == _reloaded_accuracy(cfg, result.ticket_dir)
 
 

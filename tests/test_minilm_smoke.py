@@ -21,15 +21,24 @@ def two_threads():
 
 
 def test_earlyrobust_on_minilm_end_to_end(tmp_path, two_threads):
-    cfg = config_from_dict({
-        "name": "smoke", "seed": 1,
-        "data": {"name": "sst2", "max_train_examples": 48, "max_eval_examples": 32, "max_length": 32},
-        "model": {"name_or_path": "minilm"},
-        "search": {"batch_size": 16, "max_epochs": 1, "mini_epoch_steps": 1, "patience": 1, "gamma": 0.5,
-                   "adversary": {"kind": "freelb", "steps": 2}},
-        "finetune": {"epochs": 1, "batch_size": 16},
-        "runtime": {"output_dir": str(tmp_path)},
-    })  # fmt: skip
+    cfg = config_from_dict(
+        {
+            "name": "smoke",
+            "seed": 1,
+            "data": {"name": "sst2", "max_train_examples": 48, "max_eval_examples": 32, "max_length": 32},
+            "model": {"name_or_path": "minilm"},
+            "search": {
+                "batch_size": 16,
+                "max_epochs": 1,
+                "mini_epoch_steps": 1,
+                "patience": 1,
+                "gamma": 0.5,
+                "adversary": {"kind": "freelb", "steps": 2},
+            },
+            "finetune": {"epochs": 1, "batch_size": 16},
+            "runtime": {"output_dir": str(tmp_path)},
+        }
+    )
     traj, (result,) = run_experiment(cfg)
     (stop,) = traj.stops.values()
     assert stop.mini_epoch == len(traj.mini_epochs) - 1 and traj.mini_epochs[0].head.shape == (6, 12)
@@ -41,7 +50,9 @@ def test_earlyrobust_on_minilm_end_to_end(tmp_path, two_threads):
     model, tok = load_ticket(result.ticket_dir)
     assert heads_per_layer(model) == [len(h) for h in result.kept_heads]
     assert neurons_per_layer(model) == [len(n) for n in result.kept_neurons]
-    batch = tok(["a gripping, beautifully acted film", "dull and lifeless"], padding=True, return_tensors="pt")
+    batch = tok(
+        ["a gripping, beautifully acted film", "dull and lifeless"], padding=True, return_tensors="pt"
+    )
     with torch.no_grad():
         probs = model(**batch).logits.softmax(-1)
     assert torch.allclose(probs.sum(-1), torch.ones(2))

@@ -34,7 +34,11 @@ def ray_session():
 
 def _runs(uri: str, kind: str | None = None):
     client = mlflow.tracking.MlflowClient(uri)
-    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id], max_results=1000)]
+    runs = [
+        r
+        for e in client.search_experiments()
+        for r in client.search_runs([e.experiment_id], max_results=1000)
+    ]
     return [r for r in runs if kind is None or r.data.tags.get(T.TAG_KIND) == kind]
 
 
@@ -57,8 +61,9 @@ def test_tune_search_equals_the_in_process_search(ray_session, tiny_model_dir, t
     assert last[T.MASK_DISTANCE_HEADS] == local.mini_epochs[last["mini_epoch"]].head_distance
 
 
-def test_a_search_stopped_like_ctrl_c_resumes_to_the_uninterrupted_trajectory(ray_session, tiny_model_dir,
-                                                                               tmp_path):
+def test_a_search_stopped_like_ctrl_c_resumes_to_the_uninterrupted_trajectory(
+    ray_session, tiny_model_dir, tmp_path
+):
     """Tune's own Ctrl-C handler exists only when fit() runs on the main thread; a sweep fits on a thread and
     must still end Tune's loop with a consistent experiment state (checkpoints it names exist on storage)."""
     import queue
@@ -67,8 +72,9 @@ def test_a_search_stopped_like_ctrl_c_resumes_to_the_uninterrupted_trajectory(ra
     from er_ray.methods import load_data
     from er_ray.orchestration import search_tune as S
 
-    cfg = tiny_experiment(tiny_model_dir, tmp_path, **{"search.max_epochs": 6, "search.patience": 100,
-                                                       "ray.search_cpus": 1})  # never converges: runs to the cap
+    cfg = tiny_experiment(
+        tiny_model_dir, tmp_path, **{"search.max_epochs": 6, "search.patience": 100, "ray.search_cpus": 1}
+    )  # never converges: runs to the cap
     local = search_stage(prepare(cfg))
     last = local.mini_epochs[-1].index
     data_ref = ray_session.put(load_data(cfg))
@@ -96,22 +102,36 @@ def test_a_search_stopped_like_ctrl_c_resumes_to_the_uninterrupted_trajectory(ra
 
 
 def _sweep_config(model_dir, out, **over):
-    return tiny_experiment(model_dir, out, **{
-        "sweep.gammas": "[0.2, 0.5]", "sweep.ffn_ratios": "[0.2, 0.3]", "ray.attack": "false",
-        "ray.search_cpus": 1, "ray.ticket_cpus": 1, "tracking.uri": f"sqlite:///{out}/mlflow.db", **over})  # fmt: skip
+    return tiny_experiment(
+        model_dir,
+        out,
+        **{
+            "sweep.gammas": "[0.2, 0.5]",
+            "sweep.ffn_ratios": "[0.2, 0.3]",
+            "ray.attack": "false",
+            "ray.search_cpus": 1,
+            "ray.ticket_cpus": 1,
+            "tracking.uri": f"sqlite:///{out}/mlflow.db",
+            **over,
+        },
+    )
 
 
 def test_fan_out_one_ticket_per_combo_and_mlflow_states(ray_session, tiny_model_dir, tmp_path):
     from er_ray.orchestration.pipeline import run_pipeline
 
-    cfg = _sweep_config(tiny_model_dir, tmp_path, **{"ray.methods": "[earlyrobust, finetune]",
-                                                     "runtime.threads": 2})
+    cfg = _sweep_config(
+        tiny_model_dir, tmp_path, **{"ray.methods": "[earlyrobust, finetune]", "runtime.threads": 2}
+    )
     rows = run_pipeline(cfg)
     # a task runs as many torch threads as it holds CPUs (ray.ticket_cpus 1), not runtime.threads
-    assert {json.loads(p.read_text())["threads"] for p in tmp_path.glob("tiny/runs/*/*/seed3/*/result.json")} == {1}
+    assert {
+        json.loads(p.read_text())["threads"] for p in tmp_path.glob("tiny/runs/*/*/seed3/*/result.json")
+    } == {1}
     tickets = [(r["method"], r["gamma"], r["ffn_ratio"]) for r in rows]
     assert sorted(t for t in tickets if t[0] == "earlyrobust") == [
-        ("earlyrobust", g, f) for g in (0.2, 0.5) for f in (0.2, 0.3)]  # fmt: skip
+        ("earlyrobust", g, f) for g in (0.2, 0.5) for f in (0.2, 0.3)
+    ]
     assert ("finetune", None, 0.0) in tickets and len(tickets) == 5
     uri = cfg.tracking.uri
     assert [r.info.status for r in _runs(uri, "parent")] == ["FINISHED"]
@@ -144,7 +164,9 @@ def test_primary_tickets_are_mlflow_models_that_predict_label_names(ray_session,
 
     cfg = _sweep_config(tiny_model_dir, tmp_path, **{"sweep.gammas": "[0.5]"})
     run_pipeline(cfg)
-    assert os.environ.get("MLFLOW_TRACKING_URI") != cfg.tracking.uri  # logging the model left no global behind
+    assert (
+        os.environ.get("MLFLOW_TRACKING_URI") != cfg.tracking.uri
+    )  # logging the model left no global behind
     by_primary = {r.data.tags[T.TAG_PRIMARY]: r for r in _runs(cfg.tracking.uri, "ticket")}
     assert set(by_primary) == {"0", "1"}
     run_id, exp = by_primary["1"].info.run_id, by_primary["1"].info.experiment_id
@@ -186,8 +208,11 @@ def test_killed_ticket_worker_is_retried(ray_session, tiny_model_dir, tmp_path):
 
     from er_ray.orchestration.pipeline import run_pipeline
 
-    cfg = _sweep_config(tiny_model_dir, tmp_path, **{"sweep.gammas": "[0.2]", "sweep.ffn_ratios": "[0.3]",
-                                                      "finetune.epochs": 30})  # fmt: skip
+    cfg = _sweep_config(
+        tiny_model_dir,
+        tmp_path,
+        **{"sweep.gammas": "[0.2]", "sweep.ffn_ratios": "[0.3]", "finetune.epochs": 30},
+    )
     killed = []
 
     def killer():
@@ -250,7 +275,9 @@ def test_run_folder_is_absolute_for_a_relative_output_dir(tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     cfg = config_from_dict({"name": "rel", "runtime": {"output_dir": "outputs"}})
     run_dir = run_dir_for(cfg, resume=False).local
-    assert run_dir.is_absolute() and run_dir.is_dir() and run_dir.parent == tmp_path / "outputs" / "rel" / "runs"
+    assert (
+        run_dir.is_absolute() and run_dir.is_dir() and run_dir.parent == tmp_path / "outputs" / "rel" / "runs"
+    )
     assert run_dir_for(cfg, resume=True).local == run_dir
     with pytest.raises(Exception, match="nothing to resume"):
         run_dir_for(config_from_dict({"name": "other"}), resume=True)
@@ -262,8 +289,14 @@ def test_one_ctrl_c_ends_the_run_killed_and_resume_finishes_it(ray_session, tiny
     cfg_file.write_text(json.dumps(cfg.model_dump(mode="json")))
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     # a terminal's Ctrl-C goes to the whole foreground process group: run the driver in its own
-    driver = subprocess.Popen([sys.executable, "-m", "er_ray.cli", "run", str(cfg_file)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "er_ray.cli", "run", str(cfg_file)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.time() + 240
     while time.time() < deadline and not list(tmp_path.glob("tiny/runs/*/search/*/checkpoint_*")):
         time.sleep(0.3)

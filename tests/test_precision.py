@@ -12,7 +12,9 @@ from er_ray.config import AdversaryConfig, UserError, config_from_dict
 from er_ray.model import Coefficients, encoder_layers
 from er_ray.precision import Amp, resolve
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on this machine)")
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device (none on this machine)"
+)
 
 
 # ---------------------------------------------------------------- resolution
@@ -69,9 +71,11 @@ def test_bf16_runs_encoder_matmuls_in_bf16_and_keeps_coefficients_grads_and_pert
     coefs.attach(model)
     seen = {}
     layer = encoder_layers(model)[1]
+
     def record(name):
         def hook(module, args, out):  # returns None: the output is left alone
             seen.setdefault(name, (args[0].dtype, out.dtype))
+
         return hook
 
     layer.attention.self.query.register_forward_hook(record("query"))
@@ -134,8 +138,9 @@ def test_fp16_freelb_ascent_step_is_the_fp32_formula_on_the_unscaled_gradient(de
     input_ids, labels, rest = adversary._split(batch)
     embeds = model.get_input_embeddings()(input_ids).detach()
     delta0 = torch.zeros_like(embeds, requires_grad=True)
-    (grad,) = torch.autograd.grad(adversary._loss(model, embeds + delta0, labels, rest, Amp("fp16", device)) / 2,
-                                  delta0)
+    (grad,) = torch.autograd.grad(
+        adversary._loss(model, embeds + delta0, labels, rest, Amp("fp16", device)) / 2, delta0
+    )
     grad = grad * batch["attention_mask"].unsqueeze(-1).float()
     true_norm = grad.flatten(1).norm(dim=1)
     torch.testing.assert_close(norms[0], true_norm, rtol=2e-2, atol=1e-6)  # not 65536x larger
@@ -168,7 +173,11 @@ def test_search_and_ticket_under_bf16_give_valid_masks_and_say_which_precision_r
     traj = search_stage(prep)
     assert traj.meta["precision"] == "bf16"
     last = traj.mini_epochs[-1]
-    assert last.head.dtype == torch.float32 and torch.isfinite(last.head).all() and torch.isfinite(last.ffn).all()
+    assert (
+        last.head.dtype == torch.float32
+        and torch.isfinite(last.head).all()
+        and torch.isfinite(last.ffn).all()
+    )
     assert (last.ffn != 1.0).any()  # the coefficients trained
     combo = next(iter(traj.stops))
     result = ticket_pipeline(prep, traj, combo, tmp_path / "ticket")
@@ -198,8 +207,15 @@ def test_victim_under_bf16_returns_fp32_logits_close_to_fp32(tiny_model_dir):
 def test_bench_times_every_variant_per_precision(tiny_model_dir, capsys):
     from er_ray.bench import run_benchmark
 
-    med = run_benchmark(str(tiny_model_dir), batch_size=4, max_length=16, repeats=1, steps=2,
-                        precisions=("fp32", "bf16"), device="cpu")
+    med = run_benchmark(
+        str(tiny_model_dir),
+        batch_size=4,
+        max_length=16,
+        repeats=1,
+        steps=2,
+        precisions=("fp32", "bf16"),
+        device="cpu",
+    )
     assert list(med) == ["fp32", "bf16"]
     assert all(set(m) == {"plain", "freelb_k2", "ticket", "inference"} for m in med.values())
     assert "fp32/bf16" in capsys.readouterr().out

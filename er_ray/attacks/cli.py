@@ -28,8 +28,10 @@ def resolve(args: argparse.Namespace) -> tuple[ExperimentConfig, str]:
     else:
         files = {o.split("=", 1)[0].strip() for o in args.overrides}
         if args.dataset == "custom" and not {"data.train_file", "data.eval_file"} <= files:
-            raise UserError("--dataset custom needs its files: --config with a custom data section, or "
-                            "--set data.train_file=... --set data.eval_file=...")
+            raise UserError(
+                "--dataset custom needs its files: --config with a custom data section, or "
+                "--set data.train_file=... --set data.eval_file=..."
+            )
         cfg = config_from_dict({"data": {"name": args.dataset or "sst2"}}, args.overrides)
     attack: dict = {}
     if args.recipes:
@@ -64,11 +66,22 @@ def _num_examples(text: str) -> int | None:
 
 
 def default_out(cfg: ExperimentConfig, model_dir: Path, split: str) -> Path:
-    return Path(cfg.runtime.output_dir) / "attacks" / f"{model_dir.resolve().name}-{cfg.data.name}-{split}-seed{cfg.seed}"
+    return (
+        Path(cfg.runtime.output_dir)
+        / "attacks"
+        / f"{model_dir.resolve().name}-{cfg.data.name}-{split}-seed{cfg.seed}"
+    )
 
 
-def evaluate(model_dir: Path, data: DataConfig, split: str, attack: AttackConfig, seed: int,
-             progress: bool = True, masked_lm: str | None = None):
+def evaluate(
+    model_dir: Path,
+    data: DataConfig,
+    split: str,
+    attack: AttackConfig,
+    seed: int,
+    progress: bool = True,
+    masked_lm: str | None = None,
+):
     """Load the split and run the evaluation in this process."""
     from tqdm import tqdm
 
@@ -80,19 +93,36 @@ def evaluate(model_dir: Path, data: DataConfig, split: str, attack: AttackConfig
     dataset = load_split(data, split, seed, None)
     options = {"masked_lm": masked_lm or attack.masked_lm}
     model, tokenizer = load_victim(model_dir)
-    offline = default_resources("bertattack" in attack.recipes, **options) if attack.resources == "offline" else None
+    offline = (
+        default_resources("bertattack" in attack.recipes, **options)
+        if attack.resources == "offline"
+        else None
+    )
     indices = attack_sample(dataset, attack.num_examples, seed)
-    with tqdm(total=len(indices) * len(attack.recipes), desc="attack", unit="ex", disable=not progress) as bar:
-        return evaluate_robustness(model, tokenizer, dataset, attack, seed, data.max_length, indices,
-                                   offline=offline, progress=bar.update)
+    with tqdm(
+        total=len(indices) * len(attack.recipes), desc="attack", unit="ex", disable=not progress
+    ) as bar:
+        return evaluate_robustness(
+            model,
+            tokenizer,
+            dataset,
+            attack,
+            seed,
+            data.max_length,
+            indices,
+            offline=offline,
+            progress=bar.update,
+        )
 
 
 def report(args: argparse.Namespace, cfg: ExperimentConfig, split: str, result) -> int:
     out = args.out or default_out(cfg, args.model_dir, split)
     paths = result.save(out)
-    print(f"{args.model_dir} on {cfg.data.name}/{split}: clean accuracy over {result.num_clean} examples, "
-          f"attacks on {len(result.indices)} (seed {cfg.seed}, resources {cfg.attack.resources}, "
-          f"precision {result.info.get('precision', 'fp32')})")
+    print(
+        f"{args.model_dir} on {cfg.data.name}/{split}: clean accuracy over {result.num_clean} examples, "
+        f"attacks on {len(result.indices)} (seed {cfg.seed}, resources {cfg.attack.resources}, "
+        f"precision {result.info.get('precision', 'fp32')})"
+    )
     print(result.table())
     print(f"saved: {paths['summary']}, {paths['examples']}, {paths['deviations']}")
     return 0

@@ -36,12 +36,19 @@ class MiniLMEncoder:
     def encode(self, sentences: Sequence[str]) -> torch.Tensor:
         out = []
         for start in range(0, len(sentences), self.batch_size):
-            enc = self.tokenizer(list(sentences[start : start + self.batch_size]), padding="longest",
-                                 truncation=True, max_length=self.max_length, return_tensors="pt")
+            enc = self.tokenizer(
+                list(sentences[start : start + self.batch_size]),
+                padding="longest",
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            )
             with torch.no_grad():
                 hidden = self.model(**enc).last_hidden_state
             mask = enc["attention_mask"].unsqueeze(-1).float()
-            out.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1))
+            out.append(
+                torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
+            )
         return torch.cat(out) if out else torch.empty(0, self.model.config.hidden_size)
 
 
@@ -65,10 +72,26 @@ class MiniLMSimilarity(SentenceEncoder):
 
 # spaCy's coarse tags (Universal Dependencies) -> the NLTK universal tagset textattack's constraint compares
 UD_TO_NLTK_UNIVERSAL = {
-    "ADJ": "ADJ", "ADP": "ADP", "ADV": "ADV", "AUX": "VERB", "CCONJ": "CONJ", "CONJ": "CONJ", "SCONJ": "CONJ",
-    "DET": "DET", "INTJ": "X", "NOUN": "NOUN", "PROPN": "NOUN", "NUM": "NUM", "PART": "PRT", "PRON": "PRON",
-    "PUNCT": ".", "SYM": "X", "VERB": "VERB", "X": "X", "SPACE": "X",
-}  # fmt: skip
+    "ADJ": "ADJ",
+    "ADP": "ADP",
+    "ADV": "ADV",
+    "AUX": "VERB",
+    "CCONJ": "CONJ",
+    "CONJ": "CONJ",
+    "SCONJ": "CONJ",
+    "DET": "DET",
+    "INTJ": "X",
+    "NOUN": "NOUN",
+    "PROPN": "NOUN",
+    "NUM": "NUM",
+    "PART": "PRT",
+    "PRON": "PRON",
+    "PUNCT": ".",
+    "SYM": "X",
+    "VERB": "VERB",
+    "X": "X",
+    "SPACE": "X",
+}
 
 
 def load_spacy_tagger():
@@ -82,8 +105,12 @@ class SpacyPartOfSpeech(PartOfSpeech):
     """textattack's PartOfSpeech constraint with spaCy tags mapped onto NLTK's universal tagset."""
 
     def __init__(self, nlp=None, allow_verb_noun_swap: bool = True, compare_against_original: bool = True):
-        super().__init__(tagger_type="spacy", tagset="universal", allow_verb_noun_swap=allow_verb_noun_swap,
-                         compare_against_original=compare_against_original)
+        super().__init__(
+            tagger_type="spacy",
+            tagset="universal",
+            allow_verb_noun_swap=allow_verb_noun_swap,
+            compare_against_original=compare_against_original,
+        )
         self.nlp = nlp if nlp is not None else load_spacy_tagger()
 
     def tag(self, words: Sequence[str]) -> list[str]:
@@ -99,4 +126,6 @@ class SpacyPartOfSpeech(PartOfSpeech):
         key = " ".join(words)
         if key not in self._pos_tag_cache:
             self._pos_tag_cache[key] = (tuple(words), tuple(self.tag(words)))
-        return self._pos_tag_cache[key][1][len(before_ctx)]  # the word's own position, not its first occurrence
+        return self._pos_tag_cache[key][1][
+            len(before_ctx)
+        ]  # the word's own position, not its first occurrence

@@ -31,7 +31,10 @@ from textattack.attack_results import (  # noqa: E402
 from er_ray.attacks.recipes import OfflineResources, build_recipe, deviations  # noqa: E402
 from er_ray.attacks.wrapper import DynamicPaddingWrapper  # noqa: E402
 
-PAIR_COLUMNS = ("text_a", "text_b")  # not premise/hypothesis: textattack locks the premise only for NLI columns
+PAIR_COLUMNS = (
+    "text_a",
+    "text_b",
+)  # not premise/hypothesis: textattack locks the premise only for NLI columns
 OUTCOMES = ("successful", "failed", "skipped")
 
 
@@ -63,17 +66,22 @@ class RobustnessResult:
         lines = [head, "-" * len(head)]
         for r in self.aua:
             n = sum(self.counts[r].values())
-            lines.append(f"{r:<12} {100 * self.clean_acc:7.2f} {100 * self.aua[r]:7.2f} {100 * self.success_rate[r]:7.2f} "
-                         f"{self.mean_queries[r]:8.1f} {n:5d} {self.counts[r]['skipped']:5d} "
-                         f"{self.seconds[r] / max(n, 1):6.2f}")
+            lines.append(
+                f"{r:<12} {100 * self.clean_acc:7.2f} {100 * self.aua[r]:7.2f} {100 * self.success_rate[r]:7.2f} "
+                f"{self.mean_queries[r]:8.1f} {n:5d} {self.counts[r]['skipped']:5d} "
+                f"{self.seconds[r] / max(n, 1):6.2f}"
+            )
         return "\n".join(lines)
 
     def save(self, out_dir: str | Path) -> dict[str, Path]:
         """summary.json, examples.jsonl (one line per attacked example) and deviations.md."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        paths = {"summary": out_dir / "summary.json", "examples": out_dir / "examples.jsonl",
-                 "deviations": out_dir / "deviations.md"}
+        paths = {
+            "summary": out_dir / "summary.json",
+            "examples": out_dir / "examples.jsonl",
+            "deviations": out_dir / "deviations.md",
+        }
         paths["summary"].write_text(json.dumps(self.summary(), indent=1, default=str))
         with open(paths["examples"], "w", encoding="utf-8") as f:
             for rec in self.records:
@@ -120,15 +128,24 @@ def attack_one(attack: Any, dataset: Any, index: int, recipe: str, seed: int) ->
     result = attack.attack(textattack_input(dataset, index), int(dataset.labels[index]))
     original, perturbed = result.original_result.attacked_text, result.perturbed_result.attacked_text
     return {
-        "recipe": recipe, "index": index, "label": int(dataset.labels[index]), "outcome": _outcome(result),
+        "recipe": recipe,
+        "index": index,
+        "label": int(dataset.labels[index]),
+        "outcome": _outcome(result),
         "queries": int(result.perturbed_result.num_queries),
-        "original_pred": int(result.original_result.output), "perturbed_pred": int(result.perturbed_result.output),
-        "words_changed": len(original.all_words_diff(perturbed)), "num_words": len(original.words),
-        "original": original.text, "perturbed": perturbed.text, "seconds": round(time.perf_counter() - t0, 3),
+        "original_pred": int(result.original_result.output),
+        "perturbed_pred": int(result.perturbed_result.output),
+        "words_changed": len(original.all_words_diff(perturbed)),
+        "num_words": len(original.words),
+        "original": original.text,
+        "perturbed": perturbed.text,
+        "seconds": round(time.perf_counter() - t0, 3),
     }
 
 
-def clean_accuracy(wrapper: DynamicPaddingWrapper, dataset: Any, batch_size: int = 64) -> tuple[float, list[int]]:
+def clean_accuracy(
+    wrapper: DynamicPaddingWrapper, dataset: Any, batch_size: int = 64
+) -> tuple[float, list[int]]:
     preds: list[int] = []
     for start in range(0, len(dataset), batch_size):
         batch = [textattack_input(dataset, i) for i in range(start, min(start + batch_size, len(dataset)))]
@@ -151,20 +168,34 @@ def summarize(records: Sequence[dict[str, Any]], recipe: str) -> dict[str, Any]:
     }
 
 
-def assemble(records: Sequence[dict[str, Any]], recipes: Sequence[str], clean: tuple[float, int],
-             seconds: dict[str, float], indices: list[int], seed: int, resources: str,
-             info: dict[str, Any]) -> RobustnessResult:
+def assemble(
+    records: Sequence[dict[str, Any]],
+    recipes: Sequence[str],
+    clean: tuple[float, int],
+    seconds: dict[str, float],
+    indices: list[int],
+    seed: int,
+    resources: str,
+    info: dict[str, Any],
+) -> RobustnessResult:
     """Merge records (any order) into a result, sorted by recipe then example index."""
     order = {r: k for k, r in enumerate(recipes)}
     records = sorted(records, key=lambda r: (order[r["recipe"]], r["index"]))
     sums = {r: summarize(records, r) for r in recipes}
     return RobustnessResult(
-        clean_acc=clean[0], num_clean=clean[1], aua={r: s["aua"] for r, s in sums.items()},
+        clean_acc=clean[0],
+        num_clean=clean[1],
+        aua={r: s["aua"] for r, s in sums.items()},
         mean_queries={r: s["mean_queries"] for r, s in sums.items()},
         success_rate={r: s["success_rate"] for r, s in sums.items()},
-        counts={r: s["counts"] for r, s in sums.items()}, seconds=seconds, records=list(records),
-        deviations={r: deviations(r, resources, info) for r in recipes}, indices=list(indices), seed=seed,
-        resources=resources, info=info,
+        counts={r: s["counts"] for r, s in sums.items()},
+        seconds=seconds,
+        records=list(records),
+        deviations={r: deviations(r, resources, info) for r in recipes},
+        indices=list(indices),
+        seed=seed,
+        resources=resources,
+        info=info,
     )
 
 
@@ -191,14 +222,21 @@ def evaluate_robustness(
     if offline is None and cfg.resources == "offline":
         offline = default_resources(with_mlm="bertattack" in cfg.recipes)
     model.eval()
-    wrapper = DynamicPaddingWrapper(model, tokenizer, max_length=max_length, batch_size=cfg.batch_size,
-                                    precision=cfg.precision or "fp32")
+    wrapper = DynamicPaddingWrapper(
+        model, tokenizer, max_length=max_length, batch_size=cfg.batch_size, precision=cfg.precision or "fp32"
+    )
     clean, _ = clean_accuracy(wrapper, dataset)
     indices = list(indices) if indices is not None else attack_sample(dataset, cfg.num_examples, seed)
     records, seconds = [], {}
     for recipe in cfg.recipes:
-        attack = build_recipe(recipe, wrapper, cfg.resources, offline=offline, batch_size=cfg.batch_size,
-                              query_budget=cfg.query_budget)
+        attack = build_recipe(
+            recipe,
+            wrapper,
+            cfg.resources,
+            offline=offline,
+            batch_size=cfg.batch_size,
+            query_budget=cfg.query_budget,
+        )
         t0 = time.perf_counter()
         for i in indices:
             records.append(attack_one(attack, dataset, i, recipe, seed))
@@ -209,24 +247,37 @@ def evaluate_robustness(
     return assemble(records, cfg.recipes, (clean, len(dataset)), seconds, indices, seed, cfg.resources, info)
 
 
-def default_resources(with_mlm: bool = True, cache_dir: Path | None = None, *, masked_lm: str | None = None,
-                      constraints_dir: Path | None = None, vocab_limit: int | None = None,
-                      extra_words: Sequence[str] = ()) -> OfflineResources:
+def default_resources(
+    with_mlm: bool = True,
+    cache_dir: Path | None = None,
+    *,
+    masked_lm: str | None = None,
+    constraints_dir: Path | None = None,
+    vocab_limit: int | None = None,
+    extra_words: Sequence[str] = (),
+) -> OfflineResources:
     """The offline resources: by default the full counter-fitted vocabulary and the default masked LM (both built
     into the cache on first use)."""
     from er_ray.attacks.recipes import DEFAULT_MASKED_LM, load_resources
     from er_ray.config import settings
 
     s = settings()
-    return load_resources(Path(cache_dir or s.cache_dir), Path(constraints_dir or _constraints_dir(s.data_dir)),
-                          masked_lm=(masked_lm or DEFAULT_MASKED_LM) if with_mlm else None,
-                          vocab_limit=vocab_limit, extra_words=extra_words, data_dir=s.data_dir)
+    return load_resources(
+        Path(cache_dir or s.cache_dir),
+        Path(constraints_dir or _constraints_dir(s.data_dir)),
+        masked_lm=(masked_lm or DEFAULT_MASKED_LM) if with_mlm else None,
+        vocab_limit=vocab_limit,
+        extra_words=extra_words,
+        data_dir=s.data_dir,
+    )
 
 
 def _constraints_dir(data_dir: Path | None) -> Path:
     from er_ray.config import UserError
 
     if data_dir is None or not (data_dir / "counter-fitting").is_dir():
-        raise UserError("the offline attacks need the counter-fitting constraints: set ER_RAY_DATA_DIR to a "
-                        "folder holding counter-fitting/ (the ../shared/data layout)")
+        raise UserError(
+            "the offline attacks need the counter-fitting constraints: set ER_RAY_DATA_DIR to a "
+            "folder holding counter-fitting/ (the ../shared/data layout)"
+        )
     return data_dir / "counter-fitting"

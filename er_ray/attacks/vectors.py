@@ -103,7 +103,9 @@ def close_pairs(vectors: torch.Tensor, min_cos: float, block: int = 1024) -> tup
 # ---------------------------------------------------------------- the optimisation
 
 
-def _cos_grad(v: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _cos_grad(
+    v: torch.Tensor, a: torch.Tensor, b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """cos(a, b) and its gradients with respect to v[a] and v[b] (unit rows: ∂cos/∂u = w − cos·u)."""
     va, vb = v[a], v[b]
     cos = (va * vb).sum(1, keepdim=True)
@@ -186,8 +188,13 @@ def simlex(vectors: WordVectors, simlex_path: Path) -> dict[str, float]:
 # ---------------------------------------------------------------- building and caching
 
 
-def cache_key(constraints_dir: Path, params: CounterFitParams = CounterFitParams(), vocab_limit: int | None = None,
-              extra_words: Sequence[str] = (), k: int = 50) -> dict:
+def cache_key(
+    constraints_dir: Path,
+    params: CounterFitParams = CounterFitParams(),
+    vocab_limit: int | None = None,
+    extra_words: Sequence[str] = (),
+    k: int = 50,
+) -> dict:
     """What a cache entry is built from: input files (sha256), parameters, vocabulary restriction."""
     emb, index = glove_files()
     return {
@@ -222,22 +229,31 @@ def build_counter_fitted(
     vocab = set(Path(constraints_dir / "vocabulary.txt").read_text(encoding="utf-8").split())
     extra = set(extra_words)
     # GloVe rows are in frequency order, so a prefix is the most frequent words
-    keep = [i for i, w in enumerate(glove.words)
-            if w in vocab and (vocab_limit is None or i < vocab_limit or w in extra)]
+    keep = [
+        i
+        for i, w in enumerate(glove.words)
+        if w in vocab and (vocab_limit is None or i < vocab_limit or w in extra)
+    ]
     words = [glove.words[i] for i in keep]
     vectors = _normalise(glove.vectors[keep])
     index = {w: i for i, w in enumerate(words)}
     synonyms = _pair_ids(read_pairs(constraints_dir / "ppdb_synonyms.txt"), index)
-    antonyms = _pair_ids(read_pairs(constraints_dir / "ppdb_antonyms.txt")
-                         + read_pairs(constraints_dir / "wordnet_antonyms.txt"), index)
+    antonyms = _pair_ids(
+        read_pairs(constraints_dir / "ppdb_antonyms.txt")
+        + read_pairs(constraints_dir / "wordnet_antonyms.txt"),
+        index,
+    )
     before = simlex(WordVectors(words, vectors), constraints_dir / "SimLex-999.txt")
     vsp = close_pairs(torch.from_numpy(vectors), 1.0 - params.rho)
     fitted = counter_fit(vectors, synonyms, antonyms, params, vsp)
     result = WordVectors(words, fitted)
     result.neighbours = nearest_neighbours(fitted, min(k, len(words) - 1))
     result.meta = {
-        "vocabulary": len(words), "synonym_pairs": len(synonyms), "antonym_pairs": len(antonyms),
-        "vsp_pairs": len(vsp[0]), "simlex_before": before,
+        "vocabulary": len(words),
+        "synonym_pairs": len(synonyms),
+        "antonym_pairs": len(antonyms),
+        "vsp_pairs": len(vsp[0]),
+        "simlex_before": before,
         "simlex_after": simlex(result, constraints_dir / "SimLex-999.txt"),
         "build_seconds": round(time.perf_counter() - t0, 1),
     }
@@ -286,7 +302,9 @@ def counter_fitted_vectors(
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder) + ".lock"):  # actors starting together build it once
         if not (folder / "meta.json").exists():
-            save_vectors(build_counter_fitted(constraints_dir, params, vocab_limit, extra_words, k), folder, key)
+            save_vectors(
+                build_counter_fitted(constraints_dir, params, vocab_limit, extra_words, k), folder, key
+            )
     return load_vectors(folder)
 
 

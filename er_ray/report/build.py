@@ -80,9 +80,15 @@ def build_report(
     studies = pareto.fronts(scope)
     if not cells and not searches and not studies:
         where = f"run(s) {', '.join(run_ids)}" if run_ids else f"experiment '{experiment}'"
-        left = f"; {len(scope.skipped)} unfinished parent run(s) left out: pass them with --run" if scope.skipped else ""
-        raise UserError(f"nothing to report: no ticket or search runs (tag {tracking.TAG_KIND}) and no "
-                        f"multi-objective study in {where}{left}")
+        left = (
+            f"; {len(scope.skipped)} unfinished parent run(s) left out: pass them with --run"
+            if scope.skipped
+            else ""
+        )
+        raise UserError(
+            f"nothing to report: no ticket or search runs (tag {tracking.TAG_KIND}) and no "
+            f"multi-objective study in {where}{left}"
+        )
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -188,8 +194,13 @@ def _figure2(scope: Scope, ds: str, er: Cell | None, path: Path, tmp: Path, note
     if not head and not ffn:
         return f"{why}, and no {tracking.MASK_DISTANCE_HEADS}/{tracking.MASK_DISTANCE_FFN} curves"
     notes.append(f"{path.name}: consecutive distances as logged, not pairwise ({why})")
-    figures.figure2_curves(sorted(head), sorted(ffn), search.param_float(tracking.PARAM_GAMMA),
-                           title.replace("between mini-epochs", "to the previous mini-epoch"), path)  # fmt: skip
+    figures.figure2_curves(
+        sorted(head),
+        sorted(ffn),
+        search.param_float(tracking.PARAM_GAMMA),
+        title.replace("between mini-epochs", "to the previous mini-epoch"),
+        path,
+    )
     return None
 
 
@@ -293,8 +304,14 @@ def _figure5(scope: Scope, ds: str, er: Cell | None, path: Path, tmp: Path, note
         kept_neurons = [len(k) for k in info["kept_neurons"]]
     except (OSError, ValueError, KeyError, TypeError) as err:
         return f"{TICKET_ARTIFACT} unreadable ({type(err).__name__}: {err})"
-    figures.figure5(kept_heads, heads, kept_neurons, neurons,
-                    f"Figure 5: sparsity pattern of the EarlyRobust ticket ({_label(ds)})", path)  # fmt: skip
+    figures.figure5(
+        kept_heads,
+        heads,
+        kept_neurons,
+        neurons,
+        f"Figure 5: sparsity pattern of the EarlyRobust ticket ({_label(ds)})",
+        path,
+    )
     return None
 
 
@@ -347,16 +364,18 @@ def _claims_markdown(result: ReportResult) -> str:
         f"margins: {claims.AUA_MARGIN:g} Aua points, {claims.CLEAN_MARGIN:g} clean-accuracy points; "
         f"thresholds: {claims.PAPER_SPEEDUP:g}× speedup, {claims.EARLY_EPOCH:g} epoch"
     )
-    return "\n".join([
-        "# The paper's claims",
-        "",
-        f'Verdicts by the rule in docs/results.md, "How verdicts are decided" ({bounds}). Aua differences are '
-        "paired on the same attacked examples, pooled over seeds: Newcombe's 95% interval and the exact McNemar "
-        "test; clean accuracy is paired by seed (t interval); a claim made for every attack holds only if it "
-        "holds for each, and does not hold if it fails for one.",
-        "",
-        claims.to_markdown(result.claims),
-    ])
+    return "\n".join(
+        [
+            "# The paper's claims",
+            "",
+            f'Verdicts by the rule in docs/results.md, "How verdicts are decided" ({bounds}). Aua differences are '
+            "paired on the same attacked examples, pooled over seeds: Newcombe's 95% interval and the exact McNemar "
+            "test; clean accuracy is paired by seed (t interval); a claim made for every attack holds only if it "
+            "holds for each, and does not hold if it fails for one.",
+            "",
+            claims.to_markdown(result.claims),
+        ]
+    )
 
 
 def _log(scope: Scope, result: ReportResult) -> None:
@@ -366,8 +385,14 @@ def _log(scope: Scope, result: ReportResult) -> None:
         return
     run_id = scope.roots[0].run_id
     try:
-        files = [result.table_csv, result.table_md, result.claims_csv, result.claims_md, *result.figures,
-                 *result.pareto]
+        files = [
+            result.table_csv,
+            result.table_md,
+            result.claims_csv,
+            result.claims_md,
+            *result.figures,
+            *result.pareto,
+        ]
         tracking.log_files(scope.client, run_id, files, ARTIFACT_DIR)
     except Exception as err:  # the files are on disk either way; say why the copy in MLflow is missing
         result.notes.append(f"not logged to MLflow: {type(err).__name__}: {err}")

@@ -12,7 +12,9 @@ from er_ray.config import UserError, load_config, settings
 
 def tracking_uri(arg: str | None, output_dir: Path = Path("outputs")) -> str:
     # the rule `er-ray run` follows: --tracking-uri, else MLFLOW_TRACKING_URI, else <output_dir>/mlflow.db
-    return T.existing_store(arg or settings().mlflow_uri or f"sqlite:///{(output_dir / 'mlflow.db').resolve()}")
+    return T.existing_store(
+        arg or settings().mlflow_uri or f"sqlite:///{(output_dir / 'mlflow.db').resolve()}"
+    )
 
 
 def target(args: argparse.Namespace) -> tuple[str | None, list[str] | None, str]:
@@ -45,7 +47,9 @@ def run(args: argparse.Namespace) -> int:
     for d in result.claims:
         if d.verdict:
             print(f"claim ({d.dataset}, {d.claim.source}): {d.claim.text}: {d.verdict}")
-    print(f"wrote {result.table_md}, {result.claims_md}, their CSVs and {len(result.figures)} figure(s) to {args.out}")
+    print(
+        f"wrote {result.table_md}, {result.claims_md}, their CSVs and {len(result.figures)} figure(s) to {args.out}"
+    )
     for path in result.pareto:
         if path.suffix == ".md":
             print(path.read_text().split("\n\n")[1])  # "k of n finished trials are on the front of ..."

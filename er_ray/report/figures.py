@@ -105,9 +105,12 @@ def figure5(
     layers = list(range(1, len(kept_heads) + 1))
     fig = Figure(figsize=(10, 4), layout="constrained")
     for ax, kept, total, name in zip(
-        fig.subplots(1, 2), (kept_heads, kept_neurons), (heads, neurons), ("attention heads", "FFN neurons"),
+        fig.subplots(1, 2),
+        (kept_heads, kept_neurons),
+        (heads, neurons),
+        ("attention heads", "FFN neurons"),
         strict=True,
-    ):  # fmt: skip
+    ):
         pruned = [100.0 * (total - k) / total for k in kept]
         ax.bar(layers, pruned, color="tab:red" if name.startswith("att") else "tab:blue")
         ax.set_xticks(layers)

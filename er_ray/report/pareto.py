@@ -29,23 +29,32 @@ def dominated(values: list[list[float]], modes: list[str]) -> list[bool]:
     """For each point: does another point do at least as well on every objective and better on one?"""
     signs = [1.0 if m == "max" else -1.0 for m in modes]
     pts = [[s * v for s, v in zip(signs, row, strict=True)] for row in values]
-    return [any(all(o >= p for o, p in zip(other, point, strict=True)) and other != point for other in pts)
-            for point in pts]
+    return [
+        any(all(o >= p for o, p in zip(other, point, strict=True)) and other != point for other in pts)
+        for point in pts
+    ]
 
 
 def fronts(scope: Scope) -> list[Front]:
     """One Front per multi-objective study among the scope's parents."""
     by_study: dict[str, list[RunView]] = {}
     for root in scope.roots:
-        if tracking.PARAM_OBJECTIVES in root.params and len(json.loads(root.params[tracking.PARAM_OBJECTIVES])) > 1:
+        if (
+            tracking.PARAM_OBJECTIVES in root.params
+            and len(json.loads(root.params[tracking.PARAM_OBJECTIVES])) > 1
+        ):
             by_study.setdefault(root.tags.get(tracking.TAG_STUDY, ""), []).append(root)
     out = []
     for study, parents in sorted(by_study.items()):
         newest = max(parents, key=lambda r: r.start_time)
         objectives = json.loads(newest.params[tracking.PARAM_OBJECTIVES])
         names = [o["name"] for o in objectives]
-        trials = [t for p in parents for t in scope.of_kind(scope.children(p.run_id), "trial")
-                  if t.status == FINISHED and all(n in t.metrics for n in names)]
+        trials = [
+            t
+            for p in parents
+            for t in scope.of_kind(scope.children(p.run_id), "trial")
+            if t.status == FINISHED and all(n in t.metrics for n in names)
+        ]
         if not trials:
             continue
         rows = []
@@ -56,7 +65,9 @@ def fronts(scope: Scope) -> list[Front]:
             rows.append(row)
         df = pd.DataFrame(rows).sort_values("trial").reset_index(drop=True)
         metrics = [o["metric"] for o in objectives]
-        df["on_front"] = [not d for d in dominated(df[metrics].values.tolist(), [o["mode"] for o in objectives])]
+        df["on_front"] = [
+            not d for d in dominated(df[metrics].values.tolist(), [o["mode"] for o in objectives])
+        ]
         out.append(Front(study, objectives, df))
     return out
 
@@ -65,8 +76,11 @@ def _markdown_rows(df: pd.DataFrame) -> list[str]:
     def cell(v: object) -> str:
         return f"{v:.4g}" if isinstance(v, float) else str(v)
 
-    return ["| " + " | ".join(df.columns) + " |", "|" + "|".join("---:" for _ in df.columns) + "|",
-            *("| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False))]
+    return [
+        "| " + " | ".join(df.columns) + " |",
+        "|" + "|".join("---:" for _ in df.columns) + "|",
+        *("| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)),
+    ]
 
 
 def write(front: Front, out_dir: Path) -> list[Path]:
@@ -76,9 +90,14 @@ def write(front: Front, out_dir: Path) -> list[Path]:
     front.trials.to_csv(csv, index=False, float_format="%.10g")
     on = front.trials[front.trials["on_front"]]
     goals = ", ".join(f"{o['metric']} ({o['mode']})" for o in front.objectives)
-    lines = [f"# Pareto front of study {front.study}", "",
-             f"{len(on)} of {len(front.trials)} finished trials are on the front of {goals}.", "",
-             *_markdown_rows(on.drop(columns=["on_front", "run_id"])), ""]
+    lines = [
+        f"# Pareto front of study {front.study}",
+        "",
+        f"{len(on)} of {len(front.trials)} finished trials are on the front of {goals}.",
+        "",
+        *_markdown_rows(on.drop(columns=["on_front", "run_id"])),
+        "",
+    ]
     md.write_text("\n".join(lines))
     x, y = front.objectives[0], front.objectives[1]
     fig = Figure(figsize=(6.5, 4.5), layout="constrained")
@@ -87,7 +106,9 @@ def write(front: Front, out_dir: Path) -> list[Path]:
     on_sorted = on.sort_values(x["metric"])
     ax.plot(on_sorted[x["metric"]], on_sorted[y["metric"]], marker="o", color="tab:red", label="Pareto front")
     for _, r in on.iterrows():
-        ax.annotate(str(r["trial"]), (r[x["metric"]], r[y["metric"]]), textcoords="offset points", xytext=(4, 4))
+        ax.annotate(
+            str(r["trial"]), (r[x["metric"]], r[y["metric"]]), textcoords="offset points", xytext=(4, 4)
+        )
     ax.set_xlabel(f"{x['metric']} ({x['mode']})")
     ax.set_ylabel(f"{y['metric']} ({y['mode']})")
     ax.set_title(f"study {front.study}: {len(on)} of {len(front.trials)} trials on the front")

@@ -206,7 +206,9 @@ def open_scope(experiment: str | None, run_ids: list[str] | None, uri: str) -> S
             raise UserError(f"no MLflow run '{rid}' in {uri}") from None
         raise UserError(f"cannot read MLflow at {uri}: {str(err).splitlines()[0]}") from None
     if len(exp_ids) > 1:
-        raise UserError(f"runs {', '.join(run_ids)} are in different MLflow experiments; report one at a time")
+        raise UserError(
+            f"runs {', '.join(run_ids)} are in different MLflow experiments; report one at a time"
+        )
     if exp is not None and exp_ids and exp_ids != {exp.experiment_id}:
         raise UserError(f"run '{run_ids[0]}' is not in experiment '{experiment}'")
     exp_id = exp_ids.pop() if exp_ids else exp.experiment_id
@@ -323,7 +325,11 @@ def survived(scope: Scope, tickets: Seeded, recipe: str) -> dict[tuple[str, int]
     """(seed, example index) -> the example survived `recipe`, over the seeds whose tickets have records."""
     out: dict[tuple[str, int], bool] = {}
     for seed, t in tickets.items():
-        out.update(((seed, int(r["index"])), r["outcome"] == SURVIVED) for r in scope.records(t) or [] if r["recipe"] == recipe)
+        out.update(
+            ((seed, int(r["index"])), r["outcome"] == SURVIVED)
+            for r in scope.records(t) or []
+            if r["recipe"] == recipe
+        )
     return out
 
 

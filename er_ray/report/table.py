@@ -27,12 +27,17 @@ FREELB = "freelb"
 DATASET_ORDER = get_args(DatasetName)
 
 METHOD_LABEL = {
-    "finetune": "Fine-tune", "earlybert": "EarlyBERT", "pgd": "PGD", "freelb": "FreeLB",
-    "earlyrobust": "EarlyRobust", "earlyrobust-no-l1": "EarlyRobust w/o L1",
-    "earlyrobust-random": "EarlyRobust (random ticket)", "earlyrobust-reinit": "EarlyRobust (re-init)",
+    "finetune": "Fine-tune",
+    "earlybert": "EarlyBERT",
+    "pgd": "PGD",
+    "freelb": "FreeLB",
+    "earlyrobust": "EarlyRobust",
+    "earlyrobust-no-l1": "EarlyRobust w/o L1",
+    "earlyrobust-random": "EarlyRobust (random ticket)",
+    "earlyrobust-reinit": "EarlyRobust (re-init)",
     "earlyrobust-random-layerwise": "EarlyRobust (random ticket, per-layer sizes)",
     "earlyrobust-no-structure": "EarlyRobust w/o structure",
-}  # fmt: skip
+}
 DATASET_LABEL = {"sst2": "SST-2", "imdb": "IMDB", "ag_news": "AG News", "qnli": "QNLI", "qqp": "QQP"}
 ATTACK_LABEL = {"textfooler": "TextFooler", "textbugger": "TextBugger", "bertattack": "BERT-Attack"}
 
@@ -111,7 +116,9 @@ def _put(row: dict[str, object], col: str, values: list[float | None]) -> None:
     row[col], row[std_col(col)], row[n_col(col)] = s.mean, s.std, s.n or math.nan  # blank, not 0
 
 
-def build_table(cells: dict[tuple[str, str], Cell], pooled: dict[tuple[str, str, str], tuple[int, int]]) -> pd.DataFrame:
+def build_table(
+    cells: dict[tuple[str, str], Cell], pooled: dict[tuple[str, str, str], tuple[int, int]]
+) -> pd.DataFrame:
     """One row per (dataset, method): mean, std and n over seeds of every number; `pooled[dataset, method,
     attack]` = (examples that survived, examples attacked) over all seeds, for the Aua interval."""
     rows = []
@@ -153,7 +160,7 @@ def _num(value: float, col: str) -> str:
 
 
 def _cell(rec: dict[str, object], col: str, seeds: int) -> str:
-    """"mean ± std [lo, hi] (n=k)": the std with two seeds or more, the interval where there is one, n where
+    """ "mean ± std [lo, hi] (n=k)": the std with two seeds or more, the interval where there is one, n where
     it differs from the row's number of seeds."""
     value = rec[col]
     if not isinstance(value, float) or math.isnan(value):
