@@ -43,6 +43,8 @@ def tree(uri: str, placeholders: dict[str, str]) -> list[dict]:
     out = []
     for r in runs:
         tags = dict(r.data.tags)
+        if tags.get(T.TAG_KIND) == "trial":  # keyed by Ray Tune's random trial id
+            tags[T.TAG_KEY] = "trial/*"
         record = {
             "kind": tags.get(T.TAG_KIND),
             "name": STAMP.sub("-<stamp>", r.info.run_name),

@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 from conftest import tiny_experiment
+from mlflow_tree import compare, tree
 from optuna.trial import TrialState
 
 from er_ray import tracking as T
@@ -137,6 +138,8 @@ def test_tune_logs_every_trial_and_resumes_the_study(tiny_model_dir, tmp_path, r
         t.number: (t.params, t.datetime_complete) for t in study.trials if t.state == TrialState.COMPLETE
     }
     assert len(first) == 2 and all(set(p) == {"search.lambda_head", "finetune.lr"} for p, _ in first.values())
+    out = tmp_path / "out"
+    compare(tree(f"sqlite:///{out / 'mlflow.db'}", {str(out): "<out>", str(tiny_model_dir): "<model>"}), "tune_study")
     stale = study.ask().number  # as a driver killed mid-trial leaves it: RUNNING forever
 
     assert cli(path, "--set", "tune.num_samples=3") == 0  # the same study, one more trial
