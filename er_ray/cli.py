@@ -39,11 +39,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     check_config(cfg)
     if cfg.tune.space:
-        from er_ray.orchestration.optuna_tune import storage_url
-        from er_ray.storage import is_uri
+        from er_ray.layout import optuna_storage
 
-        if is_uri(cfg.runtime.output_dir):
-            storage_url(cfg)  # the study needs a database, which a storage URI is not
+        optuna_storage(cfg)  # a study needs a database, which a storage URI output_dir is not
     print(f"{args.config}: ok ({cfg.method} on {cfg.data.name}, model {cfg.model.name_or_path})")
     if cfg.ray.attack:
         from er_ray.attacks.builds import pending_builds
@@ -159,9 +157,20 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from er_ray.orchestration import optuna_tune
+    """0: the study has num_samples complete trials; 1: trials failed; 130: interrupted (re-run continues)."""
+    from er_ray.orchestration.optuna_tune import tune_study
 
-    return optuna_tune.run(args)
+    cfg = load_config(args.config, args.overrides)
+    check_config(cfg)
+    try:
+        summary = tune_study(cfg, resume=args.resume)
+    except KeyboardInterrupt:
+        print("er-ray tune: interrupted; run the same command again to continue the study")
+        return 130
+    print("\n".join(summary.lines()))
+    if summary.interrupted:
+        return 130
+    return 1 if summary.failed_trials else 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -23,9 +23,10 @@ from torch import nn
 from er_ray import data as data_mod
 from er_ray.config import ExperimentConfig, UserError, settings
 from er_ray.convergence import Combo, StopPoint
+from er_ray.layout import RESULT_FILE, TRAJECTORY_FILE, ticket_name
 from er_ray.model import count_parameters, load_backbone, load_tokenizer
 from er_ray.precision import Amp, resolve
-from er_ray.search import TRAJECTORY_FILE, MiniEpoch, SearchStage, Trajectory
+from er_ray.search import MiniEpoch, SearchStage, Trajectory, own_combo
 from er_ray.storage import Store, is_uri
 from er_ray.ticket import Masks, build_ticket, draw_masks, random_masks, random_masks_like, save_ticket
 from er_ray.train import (
@@ -157,8 +158,8 @@ def check_output_dir(path: Path) -> None:
 
 def check_config(cfg: ExperimentConfig) -> None:
     """Schema is checked by loading; here the local paths it names (nothing is downloaded or loaded)."""
+    from er_ray.layout import tracking_uri
     from er_ray.model import resolve_model_path
-    from er_ray.tracking import tracking_uri
 
     if is_uri(cfg.runtime.output_dir):
         Store.at(cfg.runtime.output_dir)  # the scheme and its options are known to pyarrow
@@ -177,14 +178,19 @@ def check_config(cfg: ExperimentConfig) -> None:
 # ---------------------------------------------------------------- stages
 
 
+def new_search(prep: Prepared) -> SearchStage:
+    """The pre-trained model with its importance coefficients, ready to search (at the run's precision)."""
+    cfg = prep.cfg
+    model = load_backbone(cfg.model.name_or_path, prep.num_labels, cfg.seed).to(prep.device)
+    return SearchStage(cfg, model, prep.batches(cfg.search.batch_size), prep.device, prep.amp())
+
+
 def search_stage(prep: Prepared, on_mini_epoch=None, state: dict | None = None, on_stage=None) -> Trajectory:
     """Search until every (gamma, ratios) combo of the config's grid has converged (or the cap).
 
     `on_stage(stage)` is called once the stage exists (checkpointing hooks need it); `state` resumes one.
     """
-    cfg = prep.cfg
-    model = load_backbone(cfg.model.name_or_path, prep.num_labels, cfg.seed).to(prep.device)
-    stage = SearchStage(cfg, model, prep.batches(cfg.search.batch_size), prep.device)
+    stage = new_search(prep)
     stage.progress = "search" if prep.progress else None
     if state is not None:
         stage.load_state_dict(state)
@@ -317,10 +323,6 @@ def _commit_dir(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
 
 
-def ticket_name(combo: Combo | None) -> str:
-    return "full" if combo is None else f"g{combo.gamma:g}-h{combo.head_ratio:.4g}-f{combo.ffn_ratio:.4g}"
-
-
 def stop_fields(
     combo: Combo | None,
     stop: StopPoint | None,
@@ -399,7 +401,7 @@ def _finish(
             labels=prep.train.label_names,
         )
         result.size_mb = (tmp / "model.safetensors").stat().st_size / 2**20
-        (tmp / "result.json").write_text(json.dumps(result.to_json(), indent=1))
+        (tmp / RESULT_FILE).write_text(json.dumps(result.to_json(), indent=1))
         _commit_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -413,8 +415,11 @@ def ticket_masks(prep: Prepared, traj: Trajectory, combo: Combo) -> Masks:
     return draw(prep, traj.at(combo), combo)
 
 
-def ticket_pipeline(prep: Prepared, traj: Trajectory, combo: Combo, out: Path) -> TicketResult:
-    """Draw at this combo's stop point, rewind (or re-init), fine-tune, save.
+def ticket_pipeline(
+    prep: Prepared, traj: Trajectory, combo: Combo, out: Path, masks: Masks | None = None
+) -> TicketResult:
+    """Draw at this combo's stop point (unless its `masks` were drawn already), rewind (or re-init),
+    fine-tune, save.
 
     The search time is read where the stop rule decided (under `authors`, patience mini-epochs after the
     draw): a search has to run that far to know where to draw.
@@ -422,7 +427,7 @@ def ticket_pipeline(prep: Prepared, traj: Trajectory, combo: Combo, out: Path) -
     cfg = prep.cfg
     stop = traj.stops[combo]
     point, decided = traj.mini_epochs[stop.mini_epoch], traj.mini_epochs[stop.decision]
-    masks = ticket_masks(prep, traj, combo)
+    masks = masks if masks is not None else ticket_masks(prep, traj, combo)
     p = cfg.prune
     model = build_ticket(cfg.model.name_or_path, prep.num_labels, masks, cfg.seed, p.weights, p.structure)
     if cfg.prune.structure == "full":  # the whole model is trained and saved; the ticket goes to its meta
@@ -438,6 +443,22 @@ def full_model_pipeline(prep: Prepared, out: Path) -> TicketResult:
     layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
     masks = Masks.full(layers, heads, model.config.intermediate_size)
     return _finish(prep, model, masks, out, None, None, None, adversarial=cfg.method in ("freelb", "pgd"))
+
+
+def run_model(
+    prep: Prepared,
+    out: Path,
+    combo: Combo | None = None,
+    traj: Trajectory | None = None,
+    masks: Masks | None = None,
+) -> TicketResult:
+    """One model of a config into `out`: the full-model baseline of a method without a search, else the
+    ticket of `combo` (default: the config's own) drawn from `traj` (searched here when not given) or from
+    its already drawn `masks`. `--no-ray`, a tune trial and a sweep's ticket task all run a config this way."""
+    if not prep.cfg.uses_ticket():
+        return full_model_pipeline(prep, out)
+    traj = traj if traj is not None else search_stage(prep)
+    return ticket_pipeline(prep, traj, combo or own_combo(prep.cfg), out, masks)
 
 
 def experiment_dir(cfg: ExperimentConfig) -> Path:
@@ -456,8 +477,8 @@ def run_experiment(
     prep = prepare(cfg, progress)
     out = experiment_dir(prep.cfg)
     if not prep.cfg.uses_ticket():
-        return None, [full_model_pipeline(prep, out / ticket_name(None))]
+        return None, [run_model(prep, out / ticket_name(None))]
     traj = search_stage(prep, on_mini_epoch)
     out.mkdir(parents=True, exist_ok=True)
     traj.save(out / TRAJECTORY_FILE)
-    return traj, [ticket_pipeline(prep, traj, combo, out / ticket_name(combo)) for combo in traj.stops]
+    return traj, [run_model(prep, out / ticket_name(combo), combo, traj) for combo in traj.stops]

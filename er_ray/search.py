@@ -14,14 +14,13 @@ from torch import nn
 
 from er_ray.config import ExperimentConfig, UserError
 from er_ray.convergence import Combo, StopPoint, StopRule, grid, other_rule, replay
+from er_ray.layout import SEARCH_STATE_FILE
 from er_ray.model import Coefficients
-from er_ray.precision import amp_for
+from er_ray.precision import Amp
 from er_ray.tensorfile import load_tree, save_tree
 from er_ray.train import Batches, TrainState, make_optimizer, make_scheduler, train
 
 # safetensors + JSON (er_ray/tensorfile.py), never pickles: these files travel (MLflow, checkpoints)
-TRAJECTORY_FILE = "trajectory.safetensors"
-SEARCH_STATE_FILE = "search_state.safetensors"
 
 
 @dataclass
@@ -83,9 +82,6 @@ class Trajectory:
             ) from None
 
 
-STOP_POINTS_FILE = "stop_points.json"  # the rows below, logged on a search run
-
-
 def stop_point_rows(traj: Trajectory) -> list[dict]:
     """The rows of `stop_points.json`: per combo, the configured rule's stop point and the other rule's.
 
@@ -109,9 +105,14 @@ def stop_point_rows(traj: Trajectory) -> list[dict]:
     return rows
 
 
+def own_combo(cfg: ExperimentConfig) -> Combo:
+    """The config's own (gamma, head ratio, ffn ratio): its Table 1 row."""
+    return Combo(cfg.search.gamma, cfg.prune.head_ratio, cfg.prune.ffn_ratio)
+
+
 def search_grid(cfg: ExperimentConfig) -> list[Combo]:
     """The (gamma, head ratio, ffn ratio) combos one search serves; the config's own combo comes first."""
-    own = Combo(cfg.search.gamma, cfg.prune.head_ratio, cfg.prune.ffn_ratio)
+    own = own_combo(cfg)
     sweep = cfg.sweep
     if sweep.methods is not None and cfg.method not in sweep.methods:
         return [own]
@@ -138,11 +139,11 @@ class SearchStage:
     """Owns the model under search, its coefficients, optimizer and stop rule; checkpointable."""
 
     def __init__(
-        self, cfg: ExperimentConfig, model: nn.Module, batches: Batches, device: torch.device
+        self, cfg: ExperimentConfig, model: nn.Module, batches: Batches, device: torch.device, amp: Amp
     ) -> None:
         self.cfg, self.model, self.batches, self.device = cfg, model, batches, device
         self.coefs = Coefficients.for_model(model)
-        self.amp = amp_for(cfg.runtime.precision, device)  # autocast for the forwards; coefficients stay fp32
+        self.amp = amp  # autocast for the forwards (the run's resolved precision); coefficients stay fp32
         self.hooks = self.coefs.attach(model)
         s = cfg.search
         # the schedule spans the cap, not the stop point: stopping early is then a prefix of a longer search

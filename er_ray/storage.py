@@ -172,7 +172,10 @@ def redact(uri: str) -> str:
     """A URL or URI without the secrets it may hold: a password (`db://me:***@host`) or secret query options
     (they go into messages and MLflow params)."""
     uri = re.sub(r"://([^/:@]+):[^/@]*@", r"://\1:***@", uri)
-    parts = urlsplit(uri)
+    try:
+        parts = urlsplit(uri)
+    except ValueError:  # not a URL after all (a bracket in a sentence): the password pattern was all
+        return uri
     if not parts.query:
         return uri
     keep = [

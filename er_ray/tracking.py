@@ -19,12 +19,19 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from er_ray import events as ev
+from er_ray import layout
 from er_ray.config import UserError
+from er_ray.layout import RESULT_FILE, STOP_POINTS_FILE, TICKET_FILE
+from er_ray.storage import redact
 
 # ---------------------------------------------------------------- the contract
 
@@ -32,6 +39,7 @@ TAG_KIND = "er_ray.kind"  # parent | search | ticket | attack | trial
 TAG_NAME = "er_ray.name"  # the config's `name`
 TAG_PARENT = "mlflow.parentRunId"  # MLflow's own nesting tag
 TAG_KEY = "er_ray.key"  # a child run's work item (search / ticket / attack), so a resume never logs it twice
+TAG_ROOT = "er_ray.root"  # every child run: the parent run of its invocation (attack runs nest deeper)
 TAG_STUDY = "er_ray.study"  # trials of `er-ray tune`: the Optuna study
 TAG_TRIAL_ID = "er_ray.trial_id"  # the Ray Tune trial
 TAG_OPTUNA_TRIAL = "er_ray.optuna_trial"  # its number in the Optuna study (the run is named trial-<number>)
@@ -105,7 +113,6 @@ def success_rate(attack: str) -> str:
 
 
 ATTACKS = ("textfooler", "textbugger", "bertattack")
-PARENT_ID_FILE = "mlflow_parent_run_id"  # in a run folder: the parent run that holds it
 MODEL_ARTIFACT = "model"  # a ticket run's MLflow model: runs:/<ticket run>/model
 PROVENANCE_PACKAGES = ("torch", "transformers", "textattack", "ray", "mlflow", "er-ray")  # version.<pkg> tags
 MODEL_REQUIREMENTS = ("torch", "transformers", "tokenizers", "safetensors", "mlflow")  # pinned to what ran
@@ -113,53 +120,28 @@ MODEL_REQUIREMENTS = ("torch", "transformers", "tokenizers", "safetensors", "mlf
 # ---------------------------------------------------------------- store
 
 
-def default_tracking_uri(output_dir: str | Path) -> str:
-    """A local sqlite store beside the outputs (sqlite allows one writer: the driver logs). A storage URI
-    holds files, not a database: MLflow then needs a server or a local path."""
-    from er_ray.storage import is_uri, redact
-
-    if is_uri(output_dir):
-        raise UserError(
-            f"runtime.output_dir is a storage URI ({redact(str(output_dir))}): MLflow needs a "
-            "tracking server or a local path: set tracking.uri or MLFLOW_TRACKING_URI"
-        )
-    path = Path(output_dir).resolve() / "mlflow.db"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{path}"
-
-
-def tracking_uri(cfg: Any) -> str:
-    """The one rule: `tracking.uri`, else MLFLOW_TRACKING_URI, else `<runtime.output_dir>/mlflow.db`."""
-    from er_ray.config import settings
-
-    return cfg.tracking.uri or settings().mlflow_uri or default_tracking_uri(cfg.runtime.output_dir)
-
-
 def existing_store(uri: str) -> str:
     """`uri`, unless it is a sqlite file that does not exist (opening it would create an empty store)."""
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise UserError(
-            f"no MLflow store at {uri.removeprefix('sqlite:///')}; pass --tracking-uri or set "
-            "MLFLOW_TRACKING_URI"
+            f"no MLflow store at {uri.removeprefix('sqlite:///')}; pass --tracking-uri or set MLFLOW_TRACKING_URI"
         )
     return uri
 
 
 def open_store(cfg: Any) -> tuple[Any, str]:
-    """(client, experiment id) of the config's experiment, created if new; a local sqlite store keeps its
-    artifacts in `mlartifacts/` beside the database (not in ./mlruns of whatever the cwd is)."""
+    """(client, experiment id) of the config's experiment in its store (`layout.tracking_uri`), created if new."""
     from mlflow.tracking import MlflowClient
 
-    uri = tracking_uri(cfg)
+    uri = layout.tracking_uri(cfg)
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     client = MlflowClient(uri)
-    name = cfg.tracking.experiment or cfg.name
+    name = layout.experiment_name(cfg)
     exp = client.get_experiment_by_name(name)
     if exp:
         return client, exp.experiment_id
-    where = None
-    if uri.startswith("sqlite:///"):
-        where = (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
-    return client, client.create_experiment(name, artifact_location=where)
+    return client, client.create_experiment(name, artifact_location=layout.artifact_location(uri))
 
 
 def end_stale(cfg: Any, filter_string: str) -> None:
@@ -172,27 +154,147 @@ def end_stale(cfg: Any, filter_string: str) -> None:
 
 def now_ms(t: float | None = None) -> int:
     """MLflow's timestamps: milliseconds since the epoch (of `t`, a time.time(), or now)."""
-    import time
-
     return int((time.time() if t is None else t) * 1000)
 
 
-class Tracker:
-    """A parent run and its children. Children carry a key tag (their work item), so a resumed invocation
-    finds what is FINISHED and never logs it twice; whatever this tracker opened it also closes.
+# ---------------------------------------------------------------- what each kind of run holds
 
-    Runs open when their work starts and close when it ends (`start_time` / `end_time` may be given as the
-    time the worker reported), so MLflow's run times are the stages' real times.
+
+def model_params(cfg: Any, combo: Any) -> dict[str, Any]:
+    """What a ticket or trial trained: method, data, model and its combo (blank gamma, zero ratios without one)."""
+    return {
+        PARAM_METHOD: cfg.method,
+        PARAM_DATASET: _dataset_name(cfg.data),
+        PARAM_MODEL: cfg.model.name_or_path,
+        PARAM_GAMMA: combo.gamma if combo else None,
+        PARAM_HEAD_RATIO: combo.head_ratio if combo else 0.0,
+        PARAM_FFN_RATIO: combo.ffn_ratio if combo else 0.0,
+    }
+
+
+def search_params(cfg: Any, adversary: str) -> dict[str, Any]:
+    from er_ray.search import search_grid
+
+    return {
+        PARAM_METHOD: cfg.method,
+        PARAM_SEED: cfg.seed,
+        PARAM_DATASET: _dataset_name(cfg.data),
+        PARAM_MODEL: cfg.model.name_or_path,
+        "combos": json.dumps([vars(x) for x in search_grid(cfg)]),
+        "scope": cfg.prune.scope,
+        "adversary": adversary,
+        "lambda_head": cfg.search.lambda_head,
+        "lambda_ffn": cfg.search.lambda_ffn,
+        "patience": cfg.search.patience,
+    }
+
+
+def ticket_metrics(r: Mapping[str, Any]) -> dict[str, float | None]:
+    """A TicketResult (as JSON, or a tune trial's reported result) as contract metrics."""
+    converged = r.get("converged")
+    return {
+        CLEAN_ACC: r.get("clean_acc"),
+        SEARCH_SECONDS: r.get("search_seconds"),
+        FINETUNE_SECONDS: r.get("finetune_seconds"),
+        TRAIN_SECONDS: r.get("train_seconds"),
+        STOP_EPOCH: r.get("stop_epoch"),
+        STOP_MINI_EPOCH: r.get("stop_mini_epoch"),
+        CONVERGED: None if converged is None else float(converged),
+        PARAM_COUNT: r.get("param_count"),
+        SIZE_MB: r.get("size_mb"),
+        LATENCY_MS: r.get("latency_ms"),
+    }
+
+
+TICKET_METRICS = tuple(ticket_metrics({}))
+
+
+def attack_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
+    """An attack summary (or a trial's robustness result) as aua_/queries_/success_rate_<recipe> metrics."""
+    out = {}
+    for recipe, value in summary["aua"].items():
+        out[aua(recipe)] = value
+        out[queries(recipe)] = summary["mean_queries"][recipe]
+        out[success_rate(recipe)] = summary["success_rate"][recipe]
+    return out
+
+
+ATTACK_METRICS = {f(r): r for r in ATTACKS for f in (aua, queries, success_rate)}  # name -> recipe
+
+
+def attack_params(cfg: Any, examples: int) -> dict[str, Any]:
+    """How a ticket of `cfg` (its method and seed) is attacked."""
+    a = cfg.attack
+    return {
+        "recipes": ",".join(a.recipes),
+        "resources": a.resources,
+        "num_examples": examples,
+        "actors": a.actors,
+        "attack_seed": cfg.sample_seed,
+        PARAM_SEED: cfg.seed,
+        PARAM_METHOD: cfg.method,
+    }
+
+
+def run_parent(cfg: Any, run_dir: str) -> tuple[dict[str, str], dict[str, Any]]:
+    """(tags, params) of an `er-ray run` parent: what it sweeps."""
+    params = {
+        "methods": ",".join(cfg.methods()),
+        "seeds": ",".join(map(str, cfg.seeds())),
+        PARAM_DATASET: _dataset_name(cfg.data),
+        PARAM_MODEL: cfg.model.name_or_path,
+        PARAM_SEED: cfg.seed,
+        "run_dir": run_dir,
+    }
+    return {"run_dir": run_dir}, params
+
+
+def tune_parent(cfg: Any, study: str, storage: str, objectives: list[dict]) -> tuple[dict[str, str], dict]:
+    """(tags, params) of an `er-ray tune` parent: the whole resolved config, the study and its objectives."""
+    params = flatten(cfg.model_dump(mode="json"))
+    params |= {PARAM_OBJECTIVES: json.dumps(objectives), "study": study, "storage": storage}
+    return {TAG_STUDY: study, "er_ray.command": "tune"}, params
+
+
+def _dataset_name(data_cfg: Any) -> str:
+    from er_ray.data import dataset_name
+
+    return dataset_name(data_cfg)
+
+
+# ---------------------------------------------------------------- the recorder
+
+
+@dataclass
+class _Run:
+    """A child run the recorder knows: opened here, or found in the store on resume."""
+
+    run_id: str
+    status: str
+    metrics: set[str] = field(default_factory=set)  # metric keys logged
+    steps: set[int] = field(default_factory=set)  # a search's mini-epochs logged
+
+
+class Recorder:
+    """Turns the drivers' events (`er_ray.events`) into MLflow runs: the one writer of a run's MLflow tree.
+
+    Every child run is keyed by its unit of work (`TAG_KEY`) and tagged with its parent run (`TAG_ROOT`), so a
+    resumed invocation finds every run of the sweep, attack runs (children of ticket runs) included. Opening
+    and finishing are idempotent: a FINISHED unit is never logged twice, a unit redone after an interruption
+    reopens its own run (one key, one row), and runs a dead driver left RUNNING end KILLED on resume. Runs
+    open when their work starts and close when it ends, at the times the workers reported, so MLflow's run
+    times are the stages' real times.
     """
 
-    def __init__(
-        self, client: Any, experiment_id: str, parent_id: str, inputs: list[Any] | None = None
-    ) -> None:
+    def __init__(self, client: Any, experiment_id: str, parent_id: str, inputs: list[Any]) -> None:
         self.client, self.experiment_id, self.parent_id = client, experiment_id, parent_id
         self.uri = client.tracking_uri
-        self.inputs = inputs or []  # the data splits, logged on the parent and on every ticket and trial run
-        self.existing: dict[str, str] = {}  # key -> FINISHED child run id
-        self.open_runs: dict[str, str] = {}  # key -> RUNNING child run id opened here
+        self.inputs = inputs  # the data splits, logged on the parent and on every ticket and trial run
+        self.runs: dict[str, _Run] = {}
+        self.sharers: dict[str, list[str]] = {}  # ticket key -> keys of combos sharing its weights
+        self.attacked: dict[str, dict[str, float]] = {}  # ticket key -> its attack metrics
+
+    # ------------------------------------------------------------ the parent
 
     @classmethod
     def open(
@@ -202,95 +304,286 @@ class Tracker:
         tags: dict[str, str],
         params: dict[str, Any],
         artifacts: dict[str, Any] | None = None,
-    ) -> Tracker:
-        """A new parent run with provenance, params and JSON artifacts."""
+    ) -> Recorder:
+        """A new parent run with provenance, params, the data splits and JSON artifacts."""
         from er_ray import data
         from er_ray.config import settings
 
         client, exp_id = open_store(cfg)
-        run_tags = {TAG_KIND: "parent", TAG_NAME: cfg.name, **tags}
-        parent = client.create_run(exp_id, run_name=name, tags=run_tags).info.run_id
+        parent = client.create_run(
+            exp_id, run_name=name, tags={TAG_KIND: "parent", TAG_NAME: cfg.name, **tags}
+        )
+        parent_id = parent.info.run_id
         try:
-            prov = provenance(data.local_files(cfg.data, settings().data_dir))
-            log_batch(client, parent, params=params, tags=prov)
             inputs = dataset_inputs(cfg.data, settings().data_dir)
-            client.log_inputs(parent, datasets=inputs)
+            log_batch(
+                client,
+                parent_id,
+                params=params,
+                tags=provenance(data.local_files(cfg.data, settings().data_dir)),
+            )
+            client.log_inputs(parent_id, datasets=inputs)
             for file, obj in (artifacts or {}).items():
-                log_json(client, parent, obj, file)
+                log_json(client, parent_id, obj, file)
         except BaseException:
-            client.set_terminated(parent, "FAILED")
+            client.set_terminated(parent_id, "FAILED")
             raise
-        return cls(client, exp_id, parent, inputs)
+        return cls(client, exp_id, parent_id, inputs)
 
     @classmethod
-    def resume(cls, cfg: Any, parent_id: str) -> Tracker:
-        """An earlier parent run reopened: its FINISHED children are collected (never logged twice) and
-        children a dead driver left RUNNING end KILLED."""
+    def reopen(cls, cfg: Any, parent_id: str) -> Recorder:
+        """An earlier parent run continued: every child run of it is found by its key (runs written before the
+        root tag by their nesting) and those a dead driver left RUNNING end KILLED."""
         from er_ray.config import settings
 
         client, exp_id = open_store(cfg)
         client.update_run(parent_id, status="RUNNING")
-        tracker = cls(client, exp_id, parent_id, dataset_inputs(cfg.data, settings().data_dir))
-        filt = f"tags.`{TAG_PARENT}` = '{parent_id}'"
-        for run in client.search_runs([exp_id], filter_string=filt, max_results=50000):
-            key = run.data.tags.get(TAG_KEY)
-            if run.info.status == "FINISHED" and key:
-                tracker.existing[key] = run.info.run_id
-            elif run.info.status == "RUNNING":
+        rec = cls(client, exp_id, parent_id, dataset_inputs(cfg.data, settings().data_dir))
+        for run in rec._children():
+            key, status = run.data.tags.get(TAG_KEY), run.info.status
+            if status == "RUNNING":
                 client.set_terminated(run.info.run_id, "KILLED")
-        return tracker
+                status = "KILLED"
+            known = rec.runs.get(key) if key else None
+            if key and (known is None or (known.status != "FINISHED" and status == "FINISHED")):
+                rec.runs[key] = _Run(run.info.run_id, status, set(run.data.metrics))
+        return rec
 
-    def start(
+    def _children(self) -> list[Any]:
+        def search(filt: str) -> list[Any]:
+            return list(self.client.search_runs([self.experiment_id], filter_string=filt, max_results=50000))
+
+        found = {r.info.run_id: r for r in search(f"tags.`{TAG_ROOT}` = '{self.parent_id}'")}
+        below = [self.parent_id]
+        while below:  # stores written before the root tag: follow the nesting
+            ids = ", ".join(f"'{i}'" for i in below[:100])
+            level = search(f"tags.`{TAG_PARENT}` IN ({ids})")
+            below = below[100:] + [r.info.run_id for r in level if r.info.run_id not in found]
+            found |= {r.info.run_id: r for r in level}
+        return sorted(found.values(), key=lambda r: r.info.start_time)
+
+    def close(self, status: str) -> None:
+        """End every child still open here (KILLED unless the parent FINISHED) and then the parent."""
+        for key, run in self.runs.items():
+            if run.status == "RUNNING":
+                self._finish(key, "KILLED" if status != "FINISHED" else "FAILED")
+        self.client.set_terminated(self.parent_id, status)
+
+    # ------------------------------------------------------------ events
+
+    def emit(self, event: Any) -> None:
+        handler = getattr(self, f"_on_{type(event).__name__}", None)
+        if handler is not None:
+            handler(event)
+
+    def _on_SearchStarted(self, e: ev.SearchStarted) -> None:
+        name = f"search-{e.cfg.method}-seed{e.cfg.seed}"
+        self._open(e.key, "search", name, params=search_params(e.cfg, e.adversary))
+
+    def _on_MiniEpochDone(self, e: ev.MiniEpochDone) -> None:
+        run = self.runs.get(e.key)
+        if run is not None and run.status == "RUNNING" and e.step not in run.steps:
+            self._log(e.key, metrics=e.metrics, step=e.step)
+            run.steps.add(e.step)
+
+    def _on_SearchFinished(self, e: ev.SearchFinished) -> None:
+        name = f"search-{e.cfg.method}-seed{e.cfg.seed}"
+        run_id = self._open(e.key, "search", name, params=search_params(e.cfg, e.adversary))
+        if run_id is None:
+            return
+        logged = self.runs[e.key].steps
+        series = {n: [(s, v) for s, v in pts if s not in logged] for n, pts in e.curves.items()}
+        self._log(e.key, series=series, params={PARAM_PRECISION: e.trajectory.meta.get("precision")})
+        self.client.log_artifact(run_id, str(e.file))
+        log_json(self.client, run_id, e.stop_points, STOP_POINTS_FILE)
+        self._finish(e.key)
+
+    def _on_TicketStarted(self, e: ev.TicketStarted) -> None:
+        self._open_ticket(e.key, e.cfg, e.combo, e.primary, e.at)
+
+    def _on_TicketFinished(self, e: ev.TicketFinished) -> None:
+        if e.shared_with:
+            self.sharers.setdefault(e.shared_with, []).append(e.key)
+        interval = e.result.get("finetune_interval") or [None, None]
+        at, end = (None, None) if e.shared_with else interval
+        run_id = self._open_ticket(e.key, e.cfg, e.combo, e.primary, at)
+        if run_id is not None:
+            losses = {"finetune_loss": list(enumerate(e.result["finetune_losses"]))}
+            params = {PARAM_PRECISION: e.result.get("precision")}
+            self._log(e.key, metrics=ticket_metrics(e.result), params=params, series=losses)
+            if e.folder is not None and not e.shared_with:
+                local = e.folder.fetch(layout.fetched_cache())
+                self._log_files(run_id, [local / TICKET_FILE, local / RESULT_FILE], "ticket")
+                wanted = e.cfg.tracking.models
+                if wanted == "all" or (wanted == "primary" and e.primary):
+                    self._log_model(run_id, local, e.examples)
+            if e.shared_with:
+                self._log(e.key, tags={TAG_SHARED: self.runs[e.shared_with].run_id})
+            self._finish(e.key, end_time=end)
+        owner = e.shared_with or e.key
+        if owner in self.attacked:
+            self._copy_attack(e.key, self.attacked[owner])
+
+    def _on_AttackStarted(self, e: ev.AttackStarted) -> None:
+        self._open_attack(e.ticket, e.cfg, e.examples, e.at)
+
+    def _on_AttackFinished(self, e: ev.AttackFinished) -> None:
+        start, end = e.interval or (None, None)
+        metrics = attack_metrics(e.summary)
+        key = ev.attack_key(e.ticket)
+        run_id = self._open_attack(e.ticket, e.cfg, e.examples, start)
+        if run_id is not None:
+            self._log(key, metrics={CLEAN_ACC: e.summary["clean_acc"], **metrics})
+            if e.folder is not None:
+                local = e.folder.fetch(layout.fetched_cache())
+                self._log_files(run_id, sorted(p for p in local.iterdir() if p.is_file()), "attack")
+            self._finish(key, end_time=end)
+        self.attacked[e.ticket] = metrics
+        for k in (e.ticket, *self.sharers.get(e.ticket, [])):
+            self._copy_attack(k, metrics)
+
+    def _on_TrialFinished(self, e: ev.TrialFinished) -> None:
+        params: dict[str, Any] = dict(e.sampled)
+        if e.cfg is not None:
+            params |= model_params(e.cfg, _own_combo(e.cfg))
+        params |= {k: e.result[k] for k in (PARAM_DEVICE, PARAM_THREADS) if k in e.result}
+        known = {*TICKET_METRICS, *ATTACK_METRICS}
+        metrics = {
+            k: v
+            for k, v in e.result.items()
+            if (k in known or k.startswith(OBJECTIVE)) and isinstance(v, (int, float))
+        }
+        tags = {
+            TAG_NAME: e.cfg.name if e.cfg is not None else "",
+            TAG_STUDY: e.study,
+            TAG_TRIAL_ID: e.trial_id,
+            TAG_OPTUNA_TRIAL: str(e.number),
+        }
+        if e.error is not None:
+            tags[TAG_ERROR] = e.error
+        if e.pruned is not None:
+            tags[TAG_BELOW_FLOOR if e.pruned == "floor" else TAG_STOPPED_EARLY] = "1"
+        if self._open(e.key, "trial", f"trial-{e.number}", tags=tags) is None:
+            return
+        status = "FAILED"
+        try:
+            self._log(e.key, metrics=metrics, params=params)
+            status = e.status
+        finally:
+            self._finish(e.key, status)
+
+    def _on_RunEnded(self, e: ev.RunEnded) -> None:
+        log_batch(self.client, self.parent_id, metrics=e.metrics, tags=e.tags, step=e.step)
+        for file, obj in e.artifacts.items():
+            log_json(self.client, self.parent_id, obj, file)
+        self.close(e.status)
+
+    # ------------------------------------------------------------ runs by key
+
+    def _open(
         self,
         key: str,
         kind: str,
         name: str,
         parent: str | None = None,
-        start_time: float | None = None,
+        at: float | None = None,
         tags: dict[str, str] | None = None,
-    ) -> str:
-        """Open a RUNNING child run for the work item `key`."""
-        all_tags = {TAG_PARENT: parent or self.parent_id, TAG_KIND: kind, TAG_KEY: key, **(tags or {})}
+        params: dict[str, Any] | None = None,
+    ) -> str | None:
+        """The RUNNING run of `key`: opened now, already open, or reopened after an interruption; None when
+        the unit FINISHED earlier (nothing more is logged to it)."""
+        run = self.runs.get(key)
+        if run is not None and run.status == "FINISHED":
+            return None
+        if run is not None and run.status == "RUNNING":
+            return run.run_id
+        if run is not None:  # interrupted earlier and redone now: the same row
+            self.client.update_run(run.run_id, status="RUNNING")
+            run.status = "RUNNING"
+            if kind == "search":  # the mini-epochs it holds are not logged again
+                run.steps = {m.step for m in self.client.get_metric_history(run.run_id, SEARCH_SECONDS)}
+            return run.run_id
+        all_tags = {
+            TAG_PARENT: parent or self.parent_id,
+            TAG_ROOT: self.parent_id,
+            TAG_KIND: kind,
+            TAG_KEY: key,
+            **(tags or {}),
+        }
         run_id = self.client.create_run(
-            self.experiment_id, start_time=now_ms(start_time), run_name=name, tags=all_tags
+            self.experiment_id, start_time=now_ms(at), run_name=name, tags=all_tags
         ).info.run_id
-        self.open_runs[key] = run_id
+        self.runs[key] = _Run(run_id, "RUNNING")
         if kind in ("ticket", "trial") and self.inputs:
             self.client.log_inputs(run_id, datasets=self.inputs)
+        if params:
+            self._log(key, params=params)
         return run_id
 
-    def finish(self, key: str, status: str = "FINISHED", end_time: float | None = None) -> str:
-        run_id = self.open_runs.pop(key)
-        self.client.set_terminated(run_id, status, end_time=now_ms(end_time))
-        if status == "FINISHED":
-            self.existing[key] = run_id
-        return run_id
+    def _open_ticket(self, key: str, cfg: Any, combo: Any, primary: bool, at: float | None) -> str | None:
+        params = model_params(cfg, combo) | {
+            PARAM_SEED: cfg.seed,
+            PARAM_DEVICE: cfg.runtime.device,
+            PARAM_THREADS: max(1, int(cfg.ray.ticket_cpus)),
+        }
+        name = f"{cfg.method}-seed{cfg.seed}-{key.rsplit('/', 1)[-1]}"
+        return self._open(
+            key, "ticket", name, at=at, tags={TAG_PRIMARY: "1" if primary else "0"}, params=params
+        )
 
-    def log(self, run_id: str, **values: Any) -> None:
-        log_batch(self.client, run_id, **values)
+    def _open_attack(self, ticket: str, cfg: Any, examples: int, at: float | None) -> str | None:
+        owner = self.runs.get(ticket)
+        name = f"attack-{cfg.method}-seed{cfg.seed}-{ticket.rsplit('/', 1)[-1]}"
+        parent = owner.run_id if owner else None
+        return self._open(
+            ev.attack_key(ticket), "attack", name, parent, at, params=attack_params(cfg, examples)
+        )
 
-    def artifact(self, run_id: str, path: str | Path, where: str | None = None) -> None:
-        if Path(path).is_dir():
-            self.client.log_artifacts(run_id, str(path), where)
-        else:
-            self.client.log_artifact(run_id, str(path), where)
+    def _copy_attack(self, key: str, metrics: dict[str, float]) -> None:
+        """A ticket run carries its attack's summary metrics (one row per ticket), logged once."""
+        run = self.runs.get(key)
+        if run is not None and not set(metrics) <= run.metrics:
+            self._log(key, metrics=metrics)
 
-    def log_model(self, run_id: str, hf_folder: Path, examples: list[str]) -> None:
-        """A folder stock transformers loads (`er_ray.export.export_hf`) as the run's MLflow model: transformers
-        flavour from the local checkpoint (no pickled code), a signature, an input example and pinned
-        requirements; `mlflow.pyfunc.load_model("runs:/<run>/model").predict(texts)` gives labels and scores."""
+    def _finish(self, key: str, status: str = "FINISHED", end_time: float | None = None) -> None:
+        run = self.runs[key]
+        self.client.set_terminated(run.run_id, status, end_time=now_ms(end_time))
+        run.status = status
+
+    def _log(self, key: str, **values: Any) -> None:
+        run = self.runs[key]
+        log_batch(self.client, run.run_id, **values)
+        run.metrics |= {k for k, v in (values.get("metrics") or {}).items() if v is not None}
+        run.metrics |= set(values.get("series") or {})
+
+    def _log_files(self, run_id: str, files: list[Path], where: str) -> None:
+        """Files as artifacts under `where/`; JSON goes through `mask` (a ticket's result names its storage URI)."""
+        for file in files:
+            if file.suffix == ".json":
+                log_json(self.client, run_id, json.loads(file.read_text()), f"{where}/{file.name}")
+            else:
+                self.client.log_artifact(run_id, str(file), where)
+
+    def _log_model(self, run_id: str, ticket: Path, examples: list[str]) -> None:
+        """The ticket as a folder stock transformers loads (`er_ray.export.export_hf`), logged as the run's
+        MLflow model: transformers flavour from the local checkpoint (no pickled code), a signature, an input
+        example and pinned requirements; `mlflow.pyfunc.load_model("runs:/<run>/model").predict(texts)` gives
+        labels and scores."""
         import mlflow
         from mlflow.models import ModelSignature
         from mlflow.types import ColSpec, Schema
+
+        from er_ray.export import export_hf
 
         signature = ModelSignature(
             inputs=Schema([ColSpec("string")]),
             outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score")]),
         )
         pins = [f"{pkg}=={v}" for pkg, v in versions(MODEL_REQUIREMENTS).items()]
-        with fluent(self.uri), mlflow.start_run(run_id=run_id):  # the flavour logs into the active run only
+        with tempfile.TemporaryDirectory() as tmp, fluent(self.uri), mlflow.start_run(run_id=run_id):
+            folder = export_hf(ticket, Path(tmp) / "hf")  # the flavour logs into the active run only
             mlflow.transformers.log_model(
-                str(hf_folder),
+                str(folder),
                 name=MODEL_ARTIFACT,
                 task="text-classification",
                 signature=signature,
@@ -298,11 +591,11 @@ class Tracker:
                 pip_requirements=pins,
             )
 
-    def close(self, status: str) -> None:
-        """End every child still open here (KILLED unless the parent FINISHED) and then the parent."""
-        for key in list(self.open_runs):
-            self.finish(key, "KILLED" if status != "FINISHED" else "FAILED")
-        self.client.set_terminated(self.parent_id, status)
+
+def _own_combo(cfg: Any) -> Any:
+    from er_ray.methods import own_combo
+
+    return own_combo(cfg)
 
 
 @contextlib.contextmanager
@@ -428,8 +721,8 @@ def log_batch(
     ms = [Metric(k, float(v), now, step) for k, v in (metrics or {}).items() if v is not None]
     for name, points in (series or {}).items():
         ms += [Metric(name, float(v), now, s) for s, v in points if v is not None]
-    ps = [Param(k, str(v)[:6000]) for k, v in (params or {}).items() if v is not None]
-    ts = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+    ps = [Param(k, mask(str(v))[:6000]) for k, v in (params or {}).items() if v is not None]
+    ts = [RunTag(k, mask(str(v))) for k, v in (tags or {}).items()]
     # the REST API takes at most 1000 metrics, 100 params and 100 tags per call
     calls = max(-(-len(ms) // 1000), -(-len(ps) // 100), -(-len(ts) // 100))
     for i in range(calls):
@@ -448,4 +741,16 @@ def log_files(client, run_id: str, paths: list[str | Path], where: str | None = 
 
 
 def log_json(client, run_id: str, obj: Any, artifact_file: str) -> None:
-    client.log_text(run_id, json.dumps(obj, indent=1, default=str), artifact_file)
+    client.log_text(run_id, json.dumps(mask(obj), indent=1, default=str), artifact_file)
+
+
+def mask(obj: Any) -> Any:
+    """`obj` with every credential in a URL or URI masked (`storage.redact`: a password or secret key, never the
+    user or key id), in strings, lists and dicts: every param, tag and JSON artifact goes through here."""
+    if isinstance(obj, str):
+        return redact(obj) if "://" in obj else obj
+    if isinstance(obj, Mapping):
+        return {k: mask(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [mask(v) for v in obj]
+    return obj

@@ -19,7 +19,15 @@ from er_ray import tracking as T
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 # tags whose values are behaviour; the others (versions, checksums, git commit, user) only need to exist
-VALUED_TAGS = (T.TAG_KIND, T.TAG_NAME, T.TAG_KEY, T.TAG_PRIMARY, T.TAG_SHARED, T.TAG_STUDY, T.TAG_OPTUNA_TRIAL)
+VALUED_TAGS = (
+    T.TAG_KIND,
+    T.TAG_NAME,
+    T.TAG_KEY,
+    T.TAG_PRIMARY,
+    T.TAG_SHARED,
+    T.TAG_STUDY,
+    T.TAG_OPTUNA_TRIAL,
+)
 VOLATILE_PARAMS = ("run_dir",)  # a timestamped folder
 STAMP = re.compile(r"-\d{8}-\d{6}(-[0-9a-f]{4})?")  # a run folder's name inside a run name
 
@@ -29,7 +37,11 @@ def tree(uri: str, placeholders: dict[str, str]) -> list[dict]:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
-    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id], max_results=5000)]
+    runs = [
+        r
+        for e in client.search_experiments()
+        for r in client.search_runs([e.experiment_id], max_results=5000)
+    ]
     models: dict[str, list[str]] = {}
     for m in client.search_logged_models([e.experiment_id for e in client.search_experiments()]):
         models.setdefault(m.source_run_id, []).append(m.name)
@@ -61,9 +73,7 @@ def tree(uri: str, placeholders: dict[str, str]) -> list[dict]:
             "metrics": sorted(r.data.metrics),
             "artifacts": _artifacts(client, r.info.run_id),
             "models": sorted(models.get(r.info.run_id, [])),
-            "inputs": sorted(
-                f"{d.dataset.name}:{t.value}" for d in r.inputs.dataset_inputs for t in d.tags
-            ),
+            "inputs": sorted(f"{d.dataset.name}:{t.value}" for d in r.inputs.dataset_inputs for t in d.tags),
         }
         out.append(record)
     order = {k: i for i, k in enumerate(T.KINDS)}

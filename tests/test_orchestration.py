@@ -16,9 +16,9 @@ from conftest import tiny_experiment
 
 from er_ray import tracking as T
 from er_ray.convergence import Combo
+from er_ray.layout import TRAJECTORY_FILE
 from er_ray.methods import prepare, search_stage
-from er_ray.orchestration.search_tune import PENDING, ConvergenceStopper, run_search
-from er_ray.search import TRAJECTORY_FILE
+from er_ray.orchestration.search_tune import PENDING, ConvergenceStopper
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +40,19 @@ def _runs(uri: str, kind: str | None = None):
         for r in client.search_runs([e.experiment_id], max_results=1000)
     ]
     return [r for r in runs if kind is None or r.data.tags.get(T.TAG_KIND) == kind]
+
+
+def run_search(cfg, storage, resume=False):
+    """One search stage under Tune, blocking: its trajectory and last result."""
+    import ray
+
+    from er_ray.methods import load_data
+    from er_ray.orchestration import search_tune as S
+
+    tuner = S.search_tuner({cfg.method: cfg}, storage, ray.put(load_data(cfg)), "", resume)
+    (result,) = list(tuner.fit())
+    assert result.error is None, result.error
+    return S.load_trajectory(result.checkpoint), dict(result.metrics or {})
 
 
 def test_stopper_waits_until_no_combo_is_pending():
@@ -270,7 +283,10 @@ def test_driver_killed_mid_sweep_resumes_without_redoing_work(ray_session, tiny_
 def test_run_folder_is_absolute_for_a_relative_output_dir(tmp_path, monkeypatch):
     """Tune rejects relative storage paths; the default output_dir ('outputs') is relative."""
     from er_ray.config import config_from_dict
-    from er_ray.orchestration.pipeline import run_dir_for
+    from er_ray.layout import RunFolder
+
+    def run_dir_for(cfg, resume):
+        return (RunFolder.latest(cfg) if resume else RunFolder.create(cfg)).root
 
     monkeypatch.chdir(tmp_path)
     cfg = config_from_dict({"name": "rel", "runtime": {"output_dir": "outputs"}})

@@ -45,4 +45,6 @@ def test_a_sweeps_mlflow_tree_is_the_recorded_one(ray_session, tiny_model_dir, t
 
     cfg = _attacked_sweep(tiny_model_dir, tmp_path)
     run_pipeline(cfg)
-    compare(tree(cfg.tracking.uri, {str(tmp_path): "<out>", str(tiny_model_dir): "<model>"}), "attacked_sweep")
+    compare(
+        tree(cfg.tracking.uri, {str(tmp_path): "<out>", str(tiny_model_dir): "<model>"}), "attacked_sweep"
+    )

@@ -18,8 +18,9 @@ import pandas as pd
 import pytest
 import torch
 
-from er_ray import tracking
+from er_ray import layout, tracking
 from er_ray.config import UserError
+from er_ray.layout import TRAJECTORY_FILE
 from er_ray.report import build_report
 from er_ray.report.store import TAG_PARENT, TAG_PRIMARY
 from er_ray.report.table import (
@@ -37,7 +38,6 @@ from er_ray.report.table import (
     query_col,
     std_col,
 )
-from er_ray.search import TRAJECTORY_FILE
 
 EXPERIMENT = "report-test"
 FALLBACK_EXPERIMENT = "report-fallback"
@@ -540,7 +540,7 @@ def test_report_finds_the_store_and_experiment_from_a_config_or_a_run_folder(
     by_folder = argparse.Namespace(**{**none, "run_dir": run_dir})
     with pytest.raises(UserError, match="not an er-ray run folder"):
         target(by_folder)
-    (run_dir / tracking.PARENT_ID_FILE).write_text("abc123\n")
+    (run_dir / layout.PARENT_ID_FILE).write_text("abc123\n")
     assert target(by_folder) == (None, ["abc123"], store)
 
 

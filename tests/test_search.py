@@ -6,9 +6,10 @@ import torch
 from conftest import tiny_experiment
 
 from er_ray.convergence import Combo
+from er_ray.layout import TRAJECTORY_FILE
 from er_ray.methods import prepare, search_stage
 from er_ray.model import Coefficients, load_backbone
-from er_ray.search import TRAJECTORY_FILE, SearchStage, Trajectory, load_search_state, save_search_state
+from er_ray.search import SearchStage, Trajectory, load_search_state, save_search_state
 from er_ray.train import train
 
 
@@ -52,7 +53,7 @@ def test_resume_from_a_saved_checkpoint_continues_the_same_search(tiny_model_dir
 
     def stage():
         model = load_backbone(cfg.model.name_or_path, 2, cfg.seed)
-        return SearchStage(prep.cfg, model, prep.batches(cfg.search.batch_size), prep.device)
+        return SearchStage(prep.cfg, model, prep.batches(cfg.search.batch_size), prep.device, prep.amp())
 
     whole = stage().run()
     first = stage()

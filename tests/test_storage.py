@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import tiny_experiment
 
+from er_ray import layout
 from er_ray.config import UserError
 from er_ray.storage import Store, is_uri, redact
 
@@ -189,7 +190,7 @@ def test_a_run_on_a_bucket_writes_everything_there_and_resumes_from_it(s3, clust
         "finetune/seed3/full/attack/summary.json",
         "summary.json",
         "timing.json",
-        T.PARENT_ID_FILE,
+        layout.PARENT_ID_FILE,
     ):
         assert key in objects, sorted(objects)
     assert any(k.startswith("search/") and "experiment_state" in k for k in objects)  # Tune's own state

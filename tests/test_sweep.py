@@ -147,7 +147,8 @@ def test_stages_overlap_in_mlflow_run_times(sweep):
 
 def test_search_runs_log_one_history_point_per_mini_epoch(sweep):
     cfg, rows, client, runs = sweep
-    from er_ray.search import TRAJECTORY_FILE, Trajectory
+    from er_ray.layout import TRAJECTORY_FILE
+    from er_ray.search import Trajectory
 
     for run in runs["search"]:
         seed = run.data.params[T.PARAM_SEED]

@@ -12,7 +12,8 @@ import torch
 
 from er_ray.cli import main
 from er_ray.config import UserError
-from er_ray.search import SEARCH_STATE_FILE, TRAJECTORY_FILE, Trajectory, load_search_state
+from er_ray.layout import SEARCH_STATE_FILE, TRAJECTORY_FILE
+from er_ray.search import Trajectory, load_search_state
 from er_ray.tensorfile import load_tree, save_tree
 
 

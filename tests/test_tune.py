@@ -126,7 +126,7 @@ def test_a_trial_attacks_only_what_the_objective_names(
     )
     metrics = ot.evaluate_trial(cfg, tmp_path / "trial")
     assert seen == {"recipes": ["textbugger"], "examples": 5, "rows": 24}
-    assert metrics[ot.OBJECTIVE] == pytest.approx(metrics[T.CLEAN_ACC] + 0.25)
+    assert metrics[T.OBJECTIVE] == pytest.approx(metrics[T.CLEAN_ACC] + 0.25)
     assert metrics[T.queries("textbugger")] == 7.0 and (tmp_path / "trial" / "ticket.json").exists()
 
 
@@ -139,7 +139,10 @@ def test_tune_logs_every_trial_and_resumes_the_study(tiny_model_dir, tmp_path, r
     }
     assert len(first) == 2 and all(set(p) == {"search.lambda_head", "finetune.lr"} for p, _ in first.values())
     out = tmp_path / "out"
-    compare(tree(f"sqlite:///{out / 'mlflow.db'}", {str(out): "<out>", str(tiny_model_dir): "<model>"}), "tune_study")
+    compare(
+        tree(f"sqlite:///{out / 'mlflow.db'}", {str(out): "<out>", str(tiny_model_dir): "<model>"}),
+        "tune_study",
+    )
     stale = study.ask().number  # as a driver killed mid-trial leaves it: RUNNING forever
 
     assert cli(path, "--set", "tune.num_samples=3") == 0  # the same study, one more trial
@@ -152,13 +155,13 @@ def test_tune_logs_every_trial_and_resumes_the_study(tiny_model_dir, tmp_path, r
     parents, trials = runs_of(tmp_path, "parent"), runs_of(tmp_path, "trial")
     assert len(parents) == 2 and all(r.info.status == "FINISHED" for r in parents)
     assert len(trials) == 3 and all(r.info.status == "FINISHED" for r in trials)
-    assert {r.data.tags[ot.TAG_PARENT] for r in trials} == {r.info.run_id for r in parents}
+    assert {r.data.tags[T.TAG_PARENT] for r in trials} == {r.info.run_id for r in parents}
     by_lambda = {str(t.params["search.lambda_head"]): t for t in done}
     for run in trials:
         t = by_lambda[run.data.params["search.lambda_head"]]  # the sampled params, as Optuna has them
         assert run.data.params["finetune.lr"] == str(t.params["finetune.lr"])
         assert run.data.params[T.PARAM_METHOD] == "earlyrobust" and run.data.params[T.PARAM_GAMMA] == "0.2"
-        assert run.data.metrics[ot.OBJECTIVE] == run.data.metrics[T.CLEAN_ACC] == pytest.approx(t.value)
+        assert run.data.metrics[T.OBJECTIVE] == run.data.metrics[T.CLEAN_ACC] == pytest.approx(t.value)
         assert {T.SEARCH_SECONDS, T.PARAM_COUNT, T.STOP_EPOCH} <= set(run.data.metrics)
         # named after its Optuna trial, as optuna-dashboard numbers it
         assert run.data.tags[T.TAG_OPTUNA_TRIAL] == str(t.number) and run.info.run_name == f"trial-{t.number}"
@@ -180,7 +183,7 @@ def test_failed_and_interrupted_invocations_leave_no_running_run(
     path = write_config(tiny_model_dir, tmp_path, **{"tune.num_samples": 1, "tune.space": space})
     assert cli(path) == 1
     (trial,) = runs_of(tmp_path, "trial")
-    assert trial.info.status == "FAILED" and "no-such-model" in trial.data.tags[ot.TAG_ERROR]
+    assert trial.info.status == "FAILED" and "no-such-model" in trial.data.tags[T.TAG_ERROR]
     assert [r.info.status for r in runs_of(tmp_path, "parent")] == ["FAILED"]
     assert [t.state for t in study_of(tmp_path).trials] == [TrialState.FAIL]
 
@@ -188,7 +191,7 @@ def test_failed_and_interrupted_invocations_leave_no_running_run(
     from ray import tune
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
-    stale = {T.TAG_KIND: "parent", ot.TAG_STUDY: "tiny"}
+    stale = {T.TAG_KIND: "parent", T.TAG_STUDY: "tiny"}
     client.create_run(trial.info.experiment_id, tags=stale)  # as a SIGKILLed driver leaves it: RUNNING
     monkeypatch.setattr(tune.Tuner, "fit", lambda self: None)  # as Tune returns after a first Ctrl-C
     assert cli(path) == 130
@@ -240,13 +243,13 @@ def test_a_trial_stopped_by_the_scheduler_is_pruned_in_optuna_not_complete():
     from ray.tune.search.optuna import OptunaSearch
 
     space = ot.Suggest({"finetune.lr": FloatDistribution(1e-5, 1e-3, log=True)})
-    searcher = ot._final_results_only(OptunaSearch)(space=space, metric=ot.OBJECTIVE, mode="max")
+    searcher = ot._final_results_only(OptunaSearch)(space=space, metric=T.OBJECTIVE, mode="max")
     stopped, finished = searcher.suggest("a"), searcher.suggest("b")
     assert {"finetune.lr", ot.OPTUNA_TRIAL} <= set(stopped) and finished[ot.OPTUNA_TRIAL] == 1
     searcher.on_trial_result("a", {T.EPOCH_CLEAN_ACC: 0.5, "training_iteration": 1})  # no objective yet
     searcher.on_trial_complete("a", {T.EPOCH_CLEAN_ACC: 0.5, "training_iteration": 1})  # ASHA stopped it
     searcher.on_trial_result("b", {T.EPOCH_CLEAN_ACC: 0.6, "training_iteration": 1})
-    searcher.on_trial_complete("b", {ot.OBJECTIVE: 0.7, "training_iteration": 2})
+    searcher.on_trial_complete("b", {T.OBJECTIVE: 0.7, "training_iteration": 2})
     trials = searcher._ot_study.trials
     assert [t.state for t in trials] == [TrialState.PRUNED, TrialState.COMPLETE] and trials[1].value == 0.7
 
@@ -263,7 +266,7 @@ def test_asha_runs_a_study_on_per_epoch_results(tiny_model_dir, tmp_path, ray_se
     for run in runs_of(tmp_path, "trial"):  # a run is tagged stopped early exactly when Optuna pruned it
         pruned = states[int(run.data.tags[T.TAG_OPTUNA_TRIAL])] == TrialState.PRUNED
         assert (run.data.tags.get(T.TAG_STOPPED_EARLY) == "1") == pruned
-        assert pruned or ot.OBJECTIVE in run.data.metrics
+        assert pruned or T.OBJECTIVE in run.data.metrics
     with pytest.raises(UserError, match="single-objective"):
         from er_ray.config import load_config
 
@@ -282,7 +285,7 @@ def test_a_trial_under_the_clean_accuracy_floor_is_not_attacked_and_is_pruned(
         tiny_model_dir, tmp_path, **{"tune.objective": "aua_textbugger", "tune.min_clean_acc": 0.99}
     )
     metrics = ot.evaluate_trial(cfg, tmp_path / "trial")  # the tiny model's 58% (one class): a floor case
-    assert metrics[T.CLEAN_ACC] < 0.99 and ot.OBJECTIVE not in metrics and T.aua("textbugger") not in metrics
+    assert metrics[T.CLEAN_ACC] < 0.99 and T.OBJECTIVE not in metrics and T.aua("textbugger") not in metrics
 
     path = write_config(
         tiny_model_dir,

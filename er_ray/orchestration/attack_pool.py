@@ -108,7 +108,7 @@ class AttackActor:
 
         began = time.time()
         if self.events is not None:  # the driver opens the ticket's attack run at its first unit's start
-            self.events.actor.put_nowait.remote(("attack_started", key, began))  # never blocks the unit
+            self.events.actor.put_nowait.remote(("attack", key, began))  # never blocks the unit
         wrapper, attacks = self._victim(model_dir)
         if recipe == "clean":
             out: dict = {"clean": (clean_accuracy(wrapper, self.dataset)[0], len(self.dataset))}

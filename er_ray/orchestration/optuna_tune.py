@@ -13,7 +13,6 @@ The study remembers the config it was made from; `--resume` continues it even th
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -24,36 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from er_ray import events as ev
+from er_ray import layout
 from er_ray import tracking as T
-from er_ray.config import (
-    TICKET_METHODS,
-    ExperimentConfig,
-    SweepConfig,
-    UserError,
-    config_from_dict,
-    load_config,
-)
-from er_ray.data import dataset_name
+from er_ray.config import TICKET_METHODS, ExperimentConfig, SweepConfig, UserError, config_from_dict
 from er_ray.storage import Store, is_uri, redact
 
-OBJECTIVE, TAG_STUDY, TAG_TRIAL_ID, TAG_ERROR = T.OBJECTIVE, T.TAG_STUDY, T.TAG_TRIAL_ID, T.TAG_ERROR
 STUDY_CONFIG_ATTR = "er_ray.config"  # study user attribute: the flattened config the study was made from
-TAG_PARENT = T.TAG_PARENT
-
-TICKET_METRICS = (
-    T.CLEAN_ACC,
-    T.SEARCH_SECONDS,
-    T.FINETUNE_SECONDS,
-    T.TRAIN_SECONDS,
-    T.STOP_EPOCH,
-    T.STOP_MINI_EPOCH,
-    T.CONVERGED,
-    T.PARAM_COUNT,
-    T.SIZE_MB,
-    T.LATENCY_MS,
-)
 SEARCH_ONLY_METRICS = (T.STOP_EPOCH, T.STOP_MINI_EPOCH, T.CONVERGED)  # blank for full-model baselines
-ATTACK_METRICS = {f(r): r for r in T.ATTACKS for f in (T.aua, T.queries, T.success_rate)}  # name -> recipe
 NOT_TUNABLE = ("name", "tune", "ray", "tracking", "runtime")  # sections that say how to run, not what
 # keys that may change without making a different study (how much, where and on what it runs)
 UNFINGERPRINTED = (
@@ -73,7 +50,7 @@ UNFINGERPRINTED = (
 def objective_terms(objective: str) -> list[str]:
     """'clean_acc+aua_textfooler' -> ['clean_acc', 'aua_textfooler'], each a known contract metric."""
     terms = [t.strip() for t in objective.split("+")]
-    known = set(TICKET_METRICS) | set(ATTACK_METRICS)
+    known = set(T.TICKET_METRICS) | set(T.ATTACK_METRICS)
     for t in terms:
         if t not in known:
             raise UserError(
@@ -105,10 +82,10 @@ def goals(cfg: ExperimentConfig) -> list[Goal]:
     t = cfg.tune
     if t.objectives:
         return [
-            Goal(f"{OBJECTIVE}_{i}", o.metric, tuple(objective_terms(o.metric)), o.mode)
+            Goal(f"{T.OBJECTIVE}_{i}", o.metric, tuple(objective_terms(o.metric)), o.mode)
             for i, o in enumerate(t.objectives)
         ]
-    return [Goal(OBJECTIVE, t.objective, tuple(objective_terms(t.objective)), t.mode)]
+    return [Goal(T.OBJECTIVE, t.objective, tuple(objective_terms(t.objective)), t.mode)]
 
 
 def check_objective(cfg: ExperimentConfig) -> list[str]:
@@ -127,7 +104,7 @@ def check_objective(cfg: ExperimentConfig) -> list[str]:
 
 def attack_recipes(terms: list[str]) -> list[str]:
     """Only the recipes the objective needs are run (an attack costs seconds per example)."""
-    return list(dict.fromkeys(ATTACK_METRICS[t] for t in terms if t in ATTACK_METRICS))
+    return list(dict.fromkeys(T.ATTACK_METRICS[t] for t in terms if t in T.ATTACK_METRICS))
 
 
 def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
@@ -225,19 +202,6 @@ def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
     return cfg
 
 
-def storage_url(cfg: ExperimentConfig) -> str:
-    if cfg.tune.storage:
-        return cfg.tune.storage
-    if is_uri(cfg.runtime.output_dir):
-        raise UserError(
-            f"runtime.output_dir is a storage URI ({redact(cfg.runtime.output_dir)}): the Optuna "
-            "study needs a database: set tune.storage (e.g. postgresql://… or sqlite:///local.db)"
-        )
-    path = Path(cfg.runtime.output_dir).resolve() / "optuna.db"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{path}"
-
-
 def study_name(cfg: ExperimentConfig) -> str:
     return cfg.tune.study_name or cfg.name
 
@@ -250,37 +214,17 @@ def fingerprint(cfg: ExperimentConfig) -> dict[str, str]:
 # ---------------------------------------------------------------- one trial (runs in a Ray worker)
 
 
-def _ticket_metrics(r: Any) -> dict[str, float | None]:
-    return {
-        T.CLEAN_ACC: r.clean_acc,
-        T.SEARCH_SECONDS: r.search_seconds,
-        T.FINETUNE_SECONDS: r.finetune_seconds,
-        T.TRAIN_SECONDS: r.train_seconds,
-        T.STOP_EPOCH: r.stop_epoch,
-        T.STOP_MINI_EPOCH: r.stop_mini_epoch,
-        T.CONVERGED: None if r.converged is None else float(r.converged),
-        T.PARAM_COUNT: r.param_count,
-        T.SIZE_MB: r.size_mb,
-        T.LATENCY_MS: r.latency_ms,
-    }
-
-
 def evaluate_trial(cfg: ExperimentConfig, out: Path, on_epoch: Any = None) -> dict[str, Any]:
     """The whole pipeline for one sampled config, in this process: contract metrics, the objectives, and the
     device and threads the timings were measured with. `on_epoch(epoch, clean_acc)`: after each fine-tuning
     epoch but the last."""
-    from er_ray.convergence import Combo
-    from er_ray.methods import full_model_pipeline, prepare, search_stage, ticket_pipeline
+    from er_ray.methods import prepare, run_model
 
     prep = prepare(cfg)
     prep.on_epoch = on_epoch
     c = prep.cfg
-    if c.uses_ticket():
-        combo = Combo(c.search.gamma, c.prune.head_ratio, c.prune.ffn_ratio)
-        result = ticket_pipeline(prep, search_stage(prep), combo, out)
-    else:
-        result = full_model_pipeline(prep, out)
-    metrics = _ticket_metrics(result)
+    result = run_model(prep, out)
+    metrics = T.ticket_metrics(result.to_json())
     terms = check_objective(c)
     device = {T.PARAM_DEVICE: result.device, T.PARAM_THREADS: result.threads}
     if below_floor(c, result.clean_acc):  # no objective: the searcher tells Optuna PRUNED
@@ -294,12 +238,7 @@ def evaluate_trial(cfg: ExperimentConfig, out: Path, on_epoch: Any = None) -> di
         rob = evaluate_robustness(
             model.to(prep.device), tokenizer, prep.eval, acfg, c.sample_seed, c.data.max_length
         )
-        for r in recipes:
-            metrics |= {
-                T.aua(r): rob.aua[r],
-                T.queries(r): rob.mean_queries[r],
-                T.success_rate(r): rob.success_rate[r],
-            }
+        metrics |= T.attack_metrics(vars(rob))
     missing = [t for t in terms if metrics.get(t) is None]
     if missing:
         raise UserError(
@@ -334,7 +273,7 @@ def _trainable(config: dict[str, Any], base: dict, out_root: str, threads: int) 
         return
     with tempfile.TemporaryDirectory(prefix="er-ray-trial-") as scratch:  # this node's disk, then the store
         metrics = evaluate_trial(cfg, Path(scratch) / out.name, early)
-        out.upload(Path(scratch) / out.name, last="result.json")
+        out.upload(Path(scratch) / out.name, last=layout.RESULT_FILE)
     tune.report(metrics)
 
 
@@ -347,7 +286,7 @@ def open_study(cfg: ExperimentConfig, resume: bool) -> tuple[Any, Any]:
     from optuna.trial import TrialState
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    url, name = storage_url(cfg), study_name(cfg)
+    url, name = layout.optuna_storage(cfg), study_name(cfg)
     storage = optuna.storages.RDBStorage(url)
     directions = [g.direction for g in goals(cfg)]
     now = fingerprint(cfg)
@@ -383,74 +322,53 @@ def completed(study: Any) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
 
-def _contract_params(cfg: ExperimentConfig) -> dict[str, Any]:
-    ticket = cfg.uses_ticket()
-    return {
-        T.PARAM_METHOD: cfg.method,
-        T.PARAM_DATASET: dataset_name(cfg.data),
-        T.PARAM_MODEL: cfg.model.name_or_path,
-        T.PARAM_GAMMA: cfg.search.gamma if ticket else None,
-        T.PARAM_HEAD_RATIO: cfg.prune.head_ratio if ticket else 0.0,
-        T.PARAM_FFN_RATIO: cfg.prune.ffn_ratio if ticket else 0.0,
-    }
-
-
-class TrialLogger:
-    """Each finished or failed trial becomes one child run of the invocation's parent, in one batch.
+class TrialEvents:
+    """Each finished or failed trial, as a `TrialFinished` event for the recorder.
 
     Mixed into a `ray.tune.Callback` by `tune_study` (importing ray.tune here would slow every CLI call).
     """
 
-    def __init__(self, tracker: T.Tracker, base: dict, study: str) -> None:
-        self.tracker, self.base, self.study = tracker, base, study
+    def __init__(self, emit: Any, base: dict, study: str) -> None:
+        self.emit, self.base, self.study = emit, base, study
         self.finished = 0
         self.failed = 0
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._log(trial, "FINISHED")
+        self._ended(trial, "FINISHED")
         self.finished += 1
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._log(trial, "FAILED")
+        self._ended(trial, "FAILED")
         self.failed += 1
 
-    def _log(self, trial: Any, status: str) -> None:
+    def _ended(self, trial: Any, status: str) -> None:
         sampled = dict(trial.config)
         number = sampled.pop(OPTUNA_TRIAL, None)
-        params: dict[str, Any] = dict(sampled)
         try:
-            params |= _contract_params(trial_config(self.base, sampled))
+            cfg = trial_config(self.base, sampled)
         except UserError:
-            pass
-        result = trial.last_result or {}
-        params |= {k: result[k] for k in (T.PARAM_DEVICE, T.PARAM_THREADS) if k in result}
-        known = {*TICKET_METRICS, *ATTACK_METRICS}
-        metrics = {
-            k: v
-            for k, v in result.items()
-            if (k in known or k.startswith(OBJECTIVE)) and isinstance(v, (int, float))
-        }
-        tags = {
-            T.TAG_NAME: self.base.get("name", ""),
-            TAG_STUDY: self.study,
-            TAG_TRIAL_ID: trial.trial_id,
-            T.TAG_OPTUNA_TRIAL: str(number),
-        }
-        if status == "FAILED":
-            tags[TAG_ERROR] = _error_line(trial)
-        elif not any(k.startswith(OBJECTIVE) for k in result):
-            floor = below_floor(config_from_dict(self.base), result.get(T.CLEAN_ACC))
-            tags[T.TAG_BELOW_FLOOR if floor else T.TAG_STOPPED_EARLY] = "1"
-        key = f"trial/{trial.trial_id}"
-        run_id = self.tracker.start(key, "trial", f"trial-{number}", tags=tags)
-        end = "FAILED"
-        try:
-            self.tracker.log(
-                run_id, metrics=metrics, params={k: v for k, v in params.items() if v is not None}
+            cfg = None
+        result = dict(trial.last_result or {})
+        error = _error_line(trial) if status == "FAILED" else None
+        pruned = None
+        if status == "FINISHED" and not any(k.startswith(T.OBJECTIVE) for k in result):
+            pruned = (
+                "floor" if below_floor(config_from_dict(self.base), result.get(T.CLEAN_ACC)) else "scheduler"
             )
-            end = status
-        finally:
-            self.tracker.finish(key, end)
+        self.emit(
+            ev.TrialFinished(
+                f"trial/{trial.trial_id}",
+                self.study,
+                trial.trial_id,
+                number,
+                sampled,
+                cfg,
+                result,
+                status,
+                error,
+                pruned,
+            )
+        )
 
 
 def _error_line(trial: Any) -> str:
@@ -483,7 +401,7 @@ class TuneSummary:
             f"complete ({self.new_trials} new, {self.failed_trials} failed)"
         ]
         if self.best_value is not None:
-            out.append(f"best {OBJECTIVE} {self.best_value:.4f} at {json.dumps(self.best_params)}")
+            out.append(f"best {T.OBJECTIVE} {self.best_value:.4f} at {json.dumps(self.best_params)}")
         if self.front:
             out.append(
                 f"Pareto front: {len(self.front)} trial(s) ("
@@ -523,13 +441,10 @@ def pareto_front(study: Any) -> list[dict[str, Any]]:
     ]
 
 
-def _open_parent(cfg: ExperimentConfig, study: str, url: str) -> T.Tracker:
-    """The invocation's run: resolved config (passwords masked) as params, provenance as tags."""
-    flat = T.flatten(cfg.model_dump(mode="json"))
-    params = {k: redact(v) if isinstance(v, str) else v for k, v in flat.items()}
-    tags = {TAG_STUDY: study, "er_ray.command": "tune"}
-    params[T.PARAM_OBJECTIVES] = json.dumps([g.describe() for g in goals(cfg)])
-    return T.Tracker.open(cfg, f"tune-{study}", tags, {**params, "study": study, "storage": url})
+def _recorder(cfg: ExperimentConfig, study: str, url: str) -> T.Recorder:
+    """The invocation's run: the resolved config as params (credentials masked), provenance as tags."""
+    tags, params = T.tune_parent(cfg, study, url, [g.describe() for g in goals(cfg)])
+    return T.Recorder.open(cfg, f"tune-{study}", tags, params)
 
 
 def _final_results_only(optuna_search: type) -> type:
@@ -565,7 +480,7 @@ def _tuner(cfg: ExperimentConfig, study: Any, storage: Any, num_samples: int, ca
         study_name=name,
         storage=storage,
     )
-    out_root = Store.at(cfg.runtime.output_dir) / cfg.name / "tune" / name
+    out_root = layout.tune_folder(cfg, name)
     threads = max(1, int(cfg.ray.search_cpus))  # a trial runs as many torch threads as it holds CPUs
     trainable = tune.with_parameters(
         _trainable, base=cfg.model_dump(mode="json"), out_root=out_root.uri, threads=threads
@@ -613,7 +528,7 @@ def tune_study(cfg: ExperimentConfig, resume: bool = False) -> TuneSummary:
     cfg = absolute_paths(cfg)
     search_space(cfg)  # bad keys and values fail here, before Ray, MLflow or the study are touched
     study, storage = open_study(cfg, resume)
-    name, url = study.study_name, redact(storage_url(cfg))
+    name, url = study.study_name, redact(layout.optuna_storage(cfg))
     summary = TuneSummary(name, url, cfg.tune.num_samples, completed(study), 0, 0)
     remaining = cfg.tune.num_samples - summary.completed
     if remaining <= 0:
@@ -622,54 +537,36 @@ def tune_study(cfg: ExperimentConfig, resume: bool = False) -> TuneSummary:
         return summary
 
     init_ray(cfg)
-    T.end_stale(cfg, f"tags.`{TAG_STUDY}` = '{name}'")
-    tracker = _open_parent(cfg, name, url)
-    summary.parent_run_id = tracker.parent_id
-    status = "FAILED"
+    T.end_stale(cfg, f"tags.`{T.TAG_STUDY}` = '{name}'")
+    recorder = _recorder(cfg, name, url)
+    summary.parent_run_id = recorder.parent_id
+    end = ev.RunEnded("FAILED")
     try:
-        logger = type("TrialLoggerCallback", (TrialLogger, tune.Callback), {})(
-            tracker, cfg.model_dump(mode="json"), name
-        )
-        _tuner(cfg, study, storage, remaining, logger).fit()
+        events = type("TrialEventsCallback", (TrialEvents, tune.Callback), {})
+        trials = events(recorder.emit, cfg.model_dump(mode="json"), name)
+        _tuner(cfg, study, storage, remaining, trials).fit()
         # Tune stops gracefully on the first Ctrl-C and returns: fewer trials ended than were asked for
-        summary.new_trials, summary.failed_trials = logger.finished, logger.failed
-        summary.interrupted = logger.finished + logger.failed < remaining
+        summary.new_trials, summary.failed_trials = trials.finished, trials.failed
+        summary.interrupted = trials.finished + trials.failed < remaining
         summary.completed = completed(study)
         summary.best_value, summary.best_params = _best(study)
         summary.goals, summary.front = goals(cfg), pareto_front(study)
-        if summary.front:
-            T.log_json(tracker.client, tracker.parent_id, _front_json(summary), PARETO_FILE)
         metrics = {
             "trials_completed": summary.completed,
-            "trials_new": logger.finished,
-            "trials_failed": logger.failed,
-            f"best_{OBJECTIVE}": summary.best_value,
+            "trials_new": trials.finished,
+            "trials_failed": trials.failed,
+            f"best_{T.OBJECTIVE}": summary.best_value,
         }
-        tracker.log(tracker.parent_id, metrics=metrics, tags={"best_params": json.dumps(summary.best_params)})
-        status = "KILLED" if summary.interrupted else "FAILED" if logger.failed else "FINISHED"
+        status = "KILLED" if summary.interrupted else "FAILED" if trials.failed else "FINISHED"
+        end = ev.RunEnded(
+            status,
+            metrics,
+            tags={"best_params": json.dumps(summary.best_params)},
+            artifacts={PARETO_FILE: _front_json(summary)} if summary.front else {},
+        )
     except KeyboardInterrupt:
-        status = "KILLED"
+        end = ev.RunEnded("KILLED")
         raise
     finally:
-        tracker.close(status)
+        recorder.emit(end)
     return summary
-
-
-# ---------------------------------------------------------------- CLI
-
-
-def run(args: argparse.Namespace) -> int:
-    """0: the study has num_samples complete trials; 1: trials failed; 130: interrupted (re-run continues)."""
-    from er_ray.methods import check_config
-
-    cfg = load_config(args.config, args.overrides)
-    check_config(cfg)
-    try:
-        summary = tune_study(cfg, resume=args.resume)
-    except KeyboardInterrupt:
-        print("er-ray tune: interrupted; run the same command again to continue the study")
-        return 130
-    print("\n".join(summary.lines()))
-    if summary.interrupted:
-        return 130
-    return 1 if summary.failed_trials else 0

@@ -7,6 +7,7 @@ import signal
 import threading
 
 from er_ray.config import ExperimentConfig, settings
+from er_ray.orchestration import ray_patches
 
 
 def init_ray(cfg: ExperimentConfig | None = None, num_cpus: int | None = None) -> None:
@@ -16,13 +17,8 @@ def init_ray(cfg: ExperimentConfig | None = None, num_cpus: int | None = None) -
     """
     # one checkpoint per mini-epoch is the design; Tune's warning about frequent experiment snapshots is noise
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    # after an interrupt shuts Ray down, a Ray call still running in a thread (Tune's) must fail, not join
-    # whatever other Ray instance this machine runs
-    os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
+    ray_patches.no_auto_connect()
     import ray
-    import ray._private.auto_init_hook as auto_init
-
-    auto_init.enable_auto_connect = False
 
     if ray.is_initialized():
         return

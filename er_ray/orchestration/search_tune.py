@@ -16,7 +16,6 @@ driver had stopped listening, and the experiment state on storage could name a c
 
 from __future__ import annotations
 
-import importlib
 import logging
 import queue
 import tempfile
@@ -31,22 +30,13 @@ from ray.tune.stopper import Stopper
 
 from er_ray import tracking as T
 from er_ray.config import ExperimentConfig
-from er_ray.methods import SplitData, prepare, with_threads
-from er_ray.model import load_backbone
+from er_ray.layout import RESTART_DIR, SEARCH_STATE_FILE, TRAJECTORY_FILE, TUNE_DIR
+from er_ray.methods import SplitData, new_search, prepare, with_threads
+from er_ray.orchestration import ray_patches
 from er_ray.orchestration.ray_env import gib
-from er_ray.search import (
-    SEARCH_STATE_FILE,
-    TRAJECTORY_FILE,
-    MiniEpoch,
-    SearchStage,
-    Trajectory,
-    load_search_state,
-    save_search_state,
-)
+from er_ray.search import MiniEpoch, Trajectory, load_search_state, save_search_state
 from er_ray.storage import Store
 
-TUNE_DIR = "search"  # the Tune run's folder under the run's storage path
-RESTART_DIR = "restart"  # in a search trial's folder: the state a restarted trial continues from
 PENDING = "combos_pending"  # reported: grid combos whose stop rule has not fired yet
 BUSY_START, BUSY_END = (
     "busy_start",
@@ -54,27 +44,13 @@ BUSY_START, BUSY_END = (
 )  # reported: wall clock span of the training since the last report
 
 CHANNELS: dict[str, queue.Queue] = {}  # channel name -> the driver's event queue (this process only)
-_STOPS: dict[int, threading.Event] = {}  # fit thread id -> the event that ends its Tune loop
-_tune_run = importlib.import_module("ray.tune.tune")  # `ray.tune.tune` the attribute is a function
-_tune_signals = _tune_run._setup_signal_catching
-
-
-def _signal_catching() -> threading.Event:
-    stop = _STOPS.get(threading.get_ident())
-    return stop if stop is not None else _tune_signals()
-
-
-_tune_run._setup_signal_catching = _signal_catching
 
 
 def fit_until(tuner: tune.Tuner, stop: threading.Event) -> Any:
     """`tuner.fit()` on this thread, ended like a Ctrl-C (state saved, unfinished trials resumable) once `stop`
     is set."""
-    _STOPS[threading.get_ident()] = stop
-    try:
+    with ray_patches.tune_stop_event(stop):
         return tuner.fit()
-    finally:
-        _STOPS.pop(threading.get_ident(), None)
 
 
 class ConvergenceStopper(Stopper):
@@ -93,9 +69,7 @@ def search_trainable(config: dict[str, Any], data: SplitData) -> None:
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # "Checkpoint successfully created" per report
     threads = max(1, int(config.get("threads") or 1))
     cfg = with_threads(ExperimentConfig.model_validate(config["trial"]["experiment"]), threads)
-    prep = prepare(cfg, data=data)
-    model = load_backbone(prep.cfg.model.name_or_path, prep.num_labels, prep.cfg.seed).to(prep.device)
-    stage = SearchStage(prep.cfg, model, prep.batches(prep.cfg.search.batch_size), prep.device)
+    stage = new_search(prepare(cfg, data=data))
     restart = restart_store()
     with tempfile.TemporaryDirectory() as d:
         if (restart / SEARCH_STATE_FILE).exists():  # Tune restarted this trial: continue where the state was
@@ -117,7 +91,7 @@ def search_trainable(config: dict[str, Any], data: SplitData) -> None:
             BUSY_START: since[0],
             BUSY_END: time.time(),
             T.PARAM_THREADS: threads,
-            T.PARAM_DEVICE: prep.device.type,
+            T.PARAM_DEVICE: stage.device.type,
         }
         if point.index % every == 0 or (seconds and time.time() - saved[0] >= seconds):
             with tempfile.TemporaryDirectory() as d:
@@ -230,19 +204,6 @@ def search_tuner(
             verbose=0,
         ),
     )
-
-
-def run_search(cfg: ExperimentConfig, storage: Path, resume: bool = False) -> tuple[Trajectory, dict]:
-    """One search stage under Tune, blocking (tests and notebooks): its trajectory and last result."""
-    import ray
-
-    from er_ray.methods import load_data
-
-    tuner = search_tuner({cfg.method: cfg}, storage, ray.put(load_data(cfg)), "", resume)
-    (result,) = list(tuner.fit())
-    if result.error is not None:
-        raise RuntimeError(f"search stage failed: {result.error}") from result.error
-    return load_trajectory(result.checkpoint), dict(result.metrics or {})
 
 
 def curves(traj: Trajectory) -> dict[str, list[tuple[int, float]]]:

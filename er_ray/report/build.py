@@ -16,6 +16,7 @@ import pandas as pd
 
 from er_ray import tracking
 from er_ray.config import UserError
+from er_ray.layout import TRAJECTORY_FILE
 from er_ray.report import claims, figures, pareto, stats, stops, table
 from er_ray.report.store import (
     FFN_RATIO,
@@ -33,7 +34,6 @@ from er_ray.report.store import (
     survived,
     table_cells,
 )
-from er_ray.search import TRAJECTORY_FILE
 
 EARLYROBUST = claims.EARLYROBUST
 TABLE_CSV = "table1.csv"

@@ -6,31 +6,24 @@ import argparse
 import os
 from pathlib import Path
 
+from er_ray import layout
 from er_ray import tracking as T
-from er_ray.config import UserError, load_config, settings
-
-
-def tracking_uri(arg: str | None, output_dir: Path = Path("outputs")) -> str:
-    # the rule `er-ray run` follows: --tracking-uri, else MLFLOW_TRACKING_URI, else <output_dir>/mlflow.db
-    return T.existing_store(
-        arg or settings().mlflow_uri or f"sqlite:///{(output_dir / 'mlflow.db').resolve()}"
-    )
+from er_ray.config import load_config, settings
 
 
 def target(args: argparse.Namespace) -> tuple[str | None, list[str] | None, str]:
     """(experiment, parent run ids, store): named outright, or found from a config or a run folder the way
-    `er-ray run` chose them."""
+    `er-ray run` chose them (`layout`)."""
     if args.config is not None:
         cfg = load_config(args.config, args.overrides)
-        uri = T.existing_store(args.tracking_uri or T.tracking_uri(cfg))
-        return cfg.tracking.experiment or cfg.name, None, uri
+        uri = T.existing_store(args.tracking_uri or layout.tracking_uri(cfg))
+        return layout.experiment_name(cfg), None, uri
     if args.run_dir is not None:
-        id_file = args.run_dir / T.PARENT_ID_FILE
-        if not id_file.is_file():
-            raise UserError(f"{args.run_dir} is not an er-ray run folder (it has no {T.PARENT_ID_FILE})")
-        output_dir = args.run_dir.resolve().parents[2]  # <output_dir>/<name>/runs/<stamp>
-        return None, [id_file.read_text().strip()], tracking_uri(args.tracking_uri, output_dir)
-    return args.experiment, args.run, tracking_uri(args.tracking_uri)
+        folder = layout.RunFolder.at(args.run_dir)
+        store = args.tracking_uri or settings().mlflow_uri or layout.default_store(folder.output_dir)
+        return None, [folder.parent_id_file.read_text().strip()], T.existing_store(store)
+    store = args.tracking_uri or settings().mlflow_uri or layout.default_store(Path("outputs"))
+    return args.experiment, args.run, T.existing_store(store)
 
 
 def run(args: argparse.Namespace) -> int:

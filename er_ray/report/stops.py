@@ -8,9 +8,9 @@ import json
 from pathlib import Path
 
 from er_ray import tracking
+from er_ray.layout import STOP_POINTS_FILE
 from er_ray.report.store import RunView, Scope, download, seed_order
 from er_ray.report.table import METHOD_ORDER, rank
-from er_ray.search import STOP_POINTS_FILE
 
 RULE_LABEL = {"paper": "paper rule", "authors": "authors' rule"}
 
