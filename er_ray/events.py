@@ -10,7 +10,6 @@ Times are wall clock (`time.time()`), taken where the work happened.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 
@@ -48,7 +47,7 @@ class SearchFinished:
     cfg: Any
     adversary: str
     trajectory: Any  # search.Trajectory
-    file: Path  # the trajectory saved locally (an artifact)
+    file: Any  # the trajectory in the run folder (storage.Store): an artifact
     curves: dict[str, list[tuple[int, float]]]  # every mini-epoch's metrics, for steps not reported live
     stop_points: list[dict]
 
@@ -132,3 +131,4 @@ class RunEnded:
     step: int = 0
     tags: dict[str, str] = field(default_factory=dict)
     artifacts: dict[str, Any] = field(default_factory=dict)  # file name -> JSON object
+    wait: float = 60.0  # seconds to wait for the store to take what is still queued

@@ -17,11 +17,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -284,6 +286,11 @@ class Recorder:
     reopens its own run (one key, one row), and runs a dead driver left RUNNING end KILLED on resume. Runs
     open when their work starts and close when it ends, at the times the workers reported, so MLflow's run
     times are the stages' real times.
+
+    It writes in the background, in the order of the events: while the store does not answer the run says so
+    once (`note`) and goes on training and attacking; what was held back is written when the store answers.
+    A run that ends first leaves it unwritten, and loses nothing: every result is in the run folder, and
+    `--resume` replays what the store lacks (the recorder logs only what a unit's run does not hold yet).
     """
 
     def __init__(self, client: Any, experiment_id: str, parent_id: str, inputs: list[Any]) -> None:
@@ -293,6 +300,11 @@ class Recorder:
         self.runs: dict[str, _Run] = {}
         self.sharers: dict[str, list[str]] = {}  # ticket key -> keys of combos sharing its weights
         self.attacked: dict[str, dict[str, float]] = {}  # ticket key -> its attack metrics
+        self.note: Callable[[str], None] = _note  # how the recorder tells the user (the CLI: its console)
+        self._queue: queue.Queue = queue.Queue()
+        self._failure: BaseException | None = None  # a write that failed for good, raised by the next emit
+        self._down = False  # the store has not answered; said once
+        threading.Thread(target=self._write, daemon=True, name="er-ray-recorder").start()
 
     # ------------------------------------------------------------ the parent
 
@@ -354,12 +366,10 @@ class Recorder:
             return list(self.client.search_runs([self.experiment_id], filter_string=filt, max_results=50000))
 
         found = {r.info.run_id: r for r in search(f"tags.`{TAG_ROOT}` = '{self.parent_id}'")}
-        below = [self.parent_id]
-        while below:  # stores written before the root tag: follow the nesting
-            ids = ", ".join(f"'{i}'" for i in below[:100])
-            level = search(f"tags.`{TAG_PARENT}` IN ({ids})")
-            below = below[100:] + [r.info.run_id for r in level if r.info.run_id not in found]
-            found |= {r.info.run_id: r for r in level}
+        # stores written before the root tag: the parent's children, and the attack runs below them
+        direct = {r.info.run_id: r for r in search(f"tags.`{TAG_PARENT}` = '{self.parent_id}'")}
+        attacks = [r for r in search(f"tags.`{TAG_KIND}` = 'attack'") if r.data.tags.get(TAG_PARENT) in direct]
+        found |= direct | {r.info.run_id: r for r in attacks}
         return sorted(found.values(), key=lambda r: r.info.start_time)
 
     def close(self, status: str) -> None:
@@ -372,9 +382,59 @@ class Recorder:
     # ------------------------------------------------------------ events
 
     def emit(self, event: Any) -> None:
-        handler = getattr(self, f"_on_{type(event).__name__}", None)
-        if handler is not None:
-            handler(event)
+        """Queue `event` for the writer; `RunEnded` waits (up to `wait` seconds) until everything is written."""
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            raise RuntimeError(f"writing to MLflow at {redact(self.uri)} failed: {failure}") from failure
+        self._queue.put(event)
+        if isinstance(event, ev.RunEnded):
+            self.wait(event.wait)
+
+    def wait(self, timeout: float) -> bool:
+        """True once every queued event is written; False after `timeout` seconds (the store not answering)."""
+        deadline = time.time() + timeout
+        while self._queue.unfinished_tasks and time.time() < deadline:
+            time.sleep(0.05)
+        if self._queue.unfinished_tasks:
+            self.note(
+                f"MLflow at {self.uri} did not answer: {self._queue.unfinished_tasks} record(s) not written; "
+                "the results are in the run folder, and `er-ray run CONFIG --resume` writes them"
+            )
+            return False
+        return True
+
+    def _write(self) -> None:
+        while True:
+            event = self._queue.get()
+            handler = getattr(self, f"_on_{type(event).__name__}", None)
+            delay = 1.0
+            while handler is not None:
+                slow = threading.Timer(SLOW_STORE_SECONDS, self._say_down)
+                slow.start()
+                try:
+                    handler(event)
+                    break
+                except Exception as err:  # the store or the network: wait and write it again
+                    if not _unreachable(err):
+                        self._failure = err
+                        break
+                    self._say_down()
+                    time.sleep(delay)
+                    delay = min(2 * delay, 30.0)
+                finally:
+                    slow.cancel()
+            if self._down and self._queue.qsize() == 0:
+                self._down = False
+                self.note(f"MLflow at {self.uri} answers again: the held-back records are written")
+            self._queue.task_done()
+
+    def _say_down(self) -> None:
+        if not self._down:
+            self._down = True
+            self.note(
+                f"MLflow at {self.uri} is not answering; training and attacks go on and their records "
+                "are written when it answers"
+            )
 
     def _on_SearchStarted(self, e: ev.SearchStarted) -> None:
         name = f"search-{e.cfg.method}-seed{e.cfg.seed}"
@@ -394,7 +454,8 @@ class Recorder:
         logged = self.runs[e.key].steps
         series = {n: [(s, v) for s, v in pts if s not in logged] for n, pts in e.curves.items()}
         self._log(e.key, series=series, params={PARAM_PRECISION: e.trajectory.meta.get("precision")})
-        self.client.log_artifact(run_id, str(e.file))
+        with tempfile.TemporaryDirectory() as d:
+            self.client.log_artifact(run_id, str(e.file.local or e.file.get(Path(d) / e.file.name)))
         log_json(self.client, run_id, e.stop_points, STOP_POINTS_FILE)
         self._finish(e.key)
 
@@ -590,6 +651,30 @@ class Recorder:
                 input_example=examples,
                 pip_requirements=pins,
             )
+
+
+SLOW_STORE_SECONDS = 10.0  # a write taking longer is a store not answering (MLflow retries for minutes)
+
+
+def _unreachable(err: Exception) -> bool:
+    """A store that does not answer (a server down, a network gone, sqlite busy), not a bad request."""
+    text = f"{type(err).__name__}: {err}"
+    signs = (
+        "Max retries exceeded",
+        "Connection",
+        "timed out",
+        "Timeout",
+        "database is locked",
+        "TEMPORARILY_UNAVAILABLE",
+        "503",
+        "502",
+        "504",
+    )
+    return any(sign in text for sign in signs)
+
+
+def _note(line: str) -> None:
+    print(f"er-ray: {redact(line)}", file=sys.stderr, flush=True)
 
 
 def _own_combo(cfg: Any) -> Any:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+BUCKET = "er-ray-test"
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -120,3 +121,92 @@ def tiny_experiment(model_dir, out_dir, **over):
         "runtime": {"output_dir": str(out_dir)},
     }
     return config_from_dict(raw, [f"{k}={v}" for k, v in over.items()])
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """An S3 API server on a free local port; yields a URI prefix carrying pyarrow's endpoint options."""
+    pytest.importorskip("moto.server")
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    mp = pytest.MonkeyPatch()
+    for k, v in env.items():
+        mp.setenv(k, v)  # before Ray starts: its workers inherit the credentials
+    boto3.client("s3", endpoint_url=f"http://{host}:{port}").create_bucket(Bucket=BUCKET)
+    yield f"s3://{BUCKET}/{{}}?scheme=http&endpoint_override={host}:{port}"
+    mp.undo()
+    server.stop()
+
+
+class MlflowServer:
+    """A real `mlflow server` on a free loopback port, over a sqlite store in `folder`; stop and start it again
+    (the same port and store) to make an outage."""
+
+    def __init__(self, folder: Path) -> None:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.folder, self.proc = folder, None
+        self.uri = f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 120.0) -> None:
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+
+        cmd = [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{self.folder / 'server.db'}",
+            "--artifacts-destination",
+            (self.folder / "artifacts").as_uri(),
+        ]
+        with open(self.folder / "server.log", "ab") as log:  # the server keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"{self.uri}/health", timeout=2)
+                return
+            except OSError:
+                assert self.proc.poll() is None, (self.folder / "server.log").read_text()[-2000:]
+                time.sleep(0.5)
+        raise TimeoutError("mlflow server did not start")
+
+    def stop(self) -> None:
+        import os
+        import signal
+
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(60)
+        self.proc = None
+
+
+@pytest.fixture
+def mlflow_server(tmp_path_factory):
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    server.start()
+    yield server
+    server.stop()

@@ -8,37 +8,11 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import tiny_experiment
+from conftest import BUCKET, tiny_experiment
 
 from er_ray import layout
 from er_ray.config import UserError
 from er_ray.storage import Store, is_uri, redact
-
-BUCKET = "er-ray-test"
-
-
-@pytest.fixture(scope="module")
-def s3():
-    """An S3 API server on a free local port; yields a URI prefix carrying pyarrow's endpoint options."""
-    pytest.importorskip("moto.server")
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    mp = pytest.MonkeyPatch()
-    for k, v in env.items():
-        mp.setenv(k, v)  # before Ray starts: its workers inherit the credentials
-    boto3.client("s3", endpoint_url=f"http://{host}:{port}").create_bucket(Bucket=BUCKET)
-    yield f"s3://{BUCKET}/{{}}?scheme=http&endpoint_override={host}:{port}"
-    mp.undo()
-    server.stop()
 
 
 def _objects(store: Store) -> dict[str, float]:

@@ -321,17 +321,14 @@ class Sweep:
             self._ticket_for(search, combo)
         c = search.cfg
         final = self.folder.trajectory(c.method, c.seed)
-        with tempfile.TemporaryDirectory(prefix="er-ray-traj-") as d:
-            local = Path(d) / final.name
-            traj.save(local)
-            if not final.exists():
-                final.put(local)
-            adversary = search.prep.cfg.search.adversary.kind
-            self.emit(
-                ev.SearchFinished(
-                    search.key, c, adversary, traj, local, S.curves(traj), stop_point_rows(traj)
-                )
-            )
+        if not final.exists():
+            with tempfile.TemporaryDirectory(prefix="er-ray-traj-") as d:
+                traj.save(Path(d) / final.name)
+                final.put(Path(d) / final.name)
+        adversary = search.prep.cfg.search.adversary.kind
+        self.emit(
+            ev.SearchFinished(search.key, c, adversary, traj, final, S.curves(traj), stop_point_rows(traj))
+        )
         search.done = True
 
     # ------------------------------------------------------------ tickets
@@ -535,6 +532,7 @@ def run_pipeline(cfg: ExperimentConfig, resume: bool = False) -> list[dict]:
     folder = RunFolder.latest(cfg) if resume else RunFolder.create(cfg)
     init_ray(cfg)
     recorder = _recorder(cfg, folder, resume)
+    recorder.note = say
     console = Console()
     say(
         f"run folder {folder.root}; MLflow parent run {recorder.parent_id} (experiment "
