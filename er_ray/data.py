@@ -115,12 +115,7 @@ DATASETS: dict[str, DatasetSpec] = {
         },
     ),
     "qqp": DatasetSpec(
-        "glue",
-        "qqp",
-        "question1",
-        "question2",
-        ("not_duplicate", "duplicate"),
-        ("train", "validation"),
+        "glue", "qqp", "question1", "question2", ("not_duplicate", "duplicate"), ("train", "validation")
     ),
 }
 

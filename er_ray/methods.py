@@ -346,6 +346,15 @@ def stop_fields(
     }
 
 
+def shared_result(owner: dict, traj: Trajectory, combo: Combo) -> dict:
+    """The result of a combo whose masks equal those of the ticket `owner` trained: the owner's training and
+    model, the combo's own stop point and search time."""
+    stop = traj.stops[combo]
+    point, decided = traj.mini_epochs[stop.mini_epoch], traj.mini_epochs[stop.decision]
+    fields = stop_fields(combo, stop, point, traj.stop_rule, decided)
+    return {**owner, **fields, "train_seconds": fields["search_seconds"] + owner["finetune_seconds"]}
+
+
 def _finish(
     prep: Prepared,
     model: nn.Module,

@@ -343,6 +343,17 @@ class Recorder:
         return cls(client, exp_id, parent_id, inputs)
 
     @classmethod
+    def for_run(cls, cfg: Any, folder: layout.RunFolder, resume: bool) -> Recorder:
+        """The parent run of an `er-ray run` folder: reopened on resume, else new (its id written into it)."""
+        if resume and folder.parent_id_file.exists():
+            return cls.reopen(cfg, folder.parent_id_file.read_text().strip())
+        tags, params = run_parent(cfg, str(folder.root))
+        config = {layout.CONFIG_FILE: cfg.model_dump(mode="json")}
+        recorder = cls.open(cfg, f"{cfg.name}-{folder.name}", tags, params, artifacts=config)
+        folder.parent_id_file.write_text(recorder.parent_id)
+        return recorder
+
+    @classmethod
     def reopen(cls, cfg: Any, parent_id: str) -> Recorder:
         """An earlier parent run continued: every child run of it is found by its key (runs written before the
         root tag by their nesting) and those a dead driver left RUNNING end KILLED."""
@@ -368,7 +379,9 @@ class Recorder:
         found = {r.info.run_id: r for r in search(f"tags.`{TAG_ROOT}` = '{self.parent_id}'")}
         # stores written before the root tag: the parent's children, and the attack runs below them
         direct = {r.info.run_id: r for r in search(f"tags.`{TAG_PARENT}` = '{self.parent_id}'")}
-        attacks = [r for r in search(f"tags.`{TAG_KIND}` = 'attack'") if r.data.tags.get(TAG_PARENT) in direct]
+        attacks = [
+            r for r in search(f"tags.`{TAG_KIND}` = 'attack'") if r.data.tags.get(TAG_PARENT) in direct
+        ]
         found |= direct | {r.info.run_id: r for r in attacks}
         return sorted(found.values(), key=lambda r: r.info.start_time)
 

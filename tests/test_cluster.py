@@ -59,7 +59,7 @@ def test_the_head_serves_the_dashboard_and_mlflow_on_loopback_only(cluster):
 
 def test_the_tune_example_in_the_docs_is_a_valid_config():
     from er_ray.config import config_from_dict
-    from er_ray.orchestration.optuna_tune import objective_terms, search_space
+    from er_ray.orchestration.study import objective_terms, search_space
 
     text = (ROOT / "docs" / "cluster.md").read_text()
     block = re.search(r"<!-- tune-quickstart -->\s*```yaml\n(.*?)```", text, re.S)

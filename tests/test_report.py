@@ -122,11 +122,7 @@ def store(tmp_path_factory) -> dict:
     def run(
         kind: str, parent: str | None, start: int, params=None, metrics=None, tags=None, series=None
     ) -> str:
-        all_tags = {
-            tracking.TAG_KIND: kind,
-            **({TAG_PARENT: parent} if parent else {}),
-            **(tags or {}),
-        }
+        all_tags = {tracking.TAG_KIND: kind, **({TAG_PARENT: parent} if parent else {}), **(tags or {})}
         rid = client.create_run(exp, start_time=start, tags=all_tags).info.run_id
         tracking.log_batch(client, rid, metrics=metrics, params=params, series=series)
         client.set_terminated(rid)

@@ -16,6 +16,7 @@ from optuna.trial import TrialState
 from er_ray import tracking as T
 from er_ray.config import UserError
 from er_ray.orchestration import optuna_tune as ot
+from er_ray.orchestration import study as st
 from er_ray.storage import redact
 
 SPACE = (
@@ -72,13 +73,13 @@ def runs_of(tmp_path: Path, kind: str) -> list:
 
 
 def test_objective_and_space_are_checked_before_anything_runs(tiny_model_dir, tmp_path):
-    assert ot.objective_terms("clean_acc + aua_textfooler") == ["clean_acc", "aua_textfooler"]
-    assert ot.attack_recipes(["clean_acc", "aua_textbugger", "queries_textbugger"]) == ["textbugger"]
+    assert st.objective_terms("clean_acc + aua_textfooler") == ["clean_acc", "aua_textfooler"]
+    assert st.attack_recipes(["clean_acc", "aua_textbugger", "queries_textbugger"]) == ["textbugger"]
     with pytest.raises(UserError, match="unknown metric 'acc'"):
-        ot.objective_terms("acc")
+        st.objective_terms("acc")
     cfg = tiny_experiment(tiny_model_dir, tmp_path, **{"tune.space": SPACE, "sweep.gammas": "[0.1, 0.2]"})
-    assert set(ot.search_space(cfg)) == {"search.lambda_head", "finetune.lr"}
-    assert ot.trial_config(cfg.model_dump(mode="json"), {"finetune.lr": 0.002}).sweep.gammas == []
+    assert set(st.search_space(cfg)) == {"search.lambda_head", "finetune.lr"}
+    assert st.trial_config(cfg.model_dump(mode="json"), {"finetune.lr": 0.002}).sweep.gammas == []
     bad = {
         "{search.lamda_head: {kind: uniform, low: 0.1, high: 0.2}}": "unknown config key",
         "{search.gamma: {kind: uniform, low: 0.5, high: 2.0}}": "2.0 is not a valid value",
@@ -88,14 +89,14 @@ def test_objective_and_space_are_checked_before_anything_runs(tiny_model_dir, tm
     }
     for space, message in bad.items():
         with pytest.raises(UserError, match=message):
-            ot.search_space(tiny_experiment(tiny_model_dir, tmp_path, **{"tune.space": space}))
+            st.search_space(tiny_experiment(tiny_model_dir, tmp_path, **{"tune.space": space}))
     ft = tiny_experiment(tiny_model_dir, tmp_path, **{"tune.objective": "clean_acc+stop_epoch"})
-    assert ot.check_objective(ft) == ["clean_acc", "stop_epoch"]
+    assert st.check_objective(ft) == ["clean_acc", "stop_epoch"]
     ft.tune.space = {"method": {"kind": "choice", "values": ["earlyrobust", "finetune"]}}
     with pytest.raises(UserError, match="stop_epoch, which method finetune"):  # no search, no stop point
-        ot.check_objective(ft)
+        st.check_objective(ft)
     with pytest.raises(UserError, match="tune.space is empty"):
-        ot.search_space(tiny_experiment(tiny_model_dir, tmp_path))
+        st.search_space(tiny_experiment(tiny_model_dir, tmp_path))
     assert redact("postgresql://me:secret@db:5432/optuna") == "postgresql://me:***@db:5432/optuna"
 
 
@@ -215,7 +216,7 @@ def test_a_multi_objective_study_has_its_pareto_front_in_the_study_and_the_repor
 
     objectives = "[{metric: clean_acc, mode: max}, {metric: train_seconds, mode: min}]"
     path = write_config(tiny_model_dir, tmp_path, **{"tune.num_samples": 4, "tune.objectives": objectives})
-    assert [g.name for g in ot.goals(load_config(path))] == ["objective_0", "objective_1"]
+    assert [g.name for g in st.goals(load_config(path))] == ["objective_0", "objective_1"]
     assert cli(path) == 0
     study = study_of(tmp_path)
     assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
@@ -242,10 +243,10 @@ def test_a_trial_stopped_by_the_scheduler_is_pruned_in_optuna_not_complete():
     from optuna.distributions import FloatDistribution
     from ray.tune.search.optuna import OptunaSearch
 
-    space = ot.Suggest({"finetune.lr": FloatDistribution(1e-5, 1e-3, log=True)})
+    space = st.Suggest({"finetune.lr": FloatDistribution(1e-5, 1e-3, log=True)})
     searcher = ot._final_results_only(OptunaSearch)(space=space, metric=T.OBJECTIVE, mode="max")
     stopped, finished = searcher.suggest("a"), searcher.suggest("b")
-    assert {"finetune.lr", ot.OPTUNA_TRIAL} <= set(stopped) and finished[ot.OPTUNA_TRIAL] == 1
+    assert {"finetune.lr", st.OPTUNA_TRIAL} <= set(stopped) and finished[st.OPTUNA_TRIAL] == 1
     searcher.on_trial_result("a", {T.EPOCH_CLEAN_ACC: 0.5, "training_iteration": 1})  # no objective yet
     searcher.on_trial_complete("a", {T.EPOCH_CLEAN_ACC: 0.5, "training_iteration": 1})  # ASHA stopped it
     searcher.on_trial_result("b", {T.EPOCH_CLEAN_ACC: 0.6, "training_iteration": 1})

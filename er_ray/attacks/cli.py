@@ -7,14 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from er_ray.config import (
-    AttackConfig,
-    DataConfig,
-    ExperimentConfig,
-    UserError,
-    config_from_dict,
-    load_config,
-)
+from er_ray.config import AttackConfig, DataConfig, ExperimentConfig, UserError, config_from_dict, load_config
 
 # the paper's attack samples (A.2.1): all 872 SST-2 validation examples, 500 random examples elsewhere
 PAPER_SAMPLE = {"sst2": None}

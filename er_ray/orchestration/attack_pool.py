@@ -181,6 +181,7 @@ class AttackService:
     ):
         init_ray()
         self.cfg, self.dataset, self.started = cfg, dataset, time.time()
+        self.indices: list[int] = []  # the attack sample of a run (`for_run`)
         options = {"masked_lm": cfg.masked_lm, **(resource_options or {})}
         self._remote = ray.remote(
             num_cpus=cfg.cpus_per_actor,
@@ -209,6 +210,33 @@ class AttackService:
         self.tickets: dict[str, _Ticket] = {}
         self.redo: dict[tuple, int] = {}
         self.hold = self.retire = False  # see `yield_to_training`
+
+    @classmethod
+    def for_run(cls, cfg: Any, events: Any, searches: int) -> AttackService:
+        """The service of an `er-ray run` (`cfg`: its ExperimentConfig): the config's attack sample (`indices`),
+        actors started now when the cluster holds them beside `searches` search stages and a ticket (they load
+        their resources while the searches run), else with the first finished ticket."""
+        from er_ray import layout
+        from er_ray.attacks.evaluate import attack_sample
+        from er_ray.config import settings
+
+        dataset = attack_dataset(cfg.data, cfg.sample_seed)
+        service = cls(
+            dataset,
+            cfg.attack,
+            cfg.data.max_length,
+            settings().cache_dir,
+            events=events,
+            shared_cache=layout.shared_cache(cfg),
+        )
+        service.indices = attack_sample(dataset, cfg.attack.num_examples, cfg.sample_seed)
+        a, r = cfg.attack, cfg.ray
+        if (
+            ray.cluster_resources().get("CPU", 0)
+            >= searches * r.search_cpus + a.actors * a.cpus_per_actor + r.ticket_cpus
+        ):
+            service.warm()
+        return service
 
     def _start(self) -> Any:
         if not self.actors_started:
@@ -253,6 +281,19 @@ class AttackService:
         A ticket is the critical path (it makes more attack work); queued units wait for it."""
         self.hold, self.retire = waiting, starved
         self._dispatch()
+
+    def make_room(self, tickets_waiting: int, searches_waiting: int, training: bool, cpus: Any) -> None:
+        """Training before attacks on a small machine. While a ticket waits to start no actor starts, and while
+        it waits for CPUs actors retire down to one (`yield_to_training`); an idle actor is released when a
+        search or ticket waits and no running training will free CPUs (actors waiting for tickets would
+        otherwise starve the tickets for good). `cpus`: the config's `ray` section."""
+        free = ray.available_resources().get("CPU", 0)
+        self.yield_to_training(tickets_waiting > 0, tickets_waiting > 0 and free < cpus.ticket_cpus)
+        if not self.idle or training:
+            return  # running work will free CPUs: let attacks and training overlap
+        waiting = [cpus.ticket_cpus] * tickets_waiting + [cpus.search_cpus] * searches_waiting
+        if waiting and free < min(waiting):
+            self.release_idle()
 
     def _dispatch(self) -> None:
         while self.retire and self.idle and self._alive() > 1:  # keep one actor: attacks still progress

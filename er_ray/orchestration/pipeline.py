@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import queue
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,46 +32,18 @@ import ray
 from er_ray import events as ev
 from er_ray import layout
 from er_ray import tracking as T
-from er_ray.config import ExperimentConfig, settings
+from er_ray.config import ExperimentConfig
 from er_ray.convergence import Combo
 from er_ray.layout import RESULT_FILE, SUMMARY_FILE, RunFolder
-from er_ray.methods import SplitData, load_data, prepare, run_model, stop_fields, ticket_masks, with_threads
+from er_ray.methods import SplitData, load_data, prepare, shared_result, ticket_masks
 from er_ray.orchestration import search_tune as S
+from er_ray.orchestration import timing
 from er_ray.orchestration.console import Console, say
-from er_ray.orchestration.ray_env import gib, init_ray
+from er_ray.orchestration.ray_env import init_ray
+from er_ray.orchestration.ticket_task import submit_ticket
 from er_ray.search import Trajectory, own_combo, stop_point_rows
-from er_ray.storage import Store, is_uri
+from er_ray.storage import Store
 from er_ray.ticket import Masks
-
-# ---------------------------------------------------------------- work on the workers
-
-
-@ray.remote
-def ticket_task(
-    experiment: dict,
-    data: SplitData,
-    traj: Trajectory | None,
-    combo: Combo | None,
-    masks: Masks | None,
-    out: str,
-    threads: int,
-    started: Any,
-    key: str,
-) -> dict:
-    """Rewind + fine-tune one ticket of drawn `masks` (or train a full-model baseline) into `out` (a path or a
-    storage URI); returns its TicketResult."""
-    # fire and forget: a task blocked in ray.get lends its CPUs to another task (oversubscribing the node)
-    started.actor.put_nowait.remote(("ticket", key, time.time()))
-    prep = prepare(with_threads(ExperimentConfig.model_validate(experiment), threads), data=data)
-    if not is_uri(out):
-        return run_model(prep, Path(out), combo, traj, masks).to_json()
-    with tempfile.TemporaryDirectory(prefix="er-ray-ticket-") as scratch:  # this node's disk, then the store
-        local = Path(scratch) / Store.at(out).name
-        result = run_model(prep, local, combo, traj, masks).to_json() | {"ticket_dir": out}
-        (local / RESULT_FILE).write_text(json.dumps(result, indent=1))  # where the ticket lives now
-        Store.at(out).upload(local, last=RESULT_FILE)
-    return result
-
 
 # ---------------------------------------------------------------- what the loop keeps
 
@@ -110,16 +80,6 @@ class Search:
     masks: dict[str, str] | None = None  # masks digest -> job key holding that ticket
 
 
-def union_seconds(intervals: list[list[float]], lo: float, hi: float) -> float:
-    """Length of the union of [start, end] intervals, clipped to [lo, hi]."""
-    total, reach = 0.0, lo
-    for s, e in sorted((max(s, lo), min(e, hi)) for s, e in intervals):
-        if e > reach:
-            total += e - max(s, reach)
-            reach = e
-    return total
-
-
 # ---------------------------------------------------------------- the event loop
 
 
@@ -130,19 +90,13 @@ class Sweep:
         from ray.util.queue import Queue
 
         self.cfg, self.folder, self.data, self.emit, self.resume = cfg, folder, data, emit, resume
-        self.began = time.time()
         self.data_ref = ray.put(data)
         self.started_q = Queue(actor_options={"num_cpus": 0})  # workers -> driver: "I started"
-        self.tune_events: queue.Queue = queue.Queue()
-        self.channel = folder.root.uri
-        S.CHANNELS[self.channel] = self.tune_events
+        self.searching: S.SearchRun | None = None
         self.searches: dict[str, Search] = {}
         self.jobs: dict[str, Job] = {}
         self.running: dict[Any, str] = {}  # ticket task ref -> job key
-        self.busy: list[list[float]] = []  # wall intervals of training and attacking in this invocation
-        self.fit_thread: threading.Thread | None = None
-        self.fit_stop = threading.Event()
-        self.fit_outcome: list[Any] = []
+        self.busy = timing.Busy()
         self.service: Any = None
         self.room_checked = 0.0
 
@@ -167,36 +121,12 @@ class Sweep:
         if self.cfg.ray.attack:
             self._start_attacks(len(pending))
         if pending:
-            tuner = S.search_tuner(pending, self.folder.root, self.data_ref, self.channel, self.resume)
-            self.fit_thread = threading.Thread(target=self._fit, args=(tuner,), daemon=True, name="tune-fit")
-            self.fit_thread.start()
-
-    def _fit(self, tuner: Any) -> None:
-        try:
-            self.fit_outcome.append(S.fit_until(tuner, self.fit_stop))
-        except BaseException as err:  # reported to the main thread, which decides
-            self.fit_outcome.append(err)
+            self.searching = S.SearchRun(pending, self.folder.root, self.data_ref, self.resume)
 
     def _start_attacks(self, searches: int) -> None:
-        from er_ray.attacks.evaluate import attack_sample
-        from er_ray.orchestration.attack_pool import AttackService, attack_dataset
+        from er_ray.orchestration.attack_pool import AttackService
 
-        c = self.cfg
-        dataset = attack_dataset(c.data, c.sample_seed)
-        self.attack_indices = attack_sample(dataset, c.attack.num_examples, c.sample_seed)
-        self.service = AttackService(
-            dataset,
-            c.attack,
-            c.data.max_length,
-            settings().cache_dir,
-            events=self.started_q,
-            shared_cache=layout.shared_cache(c),
-        )
-        # actors load their resources while the searches run, when the cluster holds them beside the searches
-        # and a ticket; else they start with the first finished ticket
-        need = searches * c.ray.search_cpus + c.attack.actors * c.attack.cpus_per_actor + c.ray.ticket_cpus
-        if ray.cluster_resources().get("CPU", 0) >= need:
-            self.service.warm()
+        self.service = AttackService.for_run(self.cfg, self.started_q, searches)
         for job in list(self.jobs.values()):  # tickets found finished on resume, before the service existed
             if job.result is not None and not job.owner and not job.attacked:
                 self._attack(job)
@@ -205,9 +135,11 @@ class Sweep:
 
     def run(self) -> None:
         while not self._finished():
-            self._drain_tune()
-            if self.fit_thread is not None and not self.fit_thread.is_alive() and self.tune_events.empty():
-                self._after_fit()
+            for e in self.searching.poll() if self.searching else []:
+                self._on_search_event(self.searches[e.key], e)
+            if self.searching is not None and not self.searching.running:
+                self.searching.close()
+                self.searching = None
             self._drain_started()
             self._make_room()
             refs = [*self.running, *(self.service.refs() if self.service else [])]
@@ -224,28 +156,14 @@ class Sweep:
         self._drain_started()
 
     def _make_room(self) -> None:
-        """Training before attacks on a small machine. While a ticket waits to start the attack service starts
-        no actor, and while it waits for CPUs actors retire down to one (`AttackService.yield_to_training`);
-        an idle actor is released when a search or ticket waits and nothing that runs will free any (actors
-        waiting for tickets would otherwise starve the tickets for good)."""
-        now = time.time()
-        if self.service is None or now - self.room_checked < 1.0:
+        """Training before attacks on a small machine (`AttackService.make_room`), checked once a second."""
+        if self.service is None or time.time() - self.room_checked < 1.0:
             return
-        self.room_checked = now
-        c = self.cfg.ray
-        pending = [k for k in self.running.values() if not self.jobs[k].started]
-        free = ray.available_resources().get("CPU", 0)
-        self.service.yield_to_training(bool(pending), bool(pending) and free < c.ticket_cpus)
-        started = len(pending) < len(self.running) or any(
-            s.started and not s.done for s in self.searches.values()
-        )
-        if not self.service.idle or started:
-            return  # running work will free CPUs: let attacks and training overlap
-        waiting = [c.ticket_cpus] * len(pending) + [
-            c.search_cpus for s in self.searches.values() if not s.done and not s.started
-        ]
-        if waiting and free < min(waiting):
-            self.service.release_idle()
+        self.room_checked = time.time()
+        waiting = sum(not self.jobs[k].started for k in self.running.values())
+        searching = any(s.started and not s.done for s in self.searches.values())
+        unstarted = sum(not s.done and not s.started for s in self.searches.values())
+        self.service.make_room(waiting, unstarted, waiting < len(self.running) or searching, self.cfg.ray)
 
     def _finished(self) -> bool:
         attacking = self.service is not None and (
@@ -253,44 +171,26 @@ class Sweep:
             or any(j.result and not j.attacked and not j.owner for j in self.jobs.values())
         )
         unsearched = any(not s.done for s in self.searches.values())
-        return not (self.fit_thread is not None or self.running or attacking or unsearched)
+        return not (self.searching is not None or self.running or attacking or unsearched)
 
-    def _drain_tune(self) -> None:
-        while True:
-            try:
-                e = self.tune_events.get_nowait()
-            except queue.Empty:
-                return
-            search = self.searches[e.key]
-            if not search.started:
-                search.started = True
-                self.emit(ev.SearchStarted(search.key, search.cfg, search.prep.cfg.search.adversary.kind))
-            if e.kind == "result":
-                self.busy.append([e.value[S.BUSY_START], e.value[S.BUSY_END]])
-                names = (T.MASK_DISTANCE_HEADS, T.MASK_DISTANCE_FFN, T.SEARCH_LOSS, T.SEARCH_SECONDS)
-                metrics = {n: e.value.get(n) for n in names}
-                self.emit(ev.MiniEpochDone(search.key, int(e.value["mini_epoch"]), metrics))
-            elif e.kind == "trajectory":
-                self._on_trajectory(search, e.value)
-            elif e.kind == "complete":
-                self._complete(search)
-            elif e.kind == "error":
-                raise RuntimeError(f"search stage {search.key} failed: {e.value}")
-
-    def _after_fit(self) -> None:
-        """fit() has returned: every trial's final checkpoint, including trials finished before a resume."""
-        outcome = self.fit_outcome.pop() if self.fit_outcome else None
-        self.fit_thread = None
-        if isinstance(outcome, BaseException):
-            raise RuntimeError(f"search stage failed: {outcome}") from outcome
-        for result in outcome or []:
-            key = result.config["trial"]["key"]
-            if result.error is not None:
-                raise RuntimeError(f"search stage {key} failed: {result.error}") from result.error
-            search = self.searches[key]
-            if not search.done:
-                self._on_trajectory(search, S.load_trajectory(result.checkpoint))
-                self._complete(search)
+    def _on_search_event(self, search: Search, e: S.Event) -> None:
+        if search.done:
+            return
+        if not search.started:
+            search.started = True
+            self.emit(ev.SearchStarted(search.key, search.cfg, search.prep.cfg.search.adversary.kind))
+        if e.kind == "result":
+            self.busy.add(e.value[S.BUSY_START], e.value[S.BUSY_END])
+            names = (T.MASK_DISTANCE_HEADS, T.MASK_DISTANCE_FFN, T.SEARCH_LOSS, T.SEARCH_SECONDS)
+            self.emit(
+                ev.MiniEpochDone(search.key, int(e.value["mini_epoch"]), {n: e.value.get(n) for n in names})
+            )
+        elif e.kind == "trajectory":
+            self._on_trajectory(search, e.value)
+        elif e.kind == "complete":
+            self._complete(search)
+        elif e.kind == "error":
+            raise RuntimeError(f"search stage {search.key} failed: {e.value}")
 
     def _drain_started(self) -> None:
         waiting = self.started_q.qsize()
@@ -300,7 +200,7 @@ class Sweep:
                 job.started = True
                 self.emit(ev.TicketStarted(key, job.cfg, job.combo, job.primary, at))
             elif what == "attack":
-                self.emit(ev.AttackStarted(key, job.cfg, len(self.attack_indices), at))
+                self.emit(ev.AttackStarted(key, job.cfg, len(self.service.indices), at))
 
     # ------------------------------------------------------------ search stages
 
@@ -350,24 +250,7 @@ class Sweep:
         elif (out / RESULT_FILE).exists():  # finished before a crash: no retraining
             self._on_ticket(job, json.loads((out / RESULT_FILE).read_text()), earlier=True)
         else:
-            c = cfg.ray
-            ref = ticket_task.options(
-                num_cpus=c.ticket_cpus,
-                num_gpus=c.ticket_gpus,
-                memory=gib(c.ticket_memory_gb),
-                max_retries=c.max_retries,
-                retry_exceptions=False,
-            ).remote(
-                cfg.model_dump(mode="json"),
-                self.data_ref,
-                traj,
-                combo,
-                masks,
-                out.uri,
-                max(1, int(c.ticket_cpus)),
-                self.started_q,
-                job.key,
-            )
+            ref = submit_ticket(cfg, self.data_ref, traj, combo, masks, out, self.started_q, job.key)
             self.running[ref] = job.key
 
     def _ticket_for(self, search: Search, combo: Combo) -> None:
@@ -389,7 +272,7 @@ class Sweep:
     def _on_ticket(self, job: Job, result: dict, earlier: bool = False) -> None:
         job.result, job.started = result, True
         if not earlier and result.get("finetune_interval"):
-            self.busy.append(result["finetune_interval"])
+            self.busy.add(*result["finetune_interval"])
         examples = self.data.eval.texts[:2]
         self.emit(job.finished(folder=job.out, earlier=earlier, examples=examples))
         self._attack(job)
@@ -402,17 +285,9 @@ class Sweep:
         owner = self.jobs[job.owner]
         if owner.result is None or job.result is not None:
             return
-        traj = self.searches[ev.search_key(job.cfg.method, job.cfg.seed)].traj
-        stop = traj.stops[job.combo]
-        fields = stop_fields(
-            job.combo,
-            stop,
-            traj.mini_epochs[stop.mini_epoch],
-            traj.stop_rule,
-            traj.mini_epochs[stop.decision],
+        job.result = shared_result(
+            owner.result, self.searches[ev.search_key(job.cfg.method, job.cfg.seed)].traj, job.combo
         )
-        job.result = {**owner.result, **fields}
-        job.result["train_seconds"] = fields["search_seconds"] + owner.result["finetune_seconds"]
         job.started = job.attacked = True  # the owner's attack is its attack
         self.emit(job.finished(shared_with=owner.key))
 
@@ -426,12 +301,13 @@ class Sweep:
             self._attacked(job, json.loads((folder / SUMMARY_FILE).read_text()), folder, None, earlier=True)
         else:
             self.service.submit(
-                job.key, job.out.local or job.out.uri, self.attack_indices, self.cfg.sample_seed
+                job.key, job.out.local or job.out.uri, self.service.indices, self.cfg.sample_seed
             )
 
     def _on_attack(self, fin: Any) -> None:
         job = self.jobs[fin.key]
-        self.busy.extend(fin.intervals)
+        for start, end in fin.intervals:
+            self.busy.add(start, end)
         folder = layout.attack_dir(job.out)
         with tempfile.TemporaryDirectory(prefix="er-ray-attack-") as d:
             fin.result.save(d)
@@ -442,7 +318,7 @@ class Sweep:
 
     def _attacked(self, job: Job, summary: dict, folder: Store, interval: Any, earlier: bool = False) -> None:
         job.attacked = True
-        examples = len(self.attack_indices)
+        examples = len(self.service.indices)
         self.emit(ev.AttackFinished(job.key, job.cfg, examples, summary, folder, interval, earlier))
 
     # ------------------------------------------------------------ the end
@@ -458,29 +334,13 @@ class Sweep:
             out.append(row)
         return out
 
-    def timing(self) -> dict[str, float]:
-        """This invocation only: wall time, the union of busy intervals, and the stages' summed time."""
-        end = time.time()
-        wall = end - self.began
-        busy = union_seconds(self.busy, self.began, end)
-        stages = sum(e - s for s, e in self.busy)
-        return {
-            T.WALL_SECONDS: wall,
-            T.BUSY_SECONDS: busy,
-            T.OVERHEAD_SHARE: 1 - busy / wall,
-            T.STAGE_SECONDS: stages,
-            T.CONCURRENCY: stages / wall,
-        }
-
-    def stop_search(self, timeout: float = 120.0) -> None:
-        """End Tune's loop as its own Ctrl-C would and wait for it: the experiment state on storage then names
-        checkpoints that exist, and a resume continues every unfinished search."""
-        self.fit_stop.set()
-        if self.fit_thread is not None:
-            self.fit_thread.join(timeout)
+    def stop_search(self) -> None:
+        if self.searching is not None:
+            self.searching.stop()
 
     def close(self) -> None:
-        S.CHANNELS.pop(self.channel, None)
+        if self.searching is not None:
+            self.searching.close()
         if self.service is not None:
             self.service.shutdown()
 
@@ -492,38 +352,12 @@ def _read_trajectory(file: Store) -> Trajectory:
         return Trajectory.load(file.get(Path(d) / file.name))
 
 
+SUMMARY_KEYS = ("method", "seed", "gamma", "head_ratio", "ffn_ratio", "stop_epoch", "converged", "clean_acc")
+SUMMARY_KEYS += ("search_seconds", "finetune_seconds", "train_seconds", "param_count")
+
+
 def summary_row(result: dict) -> dict:
-    keys = (
-        "method",
-        "seed",
-        "gamma",
-        "head_ratio",
-        "ffn_ratio",
-        "stop_epoch",
-        "converged",
-        "clean_acc",
-        "search_seconds",
-        "finetune_seconds",
-        "train_seconds",
-        "param_count",
-    )
-    return {k: result.get(k) for k in keys}
-
-
-def _recorder(cfg: ExperimentConfig, folder: RunFolder, resume: bool) -> T.Recorder:
-    """The parent run of this folder: reopened on resume, else new (its id written into the folder)."""
-    if resume and folder.parent_id_file.exists():
-        return T.Recorder.reopen(cfg, folder.parent_id_file.read_text().strip())
-    tags, params = T.run_parent(cfg, str(folder.root))
-    recorder = T.Recorder.open(
-        cfg,
-        f"{cfg.name}-{folder.name}",
-        tags,
-        params,
-        artifacts={layout.CONFIG_FILE: cfg.model_dump(mode="json")},
-    )
-    folder.parent_id_file.write_text(recorder.parent_id)
-    return recorder
+    return {k: result.get(k) for k in SUMMARY_KEYS}
 
 
 def run_pipeline(cfg: ExperimentConfig, resume: bool = False) -> list[dict]:
@@ -531,7 +365,7 @@ def run_pipeline(cfg: ExperimentConfig, resume: bool = False) -> list[dict]:
     data = load_data(cfg)  # bad data or model name: one line, before anything is written
     folder = RunFolder.latest(cfg) if resume else RunFolder.create(cfg)
     init_ray(cfg)
-    recorder = _recorder(cfg, folder, resume)
+    recorder = T.Recorder.for_run(cfg, folder, resume)
     recorder.note = say
     console = Console()
     say(
@@ -552,8 +386,8 @@ def run_pipeline(cfg: ExperimentConfig, resume: bool = False) -> list[dict]:
     try:
         sweep.start()
         sweep.run()
-        rows, timing = sweep.rows(), sweep.timing()
-        invocations = _record_timing(folder, timing)
+        rows, spent = sweep.rows(), sweep.busy.summary()
+        invocations = timing.record(folder, spent)
     except BaseException as err:
         try:
             sweep.stop_search()
@@ -564,19 +398,10 @@ def run_pipeline(cfg: ExperimentConfig, resume: bool = False) -> list[dict]:
         raise
     finally:
         sweep.close()
-    recorder.emit(ev.RunEnded("FINISHED", timing, step=invocations - 1))
+    recorder.emit(ev.RunEnded("FINISHED", spent, step=invocations - 1))
     folder.summary_file.write_text(json.dumps(rows, indent=1))
     say(
-        f"done in {timing[T.WALL_SECONDS]:.0f} s. Report: er-ray report --run {recorder.parent_id} "
+        f"done in {spent[T.WALL_SECONDS]:.0f} s. Report: er-ray report --run {recorder.parent_id} "
         f"--tracking-uri {recorder.uri}; UI: mlflow ui --backend-store-uri {recorder.uri}"
     )
     return rows
-
-
-def _record_timing(folder: RunFolder, timing: dict) -> int:
-    """timing.json lists every invocation of the run separately (never mixed); returns how many there were."""
-    file = folder.timing_file
-    history = json.loads(file.read_text()) if file.exists() else []
-    history.append(timing)
-    file.write_text(json.dumps(history, indent=1))
-    return len(history)

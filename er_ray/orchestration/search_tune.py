@@ -157,6 +157,62 @@ class EventCallback(tune.Callback):
         self._put("error", trial, str(trial.error_file or "see the Tune trial folder"))
 
 
+class SearchRun:
+    """The search stages of a sweep as one Tune run fitted on a thread, read by the driver as a stream of
+    `Event`s (`poll`). Once `fit()` has returned, `poll` adds every trial's final trajectory and end (trials
+    that finished before a resume report nothing else); a failed fit or trial raises there."""
+
+    def __init__(
+        self, trials: dict[str, ExperimentConfig], storage: Store, data_ref: Any, resume: bool
+    ) -> None:
+        self.queue: queue.Queue = queue.Queue()
+        self.channel = storage.uri
+        CHANNELS[self.channel] = self.queue
+        self.stop_event = threading.Event()
+        self.outcome: list[Any] = []
+        tuner = search_tuner(trials, storage, data_ref, self.channel, resume)
+        self.thread: threading.Thread | None = threading.Thread(
+            target=self._fit, args=(tuner,), daemon=True, name="tune-fit"
+        )
+        self.thread.start()
+
+    def _fit(self, tuner: tune.Tuner) -> None:
+        try:
+            self.outcome.append(fit_until(tuner, self.stop_event))
+        except BaseException as err:  # reported to the driver's thread, which decides
+            self.outcome.append(err)
+
+    @property
+    def running(self) -> bool:
+        return self.thread is not None
+
+    def poll(self) -> list[Event]:
+        out = []
+        while not self.queue.empty():
+            out.append(self.queue.get_nowait())
+        if self.thread is not None and not self.thread.is_alive() and self.queue.empty():
+            self.thread = None
+            outcome = self.outcome.pop() if self.outcome else None
+            if isinstance(outcome, BaseException):
+                raise RuntimeError(f"search stage failed: {outcome}") from outcome
+            for result in outcome or []:
+                key = result.config["trial"]["key"]
+                if result.error is not None:
+                    raise RuntimeError(f"search stage {key} failed: {result.error}") from result.error
+                out += [Event("trajectory", key, load_trajectory(result.checkpoint)), Event("complete", key)]
+        return out
+
+    def stop(self, timeout: float = 120.0) -> None:
+        """End Tune's loop as its own Ctrl-C would and wait for it: the experiment state on storage then names
+        checkpoints that exist, and a resume continues every unfinished search."""
+        self.stop_event.set()
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+    def close(self) -> None:
+        CHANNELS.pop(self.channel, None)
+
+
 def trial_dirname(trial: Any) -> str:
     """`earlyrobust-seed1-<id>`, not Tune's default that spells out the whole config."""
     return f"{trial.config['trial']['key'].replace('/', '-')}-{trial.trial_id}"
