@@ -8,6 +8,7 @@ SIGTERM, as `ray job stop` sends) ends a run with its MLflow runs KILLED and exi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import sys
@@ -127,7 +128,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_attack(args: argparse.Namespace) -> int:
     from er_ray.attacks import cli as attack_cli
 
-    cfg, split = attack_cli.resolve(args)
+    names = [f.name for f in dataclasses.fields(attack_cli.AttackOptions)]
+    cfg, split = attack_cli.resolve(attack_cli.AttackOptions(**{n: getattr(args, n) for n in names}))
     if cfg.attack.actors > 1:
         from er_ray.attacks.victim import check_victim
         from er_ray.orchestration.attack_pool import run_attack_pool
@@ -153,7 +155,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             masked_lm=args.masked_lm,
         )
-    return attack_cli.report(args, cfg, split, result)
+    return attack_cli.report(args.model_dir, args.out, cfg, split, result)
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -176,7 +178,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from er_ray.report import cli as report_cli
 
-    return report_cli.run(args)
+    names = [f.name for f in dataclasses.fields(report_cli.ReportTarget)]
+    return report_cli.run(
+        report_cli.ReportTarget(**{n: getattr(args, n) for n in names}), args.out, not args.no_log
+    )
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -81,18 +81,6 @@ class StopPoint:
         return self.mini_epoch if self.decided_at is None else self.decided_at
 
 
-def stop_point(masks: Sequence[Masks], gamma: float, patience: int, rule: str = "paper") -> StopPoint | None:
-    """Where `rule` fires on a sequence of masks (one per mini-epoch), else None (not reached)."""
-    if rule == "paper":
-        curve = [mask_distance(a, b) for a, b in itertools.pairwise(masks)]
-        at = stop_index(curve, gamma, patience)
-        return None if at is None else StopPoint(at + 1, True, at + 1)  # curve index i compares i and i + 1
-    for g in range(len(masks) - patience):
-        if window_converged(masks, g, gamma, patience):
-            return StopPoint(g, True, g + patience)
-    return None
-
-
 def grid(gammas: Sequence[float], head_ratios: Sequence[float], ffn_ratios: Sequence[float]) -> list[Combo]:
     return [Combo(g, h, f) for g, h, f in itertools.product(gammas, head_ratios, ffn_ratios)]
 

@@ -4,7 +4,7 @@
       mlflow.db, mlartifacts/          the default MLflow store (see `tracking_uri`)
       optuna.db                        the default Optuna storage of `er-ray tune`
       cache/                           attack builds shared by nodes (only under a storage URI)
-      attacks/<model>-<data>/          `er-ray attack` results
+      attacks/<model>-<data>-<split>-seed<seed>/  `er-ray attack` results
       <name>/tune/<study>/<trial id>/  a tune trial's model
       <name>/runs/<stamp>/             one `er-ray run`: a `RunFolder`
         mlflow_parent_run_id, timing.json, summary.json
@@ -58,8 +58,13 @@ def ticket_name(combo: Any) -> str:
 
 
 def tracking_uri(cfg: ExperimentConfig) -> str:
-    """The one rule: `tracking.uri`, else MLFLOW_TRACKING_URI, else `<runtime.output_dir>/mlflow.db`."""
-    return cfg.tracking.uri or settings().mlflow_uri or default_store(cfg.runtime.output_dir)
+    """A config's MLflow store: `tracking.uri`, else the rule of `store_uri`."""
+    return store_uri(cfg.runtime.output_dir, cfg.tracking.uri)
+
+
+def store_uri(output_dir: str | Path, explicit: str | None = None) -> str:
+    """The one rule: an explicit URI, else MLFLOW_TRACKING_URI, else `<output_dir>/mlflow.db`."""
+    return explicit or settings().mlflow_uri or default_store(output_dir)
 
 
 def default_store(output_dir: str | Path) -> str:
@@ -101,9 +106,9 @@ def tune_folder(cfg: ExperimentConfig, study: str) -> Store:
     return Store.at(cfg.runtime.output_dir) / cfg.name / "tune" / study
 
 
-def attack_folder(output_dir: str | Path, model_dir: Path, dataset: str) -> Path:
+def attack_folder(output_dir: str | Path, model_dir: Path, dataset: str, split: str, seed: int) -> Path:
     """`er-ray attack`'s default output folder."""
-    return Path(output_dir) / "attacks" / f"{model_dir.resolve().name}-{dataset}"
+    return Path(output_dir) / "attacks" / f"{model_dir.resolve().name}-{dataset}-{split}-seed{seed}"
 
 
 def shared_cache(cfg: ExperimentConfig) -> str | None:

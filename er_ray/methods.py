@@ -23,8 +23,8 @@ from torch import nn
 from er_ray import data as data_mod
 from er_ray.config import ExperimentConfig, UserError, settings
 from er_ray.convergence import Combo, StopPoint
-from er_ray.layout import RESULT_FILE, TRAJECTORY_FILE, ticket_name
-from er_ray.model import count_parameters, load_backbone, load_tokenizer
+from er_ray.layout import RESULT_FILE, TRAJECTORY_FILE, ticket_name, tracking_uri
+from er_ray.model import count_parameters, load_backbone, load_tokenizer, resolve_model_path
 from er_ray.precision import Amp, resolve
 from er_ray.search import MiniEpoch, SearchStage, Trajectory, own_combo
 from er_ray.storage import Store, is_uri
@@ -158,9 +158,6 @@ def check_output_dir(path: Path) -> None:
 
 def check_config(cfg: ExperimentConfig) -> None:
     """Schema is checked by loading; here the local paths it names (nothing is downloaded or loaded)."""
-    from er_ray.layout import tracking_uri
-    from er_ray.model import resolve_model_path
-
     if is_uri(cfg.runtime.output_dir):
         Store.at(cfg.runtime.output_dir)  # the scheme and its options are known to pyarrow
         tracking_uri(cfg)  # MLflow cannot live under a URI: a server or a local path is named

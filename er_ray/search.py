@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from er_ray.config import ExperimentConfig, UserError
-from er_ray.convergence import Combo, StopPoint, StopRule, grid, other_rule, replay
+from er_ray.convergence import Combo, StopPoint, StopRule, grid, other_rule
 from er_ray.layout import SEARCH_STATE_FILE
 from er_ray.model import Coefficients
 from er_ray.precision import Amp
@@ -47,12 +47,6 @@ class Trajectory:
     meta: dict = field(default_factory=dict)
     stop_rule: str = "paper"
     other_stops: dict[Combo, StopPoint] = field(default_factory=dict)  # the other rule, where it was reached
-
-    def read_stops(self, combos: list[Combo], rule: str) -> None:
-        """(Re)compute both rules' stop points of `combos` from the recorded coefficients."""
-        live = replay(self.coefficients(), combos, self.patience, self.scope, rule)  # type: ignore[arg-type]
-        self.stop_rule, self.stops = rule, live.stop_points()
-        self.other_stops = live.reached(other_rule(rule))
 
     def coefficients(self) -> list[dict[str, torch.Tensor]]:
         return [{"head": m.head, "ffn": m.ffn} for m in self.mini_epochs]

@@ -10,12 +10,16 @@ Runs of one invocation:
     ticket (kind=ticket)   one (method, gamma, ratios) ticket or baseline model: results, ticket files,
                            and the attack summary metrics copied from its attack run (one row per ticket)
       attack (kind=attack) one robustness evaluation: per-attack metrics, per-example results
+
+mlflow and the torch side of er-ray (search, export) are imported where they are used: the report and the CLI
+read the names above without paying for them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import queue
 import subprocess
@@ -29,9 +33,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from er_ray import data, layout
 from er_ray import events as ev
-from er_ray import layout
-from er_ray.config import UserError
+from er_ray.config import UserError, settings
 from er_ray.layout import RESULT_FILE, STOP_POINTS_FILE, TICKET_FILE
 from er_ray.storage import redact
 
@@ -136,6 +140,9 @@ def open_store(cfg: Any) -> tuple[Any, str]:
     from mlflow.tracking import MlflowClient
 
     uri = layout.tracking_uri(cfg)
+    logging.getLogger("mlflow.store.db.utils").setLevel(
+        logging.WARNING
+    )  # "Creating/Updating database tables"
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     client = MlflowClient(uri)
@@ -259,9 +266,7 @@ def tune_parent(cfg: Any, study: str, storage: str, objectives: list[dict]) -> t
 
 
 def _dataset_name(data_cfg: Any) -> str:
-    from er_ray.data import dataset_name
-
-    return dataset_name(data_cfg)
+    return data.dataset_name(data_cfg)
 
 
 # ---------------------------------------------------------------- the recorder
@@ -318,9 +323,6 @@ class Recorder:
         artifacts: dict[str, Any] | None = None,
     ) -> Recorder:
         """A new parent run with provenance, params, the data splits and JSON artifacts."""
-        from er_ray import data
-        from er_ray.config import settings
-
         client, exp_id = open_store(cfg)
         parent = client.create_run(
             exp_id, run_name=name, tags={TAG_KIND: "parent", TAG_NAME: cfg.name, **tags}
@@ -357,8 +359,6 @@ class Recorder:
     def reopen(cls, cfg: Any, parent_id: str) -> Recorder:
         """An earlier parent run continued: every child run of it is found by its key (runs written before the
         root tag by their nesting) and those a dead driver left RUNNING end KILLED."""
-        from er_ray.config import settings
-
         client, exp_id = open_store(cfg)
         client.update_run(parent_id, status="RUNNING")
         rec = cls(client, exp_id, parent_id, dataset_inputs(cfg.data, settings().data_dir))
@@ -654,6 +654,8 @@ class Recorder:
             outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score")]),
         )
         pins = [f"{pkg}=={v}" for pkg, v in versions(MODEL_REQUIREMENTS).items()]
+        # the flavour warns that a local folder has no hub model card or license: known, and not the user's concern
+        logging.getLogger("mlflow.transformers").setLevel(logging.ERROR)
         with tempfile.TemporaryDirectory() as tmp, fluent(self.uri), mlflow.start_run(run_id=run_id):
             folder = export_hf(ticket, Path(tmp) / "hf")  # the flavour logs into the active run only
             mlflow.transformers.log_model(
@@ -752,10 +754,8 @@ def provenance(data_files: list[Path]) -> dict[str, str]:
     tags |= {f"version.{pkg}": v for pkg, v in versions(PROVENANCE_PACKAGES).items()}
     if commit := git_commit():
         tags["mlflow.source.git.commit"] = commit
-    from er_ray.data import sha256_file
-
     for f in data_files:
-        tags[f"sha256.{f.parent.name}/{f.name}"] = sha256_file(f)
+        tags[f"sha256.{f.parent.name}/{f.name}"] = data.sha256_file(f)
     return tags
 
 
@@ -766,8 +766,6 @@ def dataset_inputs(data_cfg: Any, data_dir: Path | None = None) -> list[Any]:
     import hashlib
 
     from mlflow.entities import Dataset, DatasetInput, InputTag
-
-    from er_ray import data
 
     files = data.local_files(data_cfg, data_dir)
     held = data_cfg.validation_from_train

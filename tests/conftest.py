@@ -210,3 +210,16 @@ def mlflow_server(tmp_path_factory):
     server.start()
     yield server
     server.stop()
+
+
+def start_driver(cfg, folder: Path, ray_session, **popen):
+    """`er-ray run` of `cfg` in a process of its own (as a user starts it), joined to the test's Ray."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    cfg_file = folder / "cfg.yaml"
+    cfg_file.write_text(json.dumps(cfg.model_dump(mode="json")))  # JSON is YAML
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    return subprocess.Popen([sys.executable, "-m", "er_ray.cli", "run", str(cfg_file)], env=env, **popen)

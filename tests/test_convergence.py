@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
+
 import pytest
 import torch
 
@@ -12,10 +15,22 @@ from er_ray.convergence import (
     grid,
     mask_distance,
     stop_index,
-    stop_point,
     stop_points,
+    window_converged,
 )
 from er_ray.ticket import Masks
+
+
+def stop_point(masks: Sequence[Masks], gamma: float, patience: int, rule: str = "paper") -> StopPoint | None:
+    """Where `rule` fires on a sequence of masks (one per mini-epoch), else None (not reached)."""
+    if rule == "paper":
+        curve = [mask_distance(a, b) for a, b in itertools.pairwise(masks)]
+        at = stop_index(curve, gamma, patience)
+        return None if at is None else StopPoint(at + 1, True, at + 1)  # curve index i compares i and i + 1
+    for g in range(len(masks) - patience):
+        if window_converged(masks, g, gamma, patience):
+            return StopPoint(g, True, g + patience)
+    return None
 
 
 def test_mask_distance_is_normalized_per_kind():

@@ -6,13 +6,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import mlflow
 import pytest
 import torch
-from conftest import tiny_experiment
+from conftest import start_driver, tiny_experiment
 
 from er_ray import tracking as T
 from er_ray.convergence import Combo
@@ -246,12 +245,8 @@ def test_killed_ticket_worker_is_retried(ray_session, tiny_model_dir, tmp_path):
 
 
 def test_driver_killed_mid_sweep_resumes_without_redoing_work(ray_session, tiny_model_dir, tmp_path):
-    cfg_file = tmp_path / "cfg.yaml"
     cfg = _sweep_config(tiny_model_dir, tmp_path, **{"finetune.epochs": 20})
-    cfg_file.write_text(json.dumps(cfg.model_dump(mode="json")))  # JSON is YAML
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    cmd = [sys.executable, "-m", "er_ray.cli", "run", str(cfg_file)]
-    driver = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    driver = start_driver(cfg, tmp_path, ray_session, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     runs = tmp_path / "tiny" / "runs"
     deadline = time.time() + 240
     while time.time() < deadline and not list(runs.glob("*/earlyrobust/seed3/*/result.json")):
@@ -300,14 +295,12 @@ def test_run_folder_is_absolute_for_a_relative_output_dir(tmp_path, monkeypatch)
 
 
 def test_one_ctrl_c_ends_the_run_killed_and_resume_finishes_it(ray_session, tiny_model_dir, tmp_path):
-    cfg_file = tmp_path / "cfg.yaml"
     cfg = _sweep_config(tiny_model_dir, tmp_path, **{"search.max_epochs": 20, "finetune.epochs": 5})
-    cfg_file.write_text(json.dumps(cfg.model_dump(mode="json")))
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     # a terminal's Ctrl-C goes to the whole foreground process group: run the driver in its own
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "er_ray.cli", "run", str(cfg_file)],
-        env=env,
+    driver = start_driver(
+        cfg,
+        tmp_path,
+        ray_session,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import tiny_experiment
+from conftest import start_driver, tiny_experiment
 from mlflow_tree import GOLDEN_DIR, compare, tree
 
 from er_ray import tracking as T
@@ -95,23 +95,13 @@ def test_a_driver_killed_during_attacks_resumes_to_the_undisturbed_tree(
 ):
     """kill -9 while attacks run, then --resume: the attack run left RUNNING is reopened and finished (one row
     per key), a finished attack is not logged again."""
-    import os
     import subprocess
-    import sys
     import time
 
     from er_ray.orchestration.pipeline import run_pipeline
 
     cfg = _attacked_sweep(tiny_model_dir, tmp_path, **{"attack.num_examples": 6})
-    cfg_file = tmp_path / "cfg.yaml"
-    cfg_file.write_text(json.dumps(cfg.model_dump(mode="json")))  # JSON is YAML
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "er_ray.cli", "run", str(cfg_file)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    driver = start_driver(cfg, tmp_path, ray_session, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and not list(tmp_path.glob("tiny/runs/*/*/seed3/*/attack/summary.json")):
         time.sleep(0.2)
@@ -175,3 +165,39 @@ def _artifact_files(client, run_id: str, path: str | None = None) -> list[str]:
         elif f.path.endswith((".json", ".jsonl", ".md", ".txt", ".yaml")):
             out.append(f.path)
     return out
+
+
+def test_resume_finds_runs_written_before_the_root_tag_and_reopens_the_interrupted_one(
+    tiny_model_dir, tmp_path
+):
+    """A store written before `er_ray.root` existed: the ticket run is found by its nesting, its attack run (a
+    grandchild) by kind; the attack a dead driver left RUNNING ends KILLED, and is reopened, not duplicated,
+    when its unit is redone."""
+    from mlflow.tracking import MlflowClient
+
+    from er_ray import events as ev
+
+    cfg = tiny_experiment(tiny_model_dir, tmp_path, **{"tracking.uri": f"sqlite:///{tmp_path}/mlflow.db"})
+    client, exp = T.open_store(cfg)
+    parent = client.create_run(exp, tags={T.TAG_KIND: "parent"}).info.run_id
+    ticket_key = ev.ticket_key("earlyrobust", 3, "g0.2-h0.25-f0.3")
+    ticket = client.create_run(
+        exp, tags={"mlflow.parentRunId": parent, T.TAG_KIND: "ticket", T.TAG_KEY: ticket_key}
+    ).info.run_id
+    client.set_terminated(ticket, "FINISHED")
+    attack_tags = {"mlflow.parentRunId": ticket, T.TAG_KIND: "attack", T.TAG_KEY: ev.attack_key(ticket_key)}
+    attack = client.create_run(exp, tags=attack_tags).info.run_id  # left RUNNING by a killed driver
+    client.set_terminated(parent, "KILLED")
+
+    recorder = T.Recorder.reopen(cfg, parent)
+    assert recorder.runs[ticket_key].run_id == ticket and recorder.runs[ticket_key].status == "FINISHED"
+    assert recorder.runs[ev.attack_key(ticket_key)].run_id == attack
+    assert MlflowClient(cfg.tracking.uri).get_run(attack).info.status == "KILLED"
+
+    recorder.emit(ev.AttackStarted(ticket_key, cfg, 2))  # the attack is redone
+    assert recorder.wait(30)
+    assert MlflowClient(cfg.tracking.uri).get_run(attack).info.status == "RUNNING"  # reopened
+    recorder.emit(ev.RunEnded("KILLED", wait=30))
+    runs = MlflowClient(cfg.tracking.uri).search_runs([exp])
+    attacks = [r for r in runs if r.data.tags[T.TAG_KIND] == "attack"]
+    assert [r.info.run_id for r in attacks] == [attack] and attacks[0].info.status == "KILLED"  # one row

@@ -4,9 +4,11 @@ examples.jsonl / deviations.md in the out dir. With several actors the CLI uses 
 
 from __future__ import annotations
 
-import argparse
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+from er_ray import layout
 from er_ray.config import AttackConfig, DataConfig, ExperimentConfig, UserError, config_from_dict, load_config
 
 # the paper's attack samples (A.2.1): all 872 SST-2 validation examples, 500 random examples elsewhere
@@ -14,7 +16,23 @@ PAPER_SAMPLE = {"sst2": None}
 PAPER_SAMPLE_DEFAULT = 500
 
 
-def resolve(args: argparse.Namespace) -> tuple[ExperimentConfig, str]:
+@dataclass(frozen=True)
+class AttackOptions:
+    """`er-ray attack`'s options (None: the config's value, or the default)."""
+
+    config: Path | None = None
+    overrides: Sequence[str] = ()
+    dataset: str | None = None
+    split: str | None = None
+    recipes: str | None = None  # comma-separated
+    num_examples: str | None = None  # a count or "all"
+    actors: int | None = None
+    resources: str | None = None
+    precision: str | None = None
+    seed: int | None = None
+
+
+def resolve(args: AttackOptions) -> tuple[ExperimentConfig, str]:
     """The experiment config with the command line's attack options applied, and the split to evaluate."""
     if args.config is not None:
         cfg = load_config(args.config, args.overrides)
@@ -56,14 +74,6 @@ def _num_examples(text: str) -> int | None:
     if n <= 0:
         raise UserError(f"--num-examples must be a positive integer or 'all', got '{text}'")
     return n
-
-
-def default_out(cfg: ExperimentConfig, model_dir: Path, split: str) -> Path:
-    return (
-        Path(cfg.runtime.output_dir)
-        / "attacks"
-        / f"{model_dir.resolve().name}-{cfg.data.name}-{split}-seed{cfg.seed}"
-    )
 
 
 def evaluate(
@@ -108,11 +118,11 @@ def evaluate(
         )
 
 
-def report(args: argparse.Namespace, cfg: ExperimentConfig, split: str, result) -> int:
-    out = args.out or default_out(cfg, args.model_dir, split)
+def report(model_dir: Path, out: Path | None, cfg: ExperimentConfig, split: str, result) -> int:
+    out = out or layout.attack_folder(cfg.runtime.output_dir, model_dir, cfg.data.name, split, cfg.seed)
     paths = result.save(out)
     print(
-        f"{args.model_dir} on {cfg.data.name}/{split}: clean accuracy over {result.num_clean} examples, "
+        f"{model_dir} on {cfg.data.name}/{split}: clean accuracy over {result.num_clean} examples, "
         f"attacks on {len(result.indices)} (seed {cfg.seed}, resources {cfg.attack.resources}, "
         f"precision {result.info.get('precision', 'fp32')})"
     )

@@ -8,6 +8,9 @@ redone on a fresh actor (records are keyed by (recipe, index): nothing is lost o
 
 The service never blocks: the driver waits on `refs()` together with its other work and hands each finished
 ref to `handle`. `run_attack_pool` is the blocking use for one model (`er-ray attack --actors N`).
+
+`er_ray.attacks` is imported inside the functions that attack: it pulls in textattack (slow, and it reads NLTK
+data at import), which a driver that only schedules never needs.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from typing import Any
 
 import ray
 
-from er_ray.config import AttackConfig, DataConfig, UserError
+from er_ray import layout
+from er_ray.config import AttackConfig, DataConfig, UserError, settings
+from er_ray.data import load_split, load_splits
 from er_ray.orchestration.ray_env import gib, init_ray
 from er_ray.storage import Store, is_uri
 
@@ -216,9 +221,7 @@ class AttackService:
         """The service of an `er-ray run` (`cfg`: its ExperimentConfig): the config's attack sample (`indices`),
         actors started now when the cluster holds them beside `searches` search stages and a ticket (they load
         their resources while the searches run), else with the first finished ticket."""
-        from er_ray import layout
         from er_ray.attacks.evaluate import attack_sample
-        from er_ray.config import settings
 
         dataset = attack_dataset(cfg.data, cfg.sample_seed)
         service = cls(
@@ -404,7 +407,6 @@ def _init_error(err: Exception) -> Exception:
 
 def attack_dataset(data: DataConfig, seed: int, split: str | None = None) -> Any:
     """The split attacks are run on: all of it (Clean%), the attack sample drawn from it by seed."""
-    from er_ray.data import load_split, load_splits
 
     if split is None and data.validation_from_train is not None:
         return load_splits(data, seed)[1]
@@ -430,7 +432,6 @@ def run_attack_pool(
     from tqdm import tqdm
 
     from er_ray.attacks.evaluate import attack_sample
-    from er_ray.config import settings
 
     if isinstance(dataset, DataConfig):
         max_length = max_length or dataset.max_length

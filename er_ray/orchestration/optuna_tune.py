@@ -5,6 +5,7 @@ baseline, then a small attack sample when the objective names an attack metric):
 never waits on tasks or actors that need its CPUs. Trials return metrics; a Tune callback turns each ended
 trial into an event, which the recorder writes as one MLflow run. Resume: see `study`.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,10 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ray import tune
+from ray.tune.search import ConcurrencyLimiter
+
 from er_ray import events as ev
 from er_ray import layout
 from er_ray import tracking as T
 from er_ray.config import ExperimentConfig, UserError, config_from_dict
+from er_ray.methods import prepare, run_model, with_threads
+from er_ray.orchestration.ray_env import init_ray
 from er_ray.orchestration.study import (
     OPTUNA_TRIAL,
     Goal,
@@ -45,8 +51,6 @@ def evaluate_trial(cfg: ExperimentConfig, out: Path, on_epoch: Any = None) -> di
     """The whole pipeline for one sampled config, in this process: contract metrics, the objectives, and the
     device and threads the timings were measured with. `on_epoch(epoch, clean_acc)`: after each fine-tuning
     epoch but the last."""
-    from er_ray.methods import prepare, run_model
-
     prep = prepare(cfg)
     prep.on_epoch = on_epoch
     c = prep.cfg
@@ -78,10 +82,6 @@ def evaluate_trial(cfg: ExperimentConfig, out: Path, on_epoch: Any = None) -> di
 
 
 def _trainable(config: dict[str, Any], base: dict, out_root: str, threads: int) -> None:
-    from ray import tune
-
-    from er_ray.methods import with_threads
-
     cfg = with_threads(trial_config(base, {k: v for k, v in config.items() if k != OPTUNA_TRIAL}), threads)
 
     def on_epoch(epoch: int, acc: float) -> None:  # the scheduler's intermediate results: no objective yet
@@ -101,16 +101,17 @@ def _trainable(config: dict[str, Any], base: dict, out_root: str, threads: int) 
 # ---------------------------------------------------------------- the driver
 
 
-class TrialEvents:
-    """Each finished or failed trial, as a `TrialFinished` event for the recorder.
-
-    Mixed into a `ray.tune.Callback` by `tune_study` (importing ray.tune here would slow every CLI call).
-    """
+class TrialEvents(tune.Callback):
+    """A Tune callback: each finished or failed trial, as a `TrialFinished` event for the recorder."""
 
     def __init__(self, emit: Any, base: dict, study: str) -> None:
         self.emit, self.base, self.study = emit, base, study
         self.finished = 0
         self.failed = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its callbacks with the experiment state; the recorder (a thread, a queue) stays here
+        return {k: v for k, v in self.__dict__.items() if k != "emit"}
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._ended(trial, "FINISHED")
@@ -224,9 +225,7 @@ def _final_results_only(optuna_search: type) -> type:
 
 def _tuner(cfg: ExperimentConfig, study: Any, storage: Any, num_samples: int, callback: Any) -> Any:
     import optuna
-    from ray import tune
-    from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
+    from ray.tune.search.optuna import OptunaSearch  # imports optuna's samplers: only when a study runs
 
     name = study.study_name
     # a fresh seed per invocation: a resumed study must not replay its first random samples
@@ -283,10 +282,6 @@ def _tuner(cfg: ExperimentConfig, study: Any, storage: Any, num_samples: int, ca
 
 def tune_study(cfg: ExperimentConfig, resume: bool = False) -> TuneSummary:
     """Run (or continue) the study until tune.num_samples trials are complete; returns what happened."""
-    from ray import tune
-
-    from er_ray.orchestration.ray_env import init_ray
-
     check_objective(cfg)
     cfg = absolute_paths(cfg)
     search_space(cfg)  # bad keys and values fail here, before Ray, MLflow or the study are touched
@@ -305,8 +300,7 @@ def tune_study(cfg: ExperimentConfig, resume: bool = False) -> TuneSummary:
     summary.parent_run_id = recorder.parent_id
     end = ev.RunEnded("FAILED")
     try:
-        events = type("TrialEventsCallback", (TrialEvents, tune.Callback), {})
-        trials = events(recorder.emit, cfg.model_dump(mode="json"), name)
+        trials = TrialEvents(recorder.emit, cfg.model_dump(mode="json"), name)
         _tuner(cfg, study, storage, remaining, trials).fit()
         # Tune stops gracefully on the first Ctrl-C and returns: fewer trials ended than were asked for
         summary.new_trials, summary.failed_trials = trials.finished, trials.failed

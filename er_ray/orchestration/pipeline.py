@@ -28,16 +28,19 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray.util.queue import Queue
 
 from er_ray import events as ev
 from er_ray import layout
 from er_ray import tracking as T
+from er_ray.attacks.builds import pending_builds
 from er_ray.config import ExperimentConfig
 from er_ray.convergence import Combo
 from er_ray.layout import RESULT_FILE, SUMMARY_FILE, RunFolder
 from er_ray.methods import SplitData, load_data, prepare, shared_result, ticket_masks
 from er_ray.orchestration import search_tune as S
 from er_ray.orchestration import timing
+from er_ray.orchestration.attack_pool import AttackService
 from er_ray.orchestration.console import Console, say
 from er_ray.orchestration.ray_env import init_ray
 from er_ray.orchestration.ticket_task import submit_ticket
@@ -87,8 +90,6 @@ class Sweep:
     """Every (method, seed) search, ticket and attack of one `er-ray run`, driven by what finishes next."""
 
     def __init__(self, cfg: ExperimentConfig, folder: RunFolder, data: SplitData, emit: Any, resume: bool):
-        from ray.util.queue import Queue
-
         self.cfg, self.folder, self.data, self.emit, self.resume = cfg, folder, data, emit, resume
         self.data_ref = ray.put(data)
         self.started_q = Queue(actor_options={"num_cpus": 0})  # workers -> driver: "I started"
@@ -124,8 +125,6 @@ class Sweep:
             self.searching = S.SearchRun(pending, self.folder.root, self.data_ref, self.resume)
 
     def _start_attacks(self, searches: int) -> None:
-        from er_ray.orchestration.attack_pool import AttackService
-
         self.service = AttackService.for_run(self.cfg, self.started_q, searches)
         for job in list(self.jobs.values()):  # tickets found finished on resume, before the service existed
             if job.result is not None and not job.owner and not job.attacked:
@@ -373,8 +372,6 @@ def run_pipeline(cfg: ExperimentConfig, resume: bool = False) -> list[dict]:
         f"'{layout.experiment_name(cfg)}', store {recorder.uri})"
     )
     if cfg.ray.attack:
-        from er_ray.attacks.builds import pending_builds
-
         for build in pending_builds(cfg.attack):
             say(f"the attack actors first build {build}")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -29,12 +30,19 @@ def init_ray(cfg: ExperimentConfig | None = None, num_cpus: int | None = None) -
     # turns SIGTERM into an interrupt, so runs end KILLED and can be resumed)
     main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM) if main else None
+    # every worker loads a pre-trained encoder under a classifier head initialised from the seed, on purpose:
+    # Hugging Face's "newly initialized ... You should probably TRAIN this model" once per worker is noise
+    quiet = {"env_vars": {"TRANSFORMERS_VERBOSITY": "error"}}
     if address:
-        ray.init(address=address)
+        ray.init(address=address, runtime_env=quiet)
     else:
         # "local": always a fresh Ray of our own; a bare init() would join whatever Ray instance this machine
-        # last started (another user's run, or the leftovers of a driver that was killed)
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False)
+        # last started (another user's run, or the leftovers of a driver that was killed). Its token
+        # authentication is Ray's default and stays on; the warning that says so on every start does not.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+        ray.init(
+            address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, runtime_env=quiet
+        )
     if main and previous is not None:
         signal.signal(signal.SIGTERM, previous)
 

@@ -17,6 +17,7 @@ driver had stopped listening, and the experiment state on storage could name a c
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import tempfile
 import threading
@@ -224,6 +225,11 @@ def search_tuner(
     """One Tune run whose trials are the search stages of `trials` (key -> config), or its restore. Tune
     writes its checkpoints through the store's file system (a URI needs no shared disk)."""
     some = next(iter(trials.values()))
+    # the driver prints er-ray's own lines: not Tune's configuration box, its TensorBoard hint (Tune's own
+    # CSV/JSON/TensorBoard loggers are off: MLflow has the curves) or its INFO line per experiment snapshot
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    logging.getLogger("ray.tune").setLevel(logging.WARNING)
     trainable = tune.with_resources(
         tune.with_parameters(search_trainable, data=data_ref),
         {

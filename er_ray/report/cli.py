@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
-import argparse
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from er_ray import layout
 from er_ray import tracking as T
-from er_ray.config import load_config, settings
+from er_ray.config import load_config
 
 
-def target(args: argparse.Namespace) -> tuple[str | None, list[str] | None, str]:
+@dataclass(frozen=True)
+class ReportTarget:
+    """Which runs a report covers: exactly one of `experiment`, `run` (parent run ids), `config` (with its
+    `overrides`) or `run_dir`; the store is `tracking_uri` or the rule `er-ray run` follows."""
+
+    experiment: str | None = None
+    run: list[str] | None = None
+    config: Path | None = None
+    overrides: Sequence[str] = ()
+    run_dir: Path | None = None
+    tracking_uri: str | None = None
+
+
+def target(args: ReportTarget) -> tuple[str | None, list[str] | None, str]:
     """(experiment, parent run ids, store): named outright, or found from a config or a run folder the way
     `er-ray run` chose them (`layout`)."""
     if args.config is not None:
@@ -20,20 +34,19 @@ def target(args: argparse.Namespace) -> tuple[str | None, list[str] | None, str]
         return layout.experiment_name(cfg), None, uri
     if args.run_dir is not None:
         folder = layout.RunFolder.at(args.run_dir)
-        store = args.tracking_uri or settings().mlflow_uri or layout.default_store(folder.output_dir)
+        store = layout.store_uri(folder.output_dir, args.tracking_uri)
         return None, [folder.parent_id_file.read_text().strip()], T.existing_store(store)
-    store = args.tracking_uri or settings().mlflow_uri or layout.default_store(Path("outputs"))
-    return args.experiment, args.run, T.existing_store(store)
+    return args.experiment, args.run, T.existing_store(layout.store_uri("outputs", args.tracking_uri))
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: ReportTarget, out: Path, log: bool = True) -> int:
     from er_ray.report import build_report
     from er_ray.report.table import print_table
 
     # MLflow's per-download progress bars would bury the table
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     experiment, runs, uri = target(args)
-    result = build_report(experiment, runs, args.out, uri, log_to_mlflow=not args.no_log)
+    result = build_report(experiment, runs, out, uri, log_to_mlflow=log)
     print_table(result.table)
     for note in result.notes:
         print(f"note: {note}")
@@ -41,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         if d.verdict:
             print(f"claim ({d.dataset}, {d.claim.source}): {d.claim.text}: {d.verdict}")
     print(
-        f"wrote {result.table_md}, {result.claims_md}, their CSVs and {len(result.figures)} figure(s) to {args.out}"
+        f"wrote {result.table_md}, {result.claims_md}, their CSVs and {len(result.figures)} figure(s) to {out}"
     )
     for path in result.pareto:
         if path.suffix == ".md":

