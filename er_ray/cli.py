@@ -3,6 +3,9 @@ the work is done by the library and the orchestration layer.
 
 Bad input raises `UserError` anywhere below; here it becomes one line on stderr and exit code 2. Ctrl-C (or
 SIGTERM, as `ray job stop` sends) ends a run with its MLflow runs KILLED and exit code 130.
+
+`argparse` stops here: handlers pass configs and typed options on. Each handler imports its command's modules
+when it runs, so that `er-ray check` does not pay for Ray, MLflow or textattack.
 """
 
 from __future__ import annotations
@@ -386,7 +389,9 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return args.func(args)
     except UserError as err:
-        print(f"er-ray: error: {err}", file=sys.stderr)
+        # a worker's UserError reaches here wrapped by Ray (a RayTaskError that is also a UserError): its
+        # cause is the one line; the worker's traceback is not the user's concern
+        print(f"er-ray: error: {getattr(err, 'cause', None) or err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(
@@ -395,8 +400,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         ray = sys.modules.get("ray")
         if ray is not None and ray.is_initialized():
-            # every run is closed and every file committed by now; Tune's fit thread may still call into Ray,
-            # and Ray's shutdown at interpreter exit would then end the process with status 1
+            # every run is closed and every file committed by now. Ray is shut down here, within a time limit
+            # (a local Ray's agents would otherwise outlive the run); then the process exits at once: Ray's
+            # own shutdown at interpreter exit, racing a thread still in a Ray call, would end it with status 1
+            from er_ray.orchestration.ray_env import shutdown_ray
+
+            shutdown_ray()
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(130)

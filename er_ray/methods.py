@@ -24,7 +24,7 @@ from er_ray import data as data_mod
 from er_ray.config import ExperimentConfig, UserError, settings
 from er_ray.convergence import Combo, StopPoint
 from er_ray.layout import RESULT_FILE, TRAJECTORY_FILE, ticket_name, tracking_uri
-from er_ray.model import count_parameters, load_backbone, load_tokenizer, resolve_model_path
+from er_ray.model import check_model_dir, count_parameters, load_backbone, load_tokenizer, resolve_model_path
 from er_ray.precision import Amp, resolve
 from er_ray.search import MiniEpoch, SearchStage, Trajectory, own_combo
 from er_ray.storage import Store, is_uri
@@ -170,6 +170,8 @@ def check_config(cfg: ExperimentConfig) -> None:
         raise UserError(
             f"model.name_or_path '{cfg.model.name_or_path}' is not a Hugging Face model directory"
         )
+    if local:
+        check_model_dir(path)
 
 
 # ---------------------------------------------------------------- stages

@@ -9,6 +9,7 @@ BERT/RoBERTa by forward pre-hooks, with no forked modeling code:
 from __future__ import annotations
 
 import importlib.util
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,39 @@ def load_tokenizer(name_or_path: str):
         raise UserError(
             f"cannot load tokenizer from model '{name_or_path}': {str(err).splitlines()[0]}"
         ) from None
+
+
+def check_model_dir(path: str | Path) -> None:
+    """A local Hugging Face model folder that can be loaded, checked without loading it: config.json parses,
+    and its weights are whole (a safetensors header, each shard of an index, a torch file's first bytes).
+    Damaged input is then one line before any work starts, not a worker's traceback."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path).expanduser()
+    try:
+        json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(
+            f"model folder {path}: config.json is unreadable ({str(err).splitlines()[0]})"
+        ) from None
+    index = path / "model.safetensors.index.json"
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else []
+    files = [path / s for s in shards] or [f for f in (path / "model.safetensors",) if f.is_file()]
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass  # opening checks the header and that the file holds every byte it announces
+        except (SafetensorError, OSError) as err:
+            raise UserError(f"cannot read the weights {file}: {str(err).splitlines()[0]}") from None
+    if files:
+        return
+    torch_file = path / "pytorch_model.bin"
+    if not torch_file.is_file():
+        raise UserError(f"model folder {path} has no weights (model.safetensors or pytorch_model.bin)")
+    with open(torch_file, "rb") as f:
+        head = f.read(4)
+    if head != b"PK\x03\x04":  # torch.save's zip format (the weights are never unpickled here)
+        raise UserError(f"cannot read the weights {torch_file}: not a torch checkpoint")
 
 
 def load_backbone(name_or_path: str, num_labels: int, seed: int) -> nn.Module:

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from er_ray.config import UserError
+from er_ray.model import check_model_dir
 from er_ray.ticket import TICKET_FILE, check_ticket, load_ticket
 
 
@@ -22,6 +23,8 @@ def check_victim(path: str | Path) -> None:
         raise UserError(
             f"{path} is neither a ticket (no {TICKET_FILE}) nor a Hugging Face model (no config.json)"
         )
+    else:
+        check_model_dir(path)
 
 
 def load_victim(path: str | Path) -> tuple[torch.nn.Module, Any]:

@@ -34,17 +34,32 @@ def init_ray(cfg: ExperimentConfig | None = None, num_cpus: int | None = None) -
     # Hugging Face's "newly initialized ... You should probably TRAIN this model" once per worker is noise
     quiet = {"env_vars": {"TRANSFORMERS_VERBOSITY": "error"}}
     if address:
-        ray.init(address=address, runtime_env=quiet)
+        ray.init(address=address, runtime_env=quiet, logging_level=logging.WARNING)
     else:
         # "local": always a fresh Ray of our own; a bare init() would join whatever Ray instance this machine
         # last started (another user's run, or the leftovers of a driver that was killed). Its token
         # authentication is Ray's default and stays on; the warning that says so on every start does not.
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         ray.init(
-            address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, runtime_env=quiet
+            address="local",
+            num_cpus=num_cpus or os.cpu_count(),
+            include_dashboard=False,
+            runtime_env=quiet,
+            logging_level=logging.WARNING,  # not "Started a local Ray instance": the run says where it is
         )
     if main and previous is not None:
         signal.signal(signal.SIGTERM, previous)
+
+
+def shutdown_ray(timeout: float = 30.0) -> bool:
+    """`ray.shutdown()` (a local Ray's processes end with it; a joined cluster is only left), given at most
+    `timeout` seconds; False when it did not return in time."""
+    import ray
+
+    done = threading.Thread(target=ray.shutdown, daemon=True, name="ray-shutdown")
+    done.start()
+    done.join(timeout)
+    return not done.is_alive()
 
 
 def gib(gb: float) -> int | None:

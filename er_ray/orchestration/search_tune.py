@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ray import tune
+from ray.tune.logger import JsonLoggerCallback
 from ray.tune.stopper import Stopper
 
 from er_ray import tracking as T
@@ -225,8 +226,8 @@ def search_tuner(
     """One Tune run whose trials are the search stages of `trials` (key -> config), or its restore. Tune
     writes its checkpoints through the store's file system (a URI needs no shared disk)."""
     some = next(iter(trials.values()))
-    # the driver prints er-ray's own lines: not Tune's configuration box, its TensorBoard hint (Tune's own
-    # CSV/JSON/TensorBoard loggers are off: MLflow has the curves) or its INFO line per experiment snapshot
+    # the driver prints er-ray's own lines: not Tune's configuration box, its TensorBoard hint (of Tune's own
+    # loggers only the JSON one stays, which Tune reads back at the end) or its INFO line per snapshot
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
@@ -260,7 +261,7 @@ def search_tuner(
             storage_path=storage.path,
             storage_filesystem=fs,
             stop=ConvergenceStopper(),
-            callbacks=[EventCallback(channel)],
+            callbacks=[EventCallback(channel), JsonLoggerCallback()],
             failure_config=tune.FailureConfig(max_failures=some.ray.max_retries),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             verbose=0,
