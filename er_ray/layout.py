@@ -6,7 +6,7 @@
       cache/                           attack builds shared by nodes (only under a storage URI)
       attacks/<model>-<data>-<split>-seed<seed>/  `er-ray attack` results
       <name>/tune/<study>/<trial id>/  a tune trial's model
-      <name>/runs/<stamp>/             one `er-ray run`: a `RunFolder`
+      <name>/runs/<stamp>-<4 hex>/     one `er-ray run`: a `RunFolder`
         mlflow_parent_run_id, timing.json, summary.json
         search/                        Ray Tune's state of the search stages
         <method>/seed<seed>/
@@ -20,6 +20,7 @@ one is unfinished. Everything here is a path computation; nothing is created exc
 
 from __future__ import annotations
 
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,18 +131,23 @@ class RunFolder:
     root: Store
 
     @classmethod
-    def create(cls, cfg: ExperimentConfig) -> RunFolder:
-        runs = _runs(cfg)
-        root = runs / time.strftime("%Y%m%d-%H%M%S")
-        if root.exists():
-            raise UserError(f"run folder {root} exists already: start again in a second")
-        root.mkdir()
-        return cls(root)
+    def new(cls, cfg: ExperimentConfig) -> RunFolder:
+        """A fresh run's folder, `<stamp>-<4 hex>` (two runs started in the same second get two), not made
+        yet: it is made by `create` once its MLflow parent run exists."""
+        return cls(_runs(cfg) / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}")
+
+    def create(self, parent_id: str) -> None:
+        """Make the folder with its parent run's id in it: a folder without one is never resumed."""
+        if self.root.exists():
+            raise UserError(f"run folder {self.root} exists already")
+        self.root.mkdir()
+        self.parent_id_file.write_text(parent_id)
 
     @classmethod
     def latest(cls, cfg: ExperimentConfig) -> RunFolder:
+        """The newest run of the config that has a parent run (what `--resume` continues)."""
         runs = _runs(cfg)
-        found = runs.children()
+        found = [name for name in runs.children() if (runs / name / PARENT_ID_FILE).exists()]
         if not found:
             raise UserError(f"nothing to resume: no earlier run of '{cfg.name}' under {runs}")
         return cls(runs / found[-1])
@@ -162,7 +168,7 @@ class RunFolder:
     def output_dir(self) -> Path:
         """The `runtime.output_dir` this folder was made under (a local folder only)."""
         assert self.root.local is not None, "a run folder on a storage URI has no local output_dir"
-        return self.root.local.parents[2]  # <output_dir>/<name>/runs/<stamp>
+        return self.root.local.parents[2]  # <output_dir>/<name>/runs/<stamp>-<4 hex>
 
     @property
     def parent_id_file(self) -> Store:

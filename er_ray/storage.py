@@ -13,11 +13,14 @@ stay with every path joined under it.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -182,3 +185,20 @@ def redact(uri: str) -> str:
         q for q in parts.query.split("&") if not q.lower().startswith(("secret", "access_key", "session"))
     ]
     return urlunsplit(parts._replace(query="&".join(keep)))
+
+
+@contextlib.contextmanager
+def sqlite_lock(url: str) -> Iterator[None]:
+    """For a `sqlite:///` database URL, the block runs alone among this machine's processes (an advisory lock on
+    `<file>.lock`; the folder is made if missing); any other URL runs as it is."""
+    if not url.startswith("sqlite:///"):
+        yield
+        return
+    lock = Path(url.removeprefix("sqlite:///") + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

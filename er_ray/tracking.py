@@ -37,7 +37,7 @@ from er_ray import data, layout
 from er_ray import events as ev
 from er_ray.config import UserError, settings
 from er_ray.layout import RESULT_FILE, STOP_POINTS_FILE, TICKET_FILE
-from er_ray.storage import redact
+from er_ray.storage import redact, sqlite_lock
 
 # ---------------------------------------------------------------- the contract
 
@@ -140,17 +140,16 @@ def open_store(cfg: Any) -> tuple[Any, str]:
     from mlflow.tracking import MlflowClient
 
     uri = layout.tracking_uri(cfg)
-    logging.getLogger("mlflow.store.db.utils").setLevel(
-        logging.WARNING
-    )  # "Creating/Updating database tables"
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    # not MLflow's "Creating/Updating database tables" on every start
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     client = MlflowClient(uri)
     name = layout.experiment_name(cfg)
-    exp = client.get_experiment_by_name(name)
-    if exp:
-        return client, exp.experiment_id
-    return client, client.create_experiment(name, artifact_location=layout.artifact_location(uri))
+    # two runs starting on a new sqlite store would both create its tables (and its experiment): one at a time
+    with sqlite_lock(uri):
+        exp = client.get_experiment_by_name(name)
+        if exp:
+            return client, exp.experiment_id
+        return client, client.create_experiment(name, artifact_location=layout.artifact_location(uri))
 
 
 def end_stale(cfg: Any, filter_string: str) -> None:
@@ -352,7 +351,11 @@ class Recorder:
         tags, params = run_parent(cfg, str(folder.root))
         config = {layout.CONFIG_FILE: cfg.model_dump(mode="json")}
         recorder = cls.open(cfg, f"{cfg.name}-{folder.name}", tags, params, artifacts=config)
-        folder.parent_id_file.write_text(recorder.parent_id)
+        try:
+            folder.create(recorder.parent_id)
+        except BaseException:
+            recorder.emit(ev.RunEnded("FAILED"))
+            raise
         return recorder
 
     @classmethod

@@ -93,3 +93,42 @@ def test_an_unloadable_model_is_one_line_and_exit_2_before_any_work(damage, tiny
         err = capsys.readouterr().err
         assert err.startswith("er-ray: error:") and err.count("\n") == 1 and "weights" in err, err
     assert not (tmp_path / "out").exists()  # nothing was written
+
+
+def test_two_runs_started_together_on_a_new_store_both_finish(tiny_model_dir, tmp_path):
+    """Two drivers start the same config at the same moment on a fresh sqlite store: each gets its own run
+    folder (with its parent run in it) and both finish with every run FINISHED."""
+    from mlflow.tracking import MlflowClient
+
+    from er_ray.layout import PARENT_ID_FILE
+
+    cfg = tiny_experiment(
+        tiny_model_dir,
+        tmp_path,
+        **{
+            "sweep.gammas": "[0.2, 0.5]",
+            "ray.attack": "false",
+            "ray.search_cpus": 1,
+            "ray.ticket_cpus": 1,
+            "tracking.uri": f"sqlite:///{tmp_path}/store/mlflow.db",
+        },
+    )
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(json.dumps(cfg.model_dump(mode="json")))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cmd = [sys.executable, "-m", "er_ray.cli", "run", str(cfg_file)]
+    drivers = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
+    drivers.append(
+        subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    )
+    outs = [d.communicate(timeout=600)[0] for d in drivers]
+    assert [d.returncode for d in drivers] == [0, 0], [o[-1500:] for o in outs]
+    folders = sorted((tmp_path / "tiny" / "runs").iterdir())
+    assert len(folders) == 2 and all((f / PARENT_ID_FILE).is_file() for f in folders)
+    client = MlflowClient(cfg.tracking.uri)
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    parents = {r.info.run_id for r in runs if r.data.tags["er_ray.kind"] == "parent"}
+    assert {(f / PARENT_ID_FILE).read_text().strip() for f in folders} == parents
+    assert all(r.info.status == "FINISHED" for r in runs) and len(runs) == 2 * (
+        1 + 1 + 2
+    )  # parent, search, 2

@@ -281,7 +281,11 @@ def test_run_folder_is_absolute_for_a_relative_output_dir(tmp_path, monkeypatch)
     from er_ray.layout import RunFolder
 
     def run_dir_for(cfg, resume):
-        return (RunFolder.latest(cfg) if resume else RunFolder.create(cfg)).root
+        if resume:
+            return RunFolder.latest(cfg).root
+        folder = RunFolder.new(cfg)
+        folder.create("parent-run-id")
+        return folder.root
 
     monkeypatch.chdir(tmp_path)
     cfg = config_from_dict({"name": "rel", "runtime": {"output_dir": "outputs"}})

@@ -23,7 +23,7 @@ import hashlib
 import json
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +80,7 @@ class Search:
     traj_ref: Any = None
     started: bool = False
     done: bool = False
-    masks: dict[str, str] | None = None  # masks digest -> job key holding that ticket
+    masks: dict[str, str] = field(default_factory=dict)  # masks digest -> job key holding that ticket
 
 
 # ---------------------------------------------------------------- the event loop
@@ -98,7 +98,7 @@ class Sweep:
         self.jobs: dict[str, Job] = {}
         self.running: dict[Any, str] = {}  # ticket task ref -> job key
         self.busy = timing.Busy()
-        self.service: Any = None
+        self.service: AttackService | None = None
         self.room_checked = 0.0
 
     # ------------------------------------------------------------ setup
@@ -115,7 +115,7 @@ class Sweep:
                 self.searches[search.key] = search
                 final = self.folder.trajectory(method, seed)
                 if final.exists():  # its search finished in an earlier invocation
-                    self._on_trajectory(search, _read_trajectory(final))
+                    self._on_trajectory(search, S.read_trajectory(final))
                     self._complete(search)
                 else:
                     pending[search.key] = mcfg
@@ -259,8 +259,8 @@ class Sweep:
             return
         masks = ticket_masks(search.prep, search.traj, combo)
         digest = hashlib.sha1(json.dumps([masks.kept_heads(), masks.kept_neurons()]).encode()).hexdigest()
-        owner = (search.masks or {}).get(digest)
-        search.masks = {**(search.masks or {}), digest: owner or key}
+        owner = search.masks.setdefault(digest, key)
+        owner = owner if owner != key else None
         if search.traj_ref is None:
             search.traj_ref = ray.put(search.traj)
         stop = search.traj.stops[combo]
@@ -344,13 +344,6 @@ class Sweep:
             self.service.shutdown()
 
 
-def _read_trajectory(file: Store) -> Trajectory:
-    if file.local is not None:
-        return Trajectory.load(file.local)
-    with tempfile.TemporaryDirectory() as d:
-        return Trajectory.load(file.get(Path(d) / file.name))
-
-
 SUMMARY_KEYS = ("method", "seed", "gamma", "head_ratio", "ffn_ratio", "stop_epoch", "converged", "clean_acc")
 SUMMARY_KEYS += ("search_seconds", "finetune_seconds", "train_seconds", "param_count")
 
@@ -362,7 +355,7 @@ def summary_row(result: dict) -> dict:
 def run_pipeline(cfg: ExperimentConfig, resume: bool = False) -> list[dict]:
     """Every method x seed of the config, every ticket of its grid; returns one summary row per ticket."""
     data = load_data(cfg)  # bad data or model name: one line, before anything is written
-    folder = RunFolder.latest(cfg) if resume else RunFolder.create(cfg)
+    folder = RunFolder.latest(cfg) if resume else RunFolder.new(cfg)
     init_ray(cfg)
     recorder = T.Recorder.for_run(cfg, folder, resume)
     recorder.note = say

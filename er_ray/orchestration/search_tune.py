@@ -116,6 +116,14 @@ def restart_store() -> Store:
     return Store(storage.storage_filesystem, path, path)
 
 
+def read_trajectory(file: Store) -> Trajectory:
+    """A trajectory saved in a run folder (a local path or a storage URI)."""
+    if file.local is not None:
+        return Trajectory.load(file.local)
+    with tempfile.TemporaryDirectory() as d:
+        return Trajectory.load(file.get(Path(d) / file.name))
+
+
 def load_trajectory(checkpoint: tune.Checkpoint) -> Trajectory:
     """The trajectory in a search checkpoint, stop points included (the trainable's stop rule made them)."""
     with checkpoint.as_directory() as d:

@@ -20,7 +20,7 @@ from typing import Any
 from er_ray import layout
 from er_ray import tracking as T
 from er_ray.config import TICKET_METHODS, ExperimentConfig, SweepConfig, UserError, config_from_dict
-from er_ray.storage import is_uri, redact
+from er_ray.storage import is_uri, redact, sqlite_lock
 
 STUDY_CONFIG_ATTR = "er_ray.config"  # study user attribute: the flattened config the study was made from
 
@@ -221,9 +221,8 @@ def open_study(cfg: ExperimentConfig, resume: bool) -> tuple[Any, Any]:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url, name = layout.optuna_storage(cfg), study_name(cfg)
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    storage = optuna.storages.RDBStorage(url)
+    with sqlite_lock(url):  # two studies starting on a new sqlite file would both create its tables
+        storage = optuna.storages.RDBStorage(url)
     directions = [g.direction for g in goals(cfg)]
     now = fingerprint(cfg)
     if name not in optuna.get_all_study_names(storage):
