@@ -27,16 +27,13 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(message)
 
 
+def _set_arg(p: argparse.ArgumentParser, text: str) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=text)
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", type=Path, help="experiment YAML (see experiments/)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set search.gamma=0.05 (repeatable)",
-    )
+    _set_arg(p, "override a config value, e.g. --set search.gamma=0.05 (repeatable)")
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -273,14 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--dataset", help="sst2, imdb, ag_news, qnli or qqp (default sst2)")
     src.add_argument("--config", type=Path, help="experiment YAML: its data and attack sections and seed")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value (with --config or alone), e.g. --set attack.batch_size=16",
-    )
+    _set_arg(p, "override a config value (with --config or alone), e.g. --set attack.batch_size=16")
     p.add_argument("--split", help="evaluation split (default: the config's data.eval_split)")
     p.add_argument("--recipes", help="comma-separated: textfooler,textbugger,bertattack (default all three)")
     p.add_argument(
@@ -319,14 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tune", help="Optuna over tune.space through Ray Tune; each trial runs the pipeline")
     p.add_argument("config", type=Path, help="experiment YAML with a tune section")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set tune.num_samples=20 (repeatable)",
-    )
+    _set_arg(p, "override a config value, e.g. --set tune.num_samples=20 (repeatable)")
     p.add_argument(
         "--resume",
         action="store_true",
@@ -349,14 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument(
         "--run-dir", type=Path, metavar="DIR", help="a run folder (outputs/<name>/runs/<stamp>)"
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="with --config: a config override, as given to `er-ray run`",
-    )
+    _set_arg(p, "with --config: a config override, as given to `er-ray run`")
     p.add_argument(
         "--out",
         type=Path,

@@ -142,10 +142,11 @@ def open_store(cfg: Any) -> tuple[Any, str]:
     uri = layout.tracking_uri(cfg)
     # not MLflow's "Creating/Updating database tables" on every start
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
-    client = MlflowClient(uri)
     name = layout.experiment_name(cfg)
-    # two runs starting on a new sqlite store would both create its tables (and its experiment): one at a time
+    # two runs starting on a new sqlite store would both create its tables (MlflowClient does, at once) and
+    # its experiment: one at a time
     with sqlite_lock(uri):
+        client = MlflowClient(uri)
         exp = client.get_experiment_by_name(name)
         if exp:
             return client, exp.experiment_id
