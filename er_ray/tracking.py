@@ -399,13 +399,15 @@ class Recorder:
     # ------------------------------------------------------------ events
 
     def emit(self, event: Any) -> None:
-        """Queue `event` for the writer; `RunEnded` waits (up to `wait` seconds) until everything is written."""
-        failure, self._failure = self._failure, None
-        if failure is not None:
-            raise RuntimeError(f"writing to MLflow at {redact(self.uri)} failed: {failure}") from failure
+        """Queue `event` for the writer; `RunEnded` waits (up to `wait` seconds) until everything is written.
+        A write that failed for good (not a store that does not answer) is raised here, once, after the event
+        is queued: the run's end is always written, FAILED if anything was lost."""
         self._queue.put(event)
         if isinstance(event, ev.RunEnded):
             self.wait(event.wait)
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            raise RuntimeError(f"writing to MLflow at {redact(self.uri)} failed: {failure}") from failure
 
     def wait(self, timeout: float) -> bool:
         """True once every queued event is written; False after `timeout` seconds (the store not answering)."""
@@ -554,7 +556,7 @@ class Recorder:
         log_batch(self.client, self.parent_id, metrics=e.metrics, tags=e.tags, step=e.step)
         for file, obj in e.artifacts.items():
             log_json(self.client, self.parent_id, obj, file)
-        self.close(e.status)
+        self.close("FAILED" if e.status == "FINISHED" and self._failure is not None else e.status)
 
     # ------------------------------------------------------------ runs by key
 

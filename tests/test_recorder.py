@@ -201,3 +201,23 @@ def test_resume_finds_runs_written_before_the_root_tag_and_reopens_the_interrupt
     runs = MlflowClient(cfg.tracking.uri).search_runs([exp])
     attacks = [r for r in runs if r.data.tags[T.TAG_KIND] == "attack"]
     assert [r.info.run_id for r in attacks] == [attack] and attacks[0].info.status == "KILLED"  # one row
+
+
+def test_a_record_that_cannot_be_written_fails_the_run_and_leaves_nothing_running(tiny_model_dir, tmp_path):
+    """A write that fails for good (a bug, a rejected value; not a store that does not answer) is raised by
+    the next emit, and the run's end is still written: FAILED, with no child left RUNNING."""
+    from mlflow.tracking import MlflowClient
+
+    from er_ray import events as ev
+
+    cfg = tiny_experiment(tiny_model_dir, tmp_path, **{"tracking.uri": f"sqlite:///{tmp_path}/mlflow.db"})
+    recorder = T.Recorder.open(cfg, "parent", {}, {})
+    key = ev.ticket_key("finetune", 3, "full")
+    recorder.emit(ev.TicketStarted(key, cfg, None, True))
+    recorder.emit(ev.TicketFinished(key, cfg, None, True, {"clean_acc": 0.5}))  # no losses: cannot be logged
+    with pytest.raises(RuntimeError, match="finetune_losses"):
+        recorder.emit(ev.RunEnded("FINISHED", wait=30))
+    client = MlflowClient(cfg.tracking.uri)
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    status = {r.data.tags[T.TAG_KIND]: r.info.status for r in runs}
+    assert status["parent"] == "FAILED" and "RUNNING" not in status.values(), status
