@@ -18,7 +18,7 @@ import sys
 import threading
 from pathlib import Path
 
-from er_ray.config import UserError, load_config
+from er_ray.config import Fault, UserError, load_config
 from er_ray.methods import check_config
 
 
@@ -369,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
         # cause is the one line; the worker's traceback is not the user's concern
         print(f"er-ray: error: {getattr(err, 'cause', None) or err}", file=sys.stderr)
         return 2
+    except Fault as err:  # the surroundings (a full disk, a bucket gone): one line; --resume once fixed
+        print(f"er-ray: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(
             "er-ray: interrupted; `--resume` continues a run, the same command continues a study",

@@ -18,6 +18,11 @@ class UserError(Exception):
     """Bad input from the user (config, data, model path, CLI arguments): one line, exit code 2."""
 
 
+class Fault(Exception):
+    """The run's surroundings failed it (a full disk, a bucket deleted): one line, exit code 1; `--resume`
+    continues once that is fixed."""
+
+
 class _Strict(BaseModel):
     # Unknown keys are errors: a typo in a sweep config must not silently run the defaults.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)

@@ -44,7 +44,6 @@ TIMING_FILE = "timing.json"  # a run folder's wall-time accounting, one entry pe
 PARENT_ID_FILE = "mlflow_parent_run_id"  # a run folder's MLflow parent run
 CONFIG_FILE = "config.json"  # the resolved config, on the parent run (credentials masked)
 TUNE_DIR = "search"  # Ray Tune's folder of the search stages, in a run folder
-RESTART_DIR = "restart"  # in a search trial's Tune folder: the state a restarted trial continues from
 CACHE_DIR = "cache"  # under a storage URI output_dir: the attacks' one-time builds
 FETCHED_DIR = "fetched"  # in the local cache: copies of stored tickets (MLflow artifacts, victims)
 MLFLOW_DB, MLFLOW_ARTIFACTS, OPTUNA_DB = "mlflow.db", "mlartifacts", "optuna.db"
@@ -188,6 +187,10 @@ class RunFolder:
 
     def trajectory(self, method: str, seed: int) -> Store:
         return self.method(method, seed) / TRAJECTORY_FILE
+
+    def search_state(self, method: str, seed: int) -> Store:
+        """The state a restarted search continues from (kept by (method, seed), not by Tune trial)."""
+        return self.method(method, seed) / SEARCH_STATE_FILE
 
     def ticket(self, method: str, seed: int, combo: Any) -> Store:
         return self.method(method, seed) / ticket_name(combo)

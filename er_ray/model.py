@@ -98,6 +98,8 @@ def load_backbone(name_or_path: str, num_labels: int, seed: int) -> nn.Module:
         raise UserError(f"cannot load model '{name_or_path}': {str(err).splitlines()[0]}") from None
     if config.model_type not in ("bert", "roberta"):
         raise UserError(f"model '{name_or_path}' is a {config.model_type}; er-ray supports BERT and RoBERTa")
+    if _looks_like_path(path):
+        check_model_dir(path)  # weights that cannot be loaded: one line, not transformers' advice on from_tf
     torch.manual_seed(seed)
     return AutoModelForSequenceClassification.from_pretrained(path, config=config)
 

@@ -14,6 +14,7 @@ stay with every path joined under it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import os
@@ -64,6 +65,14 @@ class Store:
         uri = urlunsplit(parts._replace(path=f"{parts.path.rstrip('/')}/{name}"))
         return Store(self.fs, f"{self.path}/{name}", uri)
 
+    def with_name(self, name: str) -> Store:
+        """The sibling `name` of this file or folder."""
+        if self.local is not None:
+            return Store.at(self.local.with_name(name))
+        parts = urlsplit(self.uri)
+        uri = urlunsplit(parts._replace(path=f"{parts.path.rstrip('/').rsplit('/', 1)[0]}/{name}"))
+        return Store(self.fs, f"{self.path.rstrip('/').rsplit('/', 1)[0]}/{name}", uri)
+
     @property
     def name(self) -> str:
         return self.path.rstrip("/").rsplit("/", 1)[-1]
@@ -92,9 +101,9 @@ class Store:
         """Whole or not at all: tmp + rename locally, one PUT on an object store."""
         if self.local is not None:
             self.local.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.local.with_name(self.local.name + ".tmp")
-            tmp.write_bytes(data)
-            tmp.replace(self.local)
+            with _partial(self.local.with_name(self.local.name + ".tmp")) as tmp:
+                tmp.write_bytes(data)
+                tmp.replace(self.local)
             return
         with self.fs.open_output_stream(self.path) as f:
             f.write(data)
@@ -106,9 +115,9 @@ class Store:
         """A local file to this path, streamed (a restart state is ~1.3 GB at BERT-base); whole or absent."""
         if self.local is not None:
             self.local.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.local.with_name(self.local.name + ".tmp")
-            shutil.copyfile(file, tmp)
-            tmp.replace(self.local)
+            with _partial(self.local.with_name(self.local.name + ".tmp")) as tmp:
+                shutil.copyfile(file, tmp)
+                tmp.replace(self.local)
             return
         pafs.copy_files(
             str(Path(file).resolve()),
@@ -138,6 +147,14 @@ class Store:
             return []
         infos = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
         return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
+    def move(self, target: Store) -> None:
+        """This folder to `target` on the same file system (object stores: copied, then deleted)."""
+        try:
+            self.fs.move(self.path, target.path)
+        except NotImplementedError:  # pyarrow's S3 moves files, not folders
+            pafs.copy_files(self.path, target.path, source_filesystem=self.fs, destination_filesystem=self.fs)
+            self.fs.delete_dir(self.path)
 
     def upload(self, local: Path, last: str | None = None) -> None:
         """The files of `local` under this folder; `last` (the completion file) after all the others."""
@@ -169,6 +186,52 @@ class Store:
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
         return target
+
+
+@contextlib.contextmanager
+def _partial(tmp: Path) -> Iterator[Path]:
+    """A temporary file that a failed write (a full disk) does not leave behind."""
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# what an OSError of the storage means for a run: nothing a retry fixes, so the run stops and says so
+_FAULTS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+}
+_BUCKET_GONE = re.compile(r"NO_SUCH_BUCKET|NoSuchBucket|bucket does not exist", re.IGNORECASE)
+
+
+def fault_line(err: BaseException, where: str | None = None) -> str | None:
+    """One line for a fault of the storage a run writes to (a full disk, a read-only one, a bucket deleted),
+    found anywhere in `err`'s chain, Ray's wrapped task errors included; `where` names the path when the
+    error does not (pyarrow's do not). None for anything else."""
+    todo, seen = [err], set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and (line := _os_fault(e, where)):
+            return line
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    return None
+
+
+def _os_fault(e: OSError, where: str | None) -> str | None:
+    text = str(e)
+    what = _FAULTS.get(e.errno or 0) or next((v for v in _FAULTS.values() if v in text.lower()), None)
+    if what is None and _BUCKET_GONE.search(text):
+        what = "the bucket does not exist (deleted during the run?)"
+    if what is None:
+        return None
+    path = e.filename2 or e.filename or where
+    return f"{what}: {redact(str(path))}" if path else f"{what} ({text.splitlines()[0]})"
 
 
 def redact(uri: str) -> str:

@@ -132,3 +132,143 @@ def test_two_runs_started_together_on_a_new_store_both_finish(tiny_model_dir, tm
     assert all(r.info.status == "FINISHED" for r in runs) and len(runs) == 2 * (
         1 + 1 + 2
     )  # parent, search, 2
+
+
+def test_a_failed_write_leaves_no_partial_file(tmp_path):
+    """`Store.put` and `write_bytes` on a file system that refuses the write (a file-size limit stands in for a
+    full disk, always available): the error goes up, no `.tmp` stays, the old file is untouched."""
+    script = f"""
+import resource, signal, sys
+from pathlib import Path
+from er_ray.storage import Store
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead of a signal
+big = Path({str(tmp_path)!r}) / "big"
+big.write_bytes(b"x" * 100_000)
+target = Store.at({str(tmp_path)!r}) / "dst" / "state.safetensors"
+target.write_bytes(b"old")
+resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))
+for write in (lambda: target.put(big), lambda: target.write_bytes(big.read_bytes())):
+    try:
+        write()
+    except OSError as err:
+        print("refused", err.errno)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split("\n")[:2] == ["refused 27", "refused 27"], out.stdout + out.stderr
+    assert sorted(p.name for p in (tmp_path / "dst").iterdir()) == ["state.safetensors"]
+    assert (tmp_path / "dst" / "state.safetensors").read_bytes() == b"old"
+
+
+def test_fault_lines_name_the_cause_and_the_path():
+    import errno
+
+    from ray.exceptions import RayTaskError
+
+    from er_ray.storage import fault_line
+
+    full = OSError(errno.ENOSPC, "No space left on device", "/tmp/a", None, "/out/x.tmp")
+    assert fault_line(full) == "no space left on device: /out/x.tmp"
+    # pyarrow's errors carry no path: the caller's is used; Ray's wrapped task errors are looked through
+    arrow = OSError("[Errno 28] Error writing bytes to file. Detail: [errno 28] No space left on device")
+    wrapped = RayTaskError("train", "traceback", arrow).as_instanceof_cause()
+    try:
+        raise RuntimeError("search stage failed") from wrapped
+    except RuntimeError as err:
+        assert fault_line(err, "/out/run") == "no space left on device: /out/run"
+    gone = OSError("When uploading part: AWS Error NO_SUCH_BUCKET during UploadPart operation")
+    assert fault_line(gone, "s3://b/run").startswith("the bucket does not exist")
+    assert fault_line(OSError(errno.ECONNRESET, "Connection reset")) is None
+    assert fault_line(ValueError("no space left on device")) is None  # only a storage error is a fault
+
+
+def _tmpfs(path, size="40m"):
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip() or done.returncode}")
+    return path
+
+
+def _fill(folder):
+    """Write a ballast file until the file system is full."""
+    with open(folder / "ballast", "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * (1 << 20))
+                f.flush()
+        except OSError as err:
+            assert err.errno == 28
+
+
+@pytest.mark.parametrize("tune_state", ["intact", "truncated"])
+def test_a_full_disk_stops_in_one_line_and_resume_continues_from_the_restart_state(
+    tune_state, tiny_model_dir, tmp_path
+):
+    """The run folder's disk fills after the first checkpoint: one line naming the cause and the path, exit 1,
+    every MLflow run ended, no partial file. Once space is freed, `--resume` continues from the last restart
+    state, through Tune's state when it is intact or a new Tune run when a file of it was truncated, saying
+    which; no mini-epoch is searched twice."""
+    from er_ray.layout import TUNE_DIR
+
+    disk = _tmpfs(tmp_path / "disk")
+    try:
+        cfg = tiny_experiment(
+            tiny_model_dir,
+            disk,
+            **{
+                "search.max_epochs": 40,
+                "ray.attack": "false",
+                "ray.search_cpus": 1,
+                "tracking.uri": f"sqlite:///{tmp_path}/mlflow.db",
+            },
+        )
+        cfg_file = tmp_path / "cfg.yaml"
+        cfg_file.write_text(json.dumps(cfg.model_dump(mode="json")))
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        cmd = [sys.executable, "-m", "er_ray.cli", "run", str(cfg_file)]
+        driver = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 240
+        while time.time() < deadline and not list(disk.glob("tiny/runs/*/search/*/checkpoint_*")):
+            time.sleep(0.3)
+        assert driver.poll() is None, driver.communicate()[0][-2000:]
+        _fill(disk)
+        out = driver.communicate(timeout=240)[0]
+        assert driver.returncode == 1, out[-3000:]
+        last = out.strip().splitlines()[-1]
+        assert last.startswith(f"er-ray: error: no space left on device: {disk}/tiny/runs/"), out[-3000:]
+        assert "Traceback" not in out and "--resume" in last, out[-3000:]
+        assert not [p for p in disk.rglob("*.tmp")]
+        runs = _mlflow_runs(cfg.tracking.uri)
+        assert {r.info.status for r in runs} <= {"FAILED", "KILLED"}, [r.info.status for r in runs]
+
+        (disk / "ballast").unlink()
+        state = next((disk / "tiny" / "runs").glob(f"*/{TUNE_DIR}/basic-variant-state-*.json"))
+        if tune_state == "truncated":  # what a full disk did to Tune's own state before it was caught
+            state.write_bytes(state.read_bytes()[:20])
+        done = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        said = (
+            "is damaged (basic-variant-state" if tune_state == "truncated" else "continue from Tune's state"
+        )
+        assert said in done.stdout + done.stderr, done.stdout[-2000:]
+        runs = _mlflow_runs(cfg.tracking.uri)
+        assert {r.info.status for r in runs} == {"FINISHED"}, [r.info.status for r in runs]
+        client = _client(cfg.tracking.uri)
+        (search,) = [r for r in runs if r.data.tags["er_ray.kind"] == "search"]
+        steps = [m.step for m in client.get_metric_history(search.info.run_id, "mask_distance_heads")]
+        assert len(steps) == len(set(steps)) and steps, steps  # from the restart state, not from the start
+    finally:
+        subprocess.run(["umount", "-l", str(disk)])
+
+
+def _client(uri):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def _mlflow_runs(uri):
+    client = _client(uri)
+    return client.search_runs([client.get_experiment_by_name("tiny").experiment_id])

@@ -193,18 +193,23 @@ def test_primary_tickets_are_mlflow_models_that_predict_label_names(ray_session,
         assert str(version.version) == "1" and version.run_id == run_id
 
 
-def test_failure_ends_runs_failed(ray_session, tiny_model_dir, tmp_path):
+def test_bad_input_found_by_a_trial_is_reported_once_not_retried_and_ends_runs_failed(
+    ray_session, tiny_model_dir, tmp_path
+):
     from transformers import AutoConfig, AutoTokenizer
 
+    from er_ray.config import UserError
     from er_ray.orchestration.pipeline import run_pipeline
 
-    # tokenizer and config but no weights: the driver reads the data, the search trial fails on its worker
+    # tokenizer and config but no weights (`check` would refuse it; the pipeline is called directly): the
+    # driver reads the data, the search trial finds the input bad on its worker
     broken = tmp_path / "no-weights"
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(broken)
     AutoConfig.from_pretrained(tiny_model_dir).save_pretrained(broken)
-    cfg = _sweep_config(tiny_model_dir, tmp_path, **{"model.name_or_path": str(broken), "ray.max_retries": 0})
-    with pytest.raises(RuntimeError, match="search stage .*failed"):
+    cfg = _sweep_config(tiny_model_dir, tmp_path, **{"model.name_or_path": str(broken), "ray.max_retries": 2})
+    with pytest.raises(UserError, match="has no weights"):
         run_pipeline(cfg)
+    assert not list(tmp_path.rglob("error.txt"))  # Tune never saw the trial fail: nothing was retried
     runs = _runs(cfg.tracking.uri)
     assert runs and not [r for r in runs if r.info.status == "RUNNING"]
     assert [r.info.status for r in _runs(cfg.tracking.uri, "parent")] == ["FAILED"]

@@ -34,7 +34,7 @@ from er_ray import events as ev
 from er_ray import layout
 from er_ray import tracking as T
 from er_ray.attacks.builds import pending_builds
-from er_ray.config import ExperimentConfig
+from er_ray.config import ExperimentConfig, Fault, UserError
 from er_ray.convergence import Combo
 from er_ray.layout import RESULT_FILE, SUMMARY_FILE, RunFolder
 from er_ray.methods import SplitData, load_data, prepare, shared_result, ticket_masks
@@ -45,7 +45,7 @@ from er_ray.orchestration.console import Console, say
 from er_ray.orchestration.ray_env import init_ray
 from er_ray.orchestration.ticket_task import submit_ticket
 from er_ray.search import Trajectory, own_combo, stop_point_rows
-from er_ray.storage import Store
+from er_ray.storage import Store, fault_line
 from er_ray.ticket import Masks
 
 # ---------------------------------------------------------------- what the loop keeps
@@ -175,6 +175,8 @@ class Sweep:
     def _on_search_event(self, search: Search, e: S.Event) -> None:
         if search.done:
             return
+        if e.kind == "result" and S.FAULT in e.value:  # reported once by the trial, which waits to be stopped
+            raise (UserError if e.value.get(S.FAULT_IS_INPUT) else Fault)(e.value[S.FAULT])
         if not search.started:
             search.started = True
             self.emit(ev.SearchStarted(search.key, search.cfg, search.prep.cfg.search.adversary.kind))
@@ -385,6 +387,9 @@ def run_pipeline(cfg: ExperimentConfig, resume: bool = False) -> list[dict]:
             recorder.emit(
                 ev.RunEnded("KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED")
             )
+        line = str(err) if isinstance(err, Fault) else fault_line(err, str(folder.root))
+        if line is not None:  # a trial's, a worker's or the driver's own write: one line, not a traceback
+            raise Fault(f"{line}; once that is fixed, `--resume` continues the run") from err
         raise
     finally:
         sweep.close()

@@ -16,6 +16,7 @@ driver had stopped listening, and the experiment state on storage could name a c
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -26,24 +27,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 from ray import tune
 from ray.tune.logger import JsonLoggerCallback
 from ray.tune.stopper import Stopper
 
 from er_ray import tracking as T
-from er_ray.config import ExperimentConfig
-from er_ray.layout import RESTART_DIR, SEARCH_STATE_FILE, TRAJECTORY_FILE, TUNE_DIR
+from er_ray.config import ExperimentConfig, UserError
+from er_ray.layout import SEARCH_STATE_FILE, TRAJECTORY_FILE, TUNE_DIR, RunFolder
 from er_ray.methods import SplitData, new_search, prepare, with_threads
 from er_ray.orchestration import ray_patches
+from er_ray.orchestration.console import say
 from er_ray.orchestration.ray_env import gib
 from er_ray.search import MiniEpoch, Trajectory, load_search_state, save_search_state
-from er_ray.storage import Store
+from er_ray.storage import Store, fault_line
 
 PENDING = "combos_pending"  # reported: grid combos whose stop rule has not fired yet
 BUSY_START, BUSY_END = (
     "busy_start",
     "busy_end",
 )  # reported: wall clock span of the training since the last report
+
+FAULT, FAULT_IS_INPUT = "fault", "fault_is_input"  # reported once: why the trial cannot go on
+FAULT_WAIT = 300.0  # seconds a faulted trial waits to be stopped by the driver
 
 CHANNELS: dict[str, queue.Queue] = {}  # channel name -> the driver's event queue (this process only)
 
@@ -67,16 +73,31 @@ class ConvergenceStopper(Stopper):
 
 
 def search_trainable(config: dict[str, Any], data: SplitData) -> None:
-    """Tune function trainable: one search stage, resumable from its last checkpoint."""
+    """Tune function trainable: one search stage, resumable from its restart state. A fault no retry fixes (bad
+    input, a full disk, a bucket gone) is reported once as `FAULT`, not raised: the driver then ends the fit as
+    Ctrl-C does, so the trial is neither retried in vain nor finished, and `--resume` continues it."""
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # "Checkpoint successfully created" per report
+    exp = ExperimentConfig.model_validate(config["trial"]["experiment"])
+    restart = restart_store(exp)
+    try:
+        search(config, exp, data, restart)
+    except (UserError, OSError) as err:
+        line = str(err) if isinstance(err, UserError) else fault_line(err, str(restart))
+        if line is None:
+            raise  # a crash: Tune retries it (`ray.max_retries`)
+        tune.report({FAULT: line, FAULT_IS_INPUT: isinstance(err, UserError)})
+        time.sleep(
+            FAULT_WAIT
+        )  # the driver stops the fit meanwhile; if none listens, Tune's retries take over
+        raise
+
+
+def search(config: dict[str, Any], exp: ExperimentConfig, data: SplitData, restart: Store) -> None:
     threads = max(1, int(config.get("threads") or 1))
-    cfg = with_threads(ExperimentConfig.model_validate(config["trial"]["experiment"]), threads)
-    stage = new_search(prepare(cfg, data=data))
-    restart = restart_store()
+    stage = new_search(prepare(with_threads(exp, threads), data=data))
     with tempfile.TemporaryDirectory() as d:
-        if (restart / SEARCH_STATE_FILE).exists():  # Tune restarted this trial: continue where the state was
-            (restart / SEARCH_STATE_FILE).get(Path(d) / SEARCH_STATE_FILE)
-            load_search_state(stage, d)
+        if restart.exists():  # a restarted trial, or a new Tune run after a damaged one: continue from here
+            load_search_state(stage, Path(restart.get(Path(d) / SEARCH_STATE_FILE)).parent)
     every, seconds = int(config.get("checkpoint_every") or 1), config.get("checkpoint_seconds")
     since, saved = [time.time()], [time.time()]
 
@@ -97,7 +118,7 @@ def search_trainable(config: dict[str, Any], data: SplitData) -> None:
         }
         if point.index % every == 0 or (seconds and time.time() - saved[0] >= seconds):
             with tempfile.TemporaryDirectory() as d:
-                (restart / SEARCH_STATE_FILE).put(save_search_state(stage, d))
+                restart.put(save_search_state(stage, d))
             saved[0] = time.time()
         with tempfile.TemporaryDirectory() as d:
             stage.trajectory().save(Path(d) / TRAJECTORY_FILE)
@@ -108,12 +129,13 @@ def search_trainable(config: dict[str, Any], data: SplitData) -> None:
     stage.run(on_mini_epoch=report, stop_when_converged=False)
 
 
-def restart_store() -> Store:
-    """This trial's restart state: one copy in the trial's folder on Tune's storage (local or a URI), outside
-    Tune's checkpoints, so that a trajectory-only checkpoint never hides it and old ones are not kept."""
-    storage = tune.get_context().get_storage()
-    path = f"{storage.trial_fs_path}/{RESTART_DIR}"
-    return Store(storage.storage_filesystem, path, path)
+def restart_store(exp: ExperimentConfig) -> Store:
+    """The (method, seed)'s restart state, in the run folder beside its trajectory (local or a URI) and outside
+    Tune's folders: a trajectory-only checkpoint never hides it, old ones are not kept, and a new Tune run (its
+    state damaged) finds it as well as a restored trial does."""
+    storage = tune.get_context().get_storage()  # storage_fs_path: the run folder Tune was given
+    run = Store(storage.storage_filesystem, storage.storage_fs_path, storage.storage_fs_path)
+    return RunFolder(run).search_state(exp.method, exp.seed)
 
 
 def read_trajectory(file: Store) -> Trajectory:
@@ -228,6 +250,43 @@ def trial_dirname(trial: Any) -> str:
     return f"{trial.config['trial']['key'].replace('/', '-')}-{trial.trial_id}"
 
 
+def damaged(tune_dir: Store) -> str | None:
+    """Why Tune's saved state cannot be restored, or None: `Tuner.can_restore` only looks for a file, and a
+    truncated one (written on a full disk) breaks the fit later, deep inside Tune. Tune's state files are JSON
+    or pickles (whatever their names say); a pickle is whole when it ends with its STOP opcode (not loaded)."""
+    for info in tune_dir.fs.get_file_info(pafs.FileSelector(tune_dir.path)):
+        if info.type != pafs.FileType.File or not info.base_name.endswith((".json", ".pkl")):
+            continue
+        data = (tune_dir / info.base_name).read_bytes()
+        if data.startswith(b"\x80"):
+            whole = data.endswith(b".")
+        else:
+            try:
+                json.loads(data)
+                whole = True
+            except ValueError:
+                whole = False
+        if not whole:
+            return f"{info.base_name} is {'empty' if not data else 'truncated'}"
+    return None
+
+
+def set_aside(folder: Store) -> Store:
+    """Rename a damaged folder out of the way (kept to look at); the new name is returned."""
+    aside = folder.with_name(f"{folder.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+    folder.move(aside)
+    return aside
+
+
+def without_traceback(record: logging.LogRecord) -> bool:
+    """A log record of Tune's as one line: a failed save of its state (a full disk) is said, and the fault that
+    stops the run follows; its traceback, inside Tune's syncer, tells a user nothing more."""
+    if record.exc_info and record.exc_info[1] is not None:
+        record.msg = f"{record.getMessage().rstrip()} {str(record.exc_info[1]).splitlines()[0]}"
+        record.args, record.exc_info, record.exc_text = (), None, None
+    return True
+
+
 def search_tuner(
     trials: dict[str, ExperimentConfig], storage: Store | Path, data_ref: Any, channel: str, resume: bool
 ) -> tune.Tuner:
@@ -239,6 +298,9 @@ def search_tuner(
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
+    logging.getLogger("ray.tune.execution.experiment_state").addFilter(without_traceback)
+    # er-ray says how to resume (`--resume`), not Tune's `Tuner.restore(...)` hint
+    logging.getLogger("ray.tune.tune").addFilter(lambda r: "Tuner.restore(" not in r.getMessage())
     trainable = tune.with_resources(
         tune.with_parameters(search_trainable, data=data_ref),
         {
@@ -251,8 +313,20 @@ def search_tuner(
     fs = None if storage.local is not None else storage.fs
     path = (storage / TUNE_DIR).path
     if resume and tune.Tuner.can_restore(path, storage_filesystem=fs):
-        return tune.Tuner.restore(
-            path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs
+        why = damaged(storage / TUNE_DIR)
+        if why is None:
+            try:
+                tuner = tune.Tuner.restore(
+                    path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs
+                )
+                say(f"the searches continue from Tune's state in {storage / TUNE_DIR}")
+                return tuner
+            except Exception as err:  # noqa: BLE001 - any failure to read Tune's files means the same
+                why = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        aside = set_aside(storage / TUNE_DIR)
+        say(
+            f"Tune's state in {storage / TUNE_DIR} is damaged ({why}; moved to {aside.name}): the unfinished "
+            "searches start again from their restart states"
         )
     grid = [{"key": k, "experiment": c.model_dump(mode="json")} for k, c in trials.items()]
     return tune.Tuner(
