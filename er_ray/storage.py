@@ -148,6 +148,15 @@ class Store:
         infos = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
         return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
 
+    def bucket_gone(self) -> bool:
+        """On an object store: this path's bucket no longer exists (deleted during a run)."""
+        if self.local is not None:
+            return False
+        try:
+            return self.fs.get_file_info(self.path.split("/", 1)[0]).type == pafs.FileType.NotFound
+        except OSError:  # the store does not answer: not known to be gone
+            return False
+
     def move(self, target: Store) -> None:
         """This folder to `target` on the same file system (object stores: copied, then deleted)."""
         try:
@@ -204,13 +213,16 @@ _FAULTS = {
     errno.EDQUOT: "disk quota exceeded",
     errno.EROFS: "read-only file system",
 }
-_BUCKET_GONE = re.compile(r"NO_SUCH_BUCKET|NoSuchBucket|bucket does not exist", re.IGNORECASE)
+BUCKET_GONE = "the bucket does not exist (deleted during the run?)"
+_BUCKET_GONE = re.compile(r"NO_SUCH_BUCKET|NoSuchBucket|bucket does not exist|Bucket '[^']*' not found", re.I)
 
 
-def fault_line(err: BaseException, where: str | None = None) -> str | None:
+def fault_line(err: BaseException, store: Store | None = None) -> str | None:
     """One line for a fault of the storage a run writes to (a full disk, a read-only one, a bucket deleted),
-    found anywhere in `err`'s chain, Ray's wrapped task errors included; `where` names the path when the
-    error does not (pyarrow's do not). None for anything else."""
+    found anywhere in `err`'s chain, Ray's wrapped task errors included, or, for an error that does not say
+    (Tune's "Unable to set up cluster storage"), by looking at `store`'s bucket. `store` names the path when
+    the error does not (pyarrow's do not). None for anything else."""
+    where = str(store) if store is not None else None
     todo, seen = [err], set()
     while todo:
         e = todo.pop()
@@ -220,14 +232,14 @@ def fault_line(err: BaseException, where: str | None = None) -> str | None:
         if isinstance(e, OSError) and (line := _os_fault(e, where)):
             return line
         todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
-    return None
+    return f"{BUCKET_GONE}: {where}" if store is not None and store.bucket_gone() else None
 
 
 def _os_fault(e: OSError, where: str | None) -> str | None:
     text = str(e)
     what = _FAULTS.get(e.errno or 0) or next((v for v in _FAULTS.values() if v in text.lower()), None)
     if what is None and _BUCKET_GONE.search(text):
-        what = "the bucket does not exist (deleted during the run?)"
+        what = BUCKET_GONE
     if what is None:
         return None
     path = e.filename2 or e.filename or where

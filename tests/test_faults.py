@@ -164,7 +164,7 @@ def test_fault_lines_name_the_cause_and_the_path():
 
     from ray.exceptions import RayTaskError
 
-    from er_ray.storage import fault_line
+    from er_ray.storage import Store, fault_line
 
     full = OSError(errno.ENOSPC, "No space left on device", "/tmp/a", None, "/out/x.tmp")
     assert fault_line(full) == "no space left on device: /out/x.tmp"
@@ -174,9 +174,9 @@ def test_fault_lines_name_the_cause_and_the_path():
     try:
         raise RuntimeError("search stage failed") from wrapped
     except RuntimeError as err:
-        assert fault_line(err, "/out/run") == "no space left on device: /out/run"
+        assert fault_line(err, Store.at("/out/run")) == "no space left on device: /out/run"
     gone = OSError("When uploading part: AWS Error NO_SUCH_BUCKET during UploadPart operation")
-    assert fault_line(gone, "s3://b/run").startswith("the bucket does not exist")
+    assert fault_line(gone).startswith("the bucket does not exist")
     assert fault_line(OSError(errno.ECONNRESET, "Connection reset")) is None
     assert fault_line(ValueError("no space left on device")) is None  # only a storage error is a fault
 
@@ -272,3 +272,55 @@ def _client(uri):
 def _mlflow_runs(uri):
     client = _client(uri)
     return client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+
+
+def test_a_bucket_deleted_mid_run_stops_it_in_one_line(s3, tiny_model_dir, tmp_path):
+    """The run folder's bucket disappears after the first checkpoint: one line naming it, exit 1, every
+    MLflow run ended (the store is local)."""
+    import boto3
+
+    endpoint = re.search(r"endpoint_override=([^&]+)", s3).group(1)
+    client = boto3.client("s3", endpoint_url=f"http://{endpoint}")
+    client.create_bucket(Bucket="vanishing")
+    cfg = tiny_experiment(
+        tiny_model_dir,
+        s3.replace("er-ray-test", "vanishing").format("out"),
+        **{
+            "search.max_epochs": 40,
+            "ray.attack": "false",
+            "ray.search_cpus": 1,
+            "tracking.uri": f"sqlite:///{tmp_path}/mlflow.db",
+        },
+    )
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(json.dumps(cfg.model_dump(mode="json")))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "er_ray.cli", "run", str(cfg_file)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+    def keys() -> list[str]:
+        return [o["Key"] for o in client.list_objects_v2(Bucket="vanishing").get("Contents", [])]
+
+    deadline = time.time() + 240
+    while time.time() < deadline and not [k for k in keys() if "/checkpoint_" in k]:
+        time.sleep(0.3)
+    assert driver.poll() is None, driver.communicate()[0][-2000:]
+    while True:  # S3 deletes only an empty bucket, and the run keeps writing
+        for key in keys():
+            client.delete_object(Bucket="vanishing", Key=key)
+        try:
+            client.delete_bucket(Bucket="vanishing")
+            break
+        except client.exceptions.ClientError:
+            continue
+    out = driver.communicate(timeout=240)[0]
+    assert driver.returncode == 1, out[-3000:]
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("er-ray: error: the bucket does not exist"), out[-3000:]
+    assert "vanishing/out/tiny/runs/" in last and "Traceback" not in out, out[-3000:]
+    assert {r.info.status for r in _mlflow_runs(cfg.tracking.uri)} <= {"FAILED", "KILLED"}

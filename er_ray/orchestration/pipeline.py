@@ -387,7 +387,7 @@ def run_pipeline(cfg: ExperimentConfig, resume: bool = False) -> list[dict]:
             recorder.emit(
                 ev.RunEnded("KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED")
             )
-        line = str(err) if isinstance(err, Fault) else fault_line(err, str(folder.root))
+        line = str(err) if isinstance(err, Fault) else fault_line(err, folder.root)
         if line is not None:  # a trial's, a worker's or the driver's own write: one line, not a traceback
             raise Fault(f"{line}; once that is fixed, `--resume` continues the run") from err
         raise

@@ -81,8 +81,8 @@ def search_trainable(config: dict[str, Any], data: SplitData) -> None:
     restart = restart_store(exp)
     try:
         search(config, exp, data, restart)
-    except (UserError, OSError) as err:
-        line = str(err) if isinstance(err, UserError) else fault_line(err, str(restart))
+    except Exception as err:  # Tune's own storage errors are RuntimeErrors caused by an OSError
+        line = str(err) if isinstance(err, UserError) else fault_line(err, restart)
         if line is None:
             raise  # a crash: Tune retries it (`ray.max_retries`)
         tune.report({FAULT: line, FAULT_IS_INPUT: isinstance(err, UserError)})
@@ -298,7 +298,8 @@ def search_tuner(
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
-    logging.getLogger("ray.tune.execution.experiment_state").addFilter(without_traceback)
+    for name in ("ray.tune.execution.experiment_state", "ray.train._internal.storage"):
+        logging.getLogger(name).addFilter(without_traceback)
     # er-ray says how to resume (`--resume`), not Tune's `Tuner.restore(...)` hint
     logging.getLogger("ray.tune.tune").addFilter(lambda r: "Tuner.restore(" not in r.getMessage())
     trainable = tune.with_resources(
