@@ -324,3 +324,50 @@ def test_a_bucket_deleted_mid_run_stops_it_in_one_line(s3, tiny_model_dir, tmp_p
     assert last.startswith("er-ray: error: the bucket does not exist"), out[-3000:]
     assert "vanishing/out/tiny/runs/" in last and "Traceback" not in out, out[-3000:]
     assert {r.info.status for r in _mlflow_runs(cfg.tracking.uri)} <= {"FAILED", "KILLED"}
+
+
+def test_a_driver_refused_by_rays_token_check_is_told_how_to_fix_it(tiny_model_dir, tmp_path):
+    """A head started with token authentication, a driver holding another token: exit 2 and one last line
+    that names the token and how to fix it (not Ray's `ConnectionError` traceback)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    head_env = {**base, "HOME": str(tmp_path), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "a" * 64}
+    head = subprocess.Popen(  # --block: the head's processes end with this one, not by `ray stop` (all Rays)
+        ["ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=1", "--include-dashboard=false"],
+        env=head_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        cfg = tiny_experiment(tiny_model_dir, tmp_path / "out", **{"ray.attack": "false"})
+        cfg_file = tmp_path / "cfg.yaml"
+        cfg_file.write_text(json.dumps(cfg.model_dump(mode="json")))
+        env = {**base, "HOME": str(tmp_path), "RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_AUTH_TOKEN": "b" * 64}
+        done = subprocess.run(
+            [sys.executable, "-m", "er_ray.cli", "run", str(cfg_file)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        last = done.stderr.strip().splitlines()[-1]
+        assert done.returncode == 2 and last.startswith("er-ray: error: the Ray at"), done.stderr[-2000:]
+        assert (
+            "RAY_AUTH_TOKEN" in last and "RAY_AUTH_MODE=disabled" in last and "Traceback" not in done.stderr
+        )
+        assert not (tmp_path / "out").exists()
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(60)

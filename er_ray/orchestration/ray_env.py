@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import threading
 
-from er_ray.config import ExperimentConfig, settings
+from er_ray.config import ExperimentConfig, UserError, settings
 from er_ray.orchestration import ray_patches
 
 
@@ -34,7 +35,10 @@ def init_ray(cfg: ExperimentConfig | None = None, num_cpus: int | None = None) -
     # Hugging Face's "newly initialized ... You should probably TRAIN this model" once per worker is noise
     quiet = {"env_vars": {"TRANSFORMERS_VERBOSITY": "error"}}
     if address:
-        ray.init(address=address, runtime_env=quiet, logging_level=logging.WARNING)
+        try:
+            ray.init(address=address, runtime_env=quiet, logging_level=logging.WARNING)
+        except ConnectionError:
+            raise UserError(join_failed(address)) from None
     else:
         # "local": always a fresh Ray of our own; a bare init() would join whatever Ray instance this machine
         # last started (another user's run, or the leftovers of a driver that was killed). Its token
@@ -49,6 +53,21 @@ def init_ray(cfg: ExperimentConfig | None = None, num_cpus: int | None = None) -
         )
     if main and previous is not None:
         signal.signal(signal.SIGTERM, previous)
+
+
+def join_failed(address: str) -> str:
+    """Why joining the Ray at `address` failed, in one line with its fix: a head that answers refused this
+    driver's token (Ray 2.60 turns token authentication on), or nothing answers there."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=3).close()
+    except (OSError, ValueError):
+        return f"no Ray answers at {address} (ray.address / RAY_ADDRESS): start one with `ray start --head`"
+    return (
+        f"the Ray at {address} refused this driver's authentication token: give the driver the head's token "
+        "(RAY_AUTH_TOKEN, or the head's ~/.ray/auth_token via RAY_AUTH_TOKEN_PATH), or, on a machine of your "
+        "own, start the head and the driver with RAY_AUTH_MODE=disabled (docs/cluster.md)"
+    )
 
 
 def shutdown_ray(timeout: float = 30.0) -> bool:
