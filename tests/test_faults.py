@@ -371,3 +371,47 @@ def test_a_driver_refused_by_rays_token_check_is_told_how_to_fix_it(tiny_model_d
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(60)
+
+
+# Ray 2.60's gRPC servers (the GCS, the raylet, every core worker including the driver's) listen on all
+# interfaces and its runtime-env agent on the node's address: `_node_ip_address="127.0.0.1"` does not move
+# them (measured; docs/reliability.md). Token authentication, on by default, guards them.
+RAY_LISTENERS_ANYWHERE = ("gcs_server", "raylet", "ray::")
+
+
+def test_a_local_ray_listens_beyond_loopback_only_where_ray_cannot_be_moved_and_with_its_token_on(tmp_path):
+    script = """
+import json, os, psutil, ray
+from er_ray.orchestration.ray_env import init_ray
+init_ray(num_cpus=1)
+
+@ray.remote
+class Probe:
+    def ping(self):
+        return 1
+
+ray.get(Probe.remote().ping.remote())
+me = psutil.Process()
+out = []
+for p in [me, *me.children(recursive=True)]:
+    try:
+        out += [[p.pid, p.name(), c.laddr.ip] for c in p.net_connections("inet") if c.status == "LISTEN"]
+    except psutil.Error:
+        pass
+print(json.dumps({"auth": os.environ.get("RAY_AUTH_MODE"), "listening": out, "driver": me.pid}))
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # er-ray starts its own Ray
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["auth"] == "token"
+    assert any(name == "gcs_server" for _, name, _ in found["listening"])  # the listing sees Ray's servers
+    wide = [(pid, name, ip) for pid, name, ip in found["listening"] if ip not in ("127.0.0.1", "::1")]
+    unexpected = [
+        (name, ip)
+        for pid, name, ip in wide
+        if pid != found["driver"] and not name.startswith(RAY_LISTENERS_ANYWHERE)
+    ]
+    assert not unexpected, unexpected  # a dashboard, a metrics exporter, a client server: not started
