@@ -8,7 +8,15 @@ import math
 import pytest
 
 from er_ray.report import stats
-from er_ray.report.stats import FAILS, HOLDS, INCONCLUSIVE, Interval, PairedCounts
+from er_ray.report.stats import (
+    BELOW_MARGIN,
+    FAILS,
+    HOLDS,
+    INCONCLUSIVE,
+    UNINFORMATIVE,
+    Interval,
+    PairedCounts,
+)
 
 
 def test_summary_is_mean_sample_std_and_n():
@@ -93,6 +101,9 @@ def _iv(lo: float, hi: float, p: float = math.nan) -> Interval:
         ("above", _iv(1.0, 9.0, 0.07), 5.0, INCONCLUSIVE),  # the interval and the exact test disagree
         ("above", _iv(-3.0, 4.0, 0.6), 5.0, FAILS),  # a gain of 5 points is ruled out
         ("above", _iv(-3.0, 8.0, 0.4), 5.0, INCONCLUSIVE),
+        # real but under the margin: the published w/o-L1 clean row, +0.8 [+0.5, +1.1] against 2 points
+        ("above", _iv(0.5, 1.1, 0.01), 2.0, BELOW_MARGIN),
+        ("above", _iv(0.5, 2.0, 0.01), 2.0, HOLDS),  # a gain of the margin is not ruled out
         ("close", _iv(-4.0, 2.0), 5.0, HOLDS),
         ("close", _iv(-12.0, -6.0), 5.0, FAILS),
         ("close", _iv(-8.0, 1.0), 5.0, INCONCLUSIVE),
@@ -113,3 +124,42 @@ def test_a_claim_over_attacks_needs_every_attack():
     assert stats.combine([HOLDS, HOLDS]) == HOLDS
     assert stats.combine([HOLDS, INCONCLUSIVE]) == INCONCLUSIVE
     assert stats.combine([HOLDS, INCONCLUSIVE, FAILS]) == FAILS
+    assert stats.combine([HOLDS, BELOW_MARGIN]) == FAILS
+
+
+def test_a_claim_over_attacks_is_decided_on_its_informative_ones():
+    assert stats.combine([HOLDS, UNINFORMATIVE, UNINFORMATIVE]) == HOLDS
+    assert stats.combine([FAILS, UNINFORMATIVE]) == FAILS
+    assert stats.combine([UNINFORMATIVE, UNINFORMATIVE]) == UNINFORMATIVE
+    assert stats.combine([]) == INCONCLUSIVE
+
+
+@pytest.mark.parametrize(
+    ("counts", "floor"),
+    [
+        (PairedCounts(0, 1, 2, 297), True),  # 1 of 300 vs 2 of 300 survive: both surely under 5 points
+        (PairedCounts(0, 0, 0, 30), False),  # 0 of 30: the upper bound (11.4%) allows 5 points
+        (PairedCounts(5, 10, 0, 285), False),  # A keeps 5%: a 5-point difference could show
+        (PairedCounts(0, 0, 0, 0), False),  # no pairs: nothing to say
+    ],
+)
+def test_an_attack_is_uninformative_when_both_models_are_surely_under_the_margin(counts, floor):
+    assert stats.at_floor(counts, 5.0) is floor
+
+
+def test_identical_seed_values_are_no_spread_not_a_zero_p():
+    iv = stats.mean_interval([0.3, 0.3, 0.3])
+    assert iv.estimate == pytest.approx(0.3) and not iv.defined and math.isnan(iv.p)
+    assert iv.detail == "no spread (3 seeds)" and stats.decide("at_most", iv, 0.35) == INCONCLUSIVE
+
+
+def test_a_claims_verdict_names_the_attacks_that_could_not_decide_it():
+    from er_ray.report.claims import CLAIMS, Decision, Evidence
+
+    iv = _iv(-1.0, 2.0)
+    close = next(c for c in CLAIMS if c.rule == "close" and c.measure == "aua")
+    d = Decision(close, "sst2", "A vs B")
+    d.evidence = [Evidence("TextFooler", iv, UNINFORMATIVE), Evidence("TextBugger", iv, HOLDS)]
+    assert d.verdict == "holds (uninformative: TextFooler)"
+    d.evidence = [Evidence("TextFooler", iv, UNINFORMATIVE)]
+    assert d.verdict == UNINFORMATIVE

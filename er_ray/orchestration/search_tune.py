@@ -80,19 +80,19 @@ def search_trainable(config: dict[str, Any], data: SplitData) -> None:
     exp = ExperimentConfig.model_validate(config["trial"]["experiment"])
     restart = restart_store(exp)
     try:
-        search(config, exp, data, restart)
+        search_stage(config, exp, data, restart)
     except Exception as err:  # Tune's own storage errors are RuntimeErrors caused by an OSError
         line = str(err) if isinstance(err, UserError) else fault_line(err, restart)
         if line is None:
             raise  # a crash: Tune retries it (`ray.max_retries`)
         tune.report({FAULT: line, FAULT_IS_INPUT: isinstance(err, UserError)})
-        time.sleep(
-            FAULT_WAIT
-        )  # the driver stops the fit meanwhile; if none listens, Tune's retries take over
+        # the driver stops the fit meanwhile; if none listens, Tune's retries take over
+        time.sleep(FAULT_WAIT)
         raise
 
 
-def search(config: dict[str, Any], exp: ExperimentConfig, data: SplitData, restart: Store) -> None:
+def search_stage(config: dict[str, Any], exp: ExperimentConfig, data: SplitData, restart: Store) -> None:
+    """The search, from `restart` when it exists, reporting every mini-epoch to Tune."""
     threads = max(1, int(config.get("threads") or 1))
     stage = new_search(prepare(with_threads(exp, threads), data=data))
     with tempfile.TemporaryDirectory() as d:

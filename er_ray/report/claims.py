@@ -67,7 +67,16 @@ class Decision:
 
     @property
     def verdict(self) -> str | None:
-        return None if self.why_not else stats.combine(e.verdict for e in self.evidence)
+        """The claim's verdict, naming the evidence that could not decide anything (uninformative attacks)."""
+        if self.why_not:
+            return None
+        verdict = stats.combine(e.verdict for e in self.evidence)
+        idle = [e.label for e in self.evidence if e.verdict == stats.UNINFORMATIVE]
+        return (
+            f"{verdict} ({stats.UNINFORMATIVE}: {', '.join(idle)})"
+            if idle and verdict != stats.UNINFORMATIVE
+            else verdict
+        )
 
 
 # ---------------------------------------------------------------- what each claim compares
@@ -241,14 +250,21 @@ def _values(tickets: Seeded, metric: str, scale: float = 1.0) -> dict[str, float
     return {s: scale * t.metrics[metric] for s, t in tickets.items() if metric in t.metrics}
 
 
-def _measure(scope: Scope, measure: Measure, a: Seeded, b: Seeded | None) -> list[tuple[str, stats.Interval]]:
+def _measure(
+    scope: Scope, claim: Claim, a: Seeded, b: Seeded | None
+) -> list[tuple[str, stats.Interval, str]]:
+    """(what, interval, verdict) per attack, or one for a seed-level measure."""
+    measure = claim.measure
     if measure == "aua":
         out = []
         for attack in tracking.ATTACKS:
             sa, sb = survived(scope, a, attack), survived(scope, b or {}, attack)
             counts = stats.PairedCounts.of(sa, sb)
             if counts.n:
-                out.append((ATTACK_LABEL.get(attack, attack), stats.paired_difference(counts).scaled(100)))
+                iv = stats.paired_difference(counts).scaled(100)
+                floor = stats.at_floor(counts, claim.bound)
+                verdict = stats.UNINFORMATIVE if floor else stats.decide(claim.rule, iv, claim.bound)
+                out.append((ATTACK_LABEL.get(attack, attack), iv, verdict))
         return out
     if measure == "clean":
         iv = stats.seed_difference(
@@ -259,7 +275,7 @@ def _measure(scope: Scope, measure: Measure, a: Seeded, b: Seeded | None) -> lis
         iv = stats.ratio_of_means(*times)
     else:
         iv = stats.mean_interval(list(_values(a, tracking.STOP_EPOCH).values()))
-    return [] if math.isnan(iv.estimate) else [("", iv)]
+    return [] if math.isnan(iv.estimate) else [("", iv, stats.decide(claim.rule, iv, claim.bound))]
 
 
 _MISSING = {
@@ -281,9 +297,9 @@ def evaluate(scope: Scope, cells: dict[tuple[str, str], Cell]) -> list[Decision]
                 continue
             decision = Decision(claim, ds, "; ".join(label for label, _, _ in selected))
             for label, a, b in selected:
-                for what, iv in _measure(scope, claim.measure, a, b):
+                for what, iv, verdict in _measure(scope, claim, a, b):
                     name = ": ".join(x for x in (label if len(selected) > 1 else "", what) if x)
-                    decision.evidence.append(Evidence(name, iv, stats.decide(claim.rule, iv, claim.bound)))
+                    decision.evidence.append(Evidence(name, iv, verdict))
             if not decision.evidence:
                 decision.why_not = _MISSING[claim.measure]
             out.append(decision)

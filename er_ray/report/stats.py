@@ -26,6 +26,8 @@ ALPHA = 1 - LEVEL
 NAN = math.nan
 
 HOLDS, FAILS, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
+BELOW_MARGIN = f"{FAILS} (significant, below the margin)"  # "above": real but smaller than the margin
+UNINFORMATIVE = "uninformative"  # the attack leaves (almost) nothing standing in either model
 Rule = Literal["above", "close", "at_least", "at_most"]
 
 
@@ -137,8 +139,8 @@ def mean_interval(values: Sequence[float]) -> Interval:
     if n < 2:
         return Interval(mean, NAN, NAN, NAN, n, "one seed")
     sd = float(x.std(ddof=1))
-    if sd == 0:  # identical values: no spread to scale a t statistic with
-        return Interval(mean, mean, mean, 1.0 if mean == 0 else 0.0, n, f"{n} seeds")
+    if sd == 0:  # identical values: no spread to scale a t statistic with, so no interval and no test
+        return Interval(mean, NAN, NAN, NAN, n, f"no spread ({n} seeds)")
     se = sd / math.sqrt(n)
     half = float(sps.t.ppf(1 - ALPHA / 2, n - 1)) * se
     p = float(2 * sps.t.sf(abs(mean) / se, n - 1))
@@ -173,10 +175,12 @@ def ratio_of_means(num: Sequence[float], den: Sequence[float]) -> Interval:
 
 
 def decide(rule: Rule, iv: Interval, bound: float) -> str:
-    """The verdict of one measured quantity, from its interval alone (plus its test for "above").
+    """The verdict of one measured quantity, from its interval alone (plus its test for "above"); exactly one
+    outcome per case.
 
-    above     "A is above B" (d = A - B):  holds if lo > 0 and p < ALPHA; does not hold if hi < bound
-              (a gain of `bound` or more is ruled out); else inconclusive.
+    above     "A is above B by a margin" (d = A - B): does not hold if hi < bound (a gain of `bound` is ruled
+              out; when lo > 0 as well the difference is real but below the margin, `BELOW_MARGIN`); else holds
+              if lo > 0 and p < ALPHA; else inconclusive.
     close     "A is not below B by more than bound":  holds if lo > -bound; does not hold if hi < -bound.
     at_least  "x >= bound":  holds if lo >= bound; does not hold if hi < bound.
     at_most   "x <= bound":  holds if hi <= bound; does not hold if lo > bound.
@@ -185,8 +189,10 @@ def decide(rule: Rule, iv: Interval, bound: float) -> str:
         return INCONCLUSIVE
     lo, hi = iv.lo, iv.hi
     if rule == "above":
+        if hi < bound:
+            return BELOW_MARGIN if lo > 0 else FAILS
         p_ok = math.isnan(iv.p) or iv.p < ALPHA
-        return HOLDS if lo > 0 and p_ok else FAILS if hi < bound else INCONCLUSIVE
+        return HOLDS if lo > 0 and p_ok else INCONCLUSIVE
     if rule == "close":
         return HOLDS if lo > -bound else FAILS if hi < -bound else INCONCLUSIVE
     if rule == "at_least":
@@ -196,11 +202,22 @@ def decide(rule: Rule, iv: Interval, bound: float) -> str:
     raise ValueError(f"unknown rule {rule!r}")
 
 
+def at_floor(c: PairedCounts, bound: float, scale: float = 100.0) -> bool:
+    """Both models' Aua is surely under `bound` (their upper Wilson bounds, times `scale`): the attack leaves
+    almost nothing standing, so no difference of the claim's size can show on it."""
+    highs = [wilson(k, c.n)[1] * scale for k in (c.both + c.only_a, c.both + c.only_b)]
+    return c.n > 0 and all(h < bound for h in highs)
+
+
 def combine(verdicts: Iterable[str]) -> str:
-    """A claim made for every attack (or setting): holds if it holds for each, does not hold if it fails for one."""
+    """A claim made for every attack (or setting), decided on its informative ones: holds if it holds for each,
+    does not hold if it fails for one; uninformative when every one is."""
     vs = list(verdicts)
+    informative = [v for v in vs if v != UNINFORMATIVE]
     if not vs:
         return INCONCLUSIVE
-    if FAILS in vs:
+    if not informative:
+        return UNINFORMATIVE
+    if any(v.startswith(FAILS) for v in informative):
         return FAILS
-    return HOLDS if all(v == HOLDS for v in vs) else INCONCLUSIVE
+    return HOLDS if all(v == HOLDS for v in informative) else INCONCLUSIVE
