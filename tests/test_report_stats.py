@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from er_ray.report import stats
@@ -50,16 +51,36 @@ def test_paired_counts_pair_on_shared_keys_only():
     assert (c.both, c.only_a, c.only_b, c.neither, c.n) == (1, 1, 1, 1, 4)
 
 
-def test_newcombe_paired_interval_matches_the_published_example():
-    # Fagerland, Lydersen & Laake (2017), Statistical Analysis of Contingency Tables, ch. 8: Cavo et al. (2012),
-    # table [[59, 6], [16, 80]]: Newcombe square-and-add -0.0621 (95% CI -0.1186 to -0.0046)
-    iv = stats.paired_difference(PairedCounts(both=59, only_a=6, only_b=16, neither=80))
-    assert (iv.estimate, iv.lo, iv.hi) == (
-        pytest.approx(-0.0621, abs=5e-5),
-        pytest.approx(-0.1186, abs=5e-5),
-        pytest.approx(-0.0046, abs=5e-5),
-    )
-    assert iv.p == pytest.approx(stats.mcnemar_exact(6, 16)) and iv.n == 161
+def _pairs(sentences: int, seeds: int, diff_of, seed: int = 1) -> tuple[dict, dict]:
+    """Survival of A and B on (seed, sentence) pairs; `diff_of(rng, sentence, seed)` gives (a, b)."""
+    rng = np.random.default_rng(seed)
+    a, b = {}, {}
+    for s in range(sentences):
+        for k in range(seeds):
+            a[(k, s)], b[(k, s)] = diff_of(rng, s, k)
+    return a, b
+
+
+def _unclustered(a: dict, b: dict) -> Interval:
+    """The same bootstrap with every pair its own cluster (pairs treated as independent)."""
+    return stats.cluster_difference({(k, k): v for k, v in a.items()}, {(k, k): v for k, v in b.items()})
+
+
+def test_clustering_widens_the_interval_when_a_sentences_seeds_agree():
+    # whether A alone survives is a property of the sentence, the same under all three seeds
+    sentence_kind = np.random.default_rng(7).choice(3, size=100, p=[0.8, 0.15, 0.05])
+    a, b = _pairs(100, 3, lambda rng, s, k: (sentence_kind[s] == 1, sentence_kind[s] == 2))
+    clustered, naive = stats.cluster_difference(a, b), _unclustered(a, b)
+    assert clustered.estimate == pytest.approx(naive.estimate)
+    assert (clustered.hi - clustered.lo) > 1.5 * (naive.hi - naive.lo)  # about sqrt(3) wider
+    assert clustered.detail.endswith("of 300 pairs, 100 sentences")
+
+
+def test_clustering_changes_nothing_when_seeds_are_independent():
+    a, b = _pairs(100, 3, lambda rng, s, k: (rng.random() < 0.15, rng.random() < 0.05))
+    clustered, naive = stats.cluster_difference(a, b), _unclustered(a, b)
+    assert 0.8 < (clustered.hi - clustered.lo) / (naive.hi - naive.lo) < 1.25
+    assert clustered == stats.cluster_difference(a, b)  # a fixed seed: the same store gives the same page
 
 
 def test_t_intervals_over_seeds():

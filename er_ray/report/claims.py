@@ -2,7 +2,8 @@
 
 A claim compares two sets of tickets (one per seed) on one measure:
   aua      paired on the same attacked examples, pooled over seeds (pairs keyed by (seed, example index)):
-           difference in Aua points, Newcombe's interval and the exact McNemar test, per attack;
+           difference in Aua points, a cluster bootstrap over sentences (a sentence's seeds together) and the
+           exact McNemar test, per attack;
   clean    clean accuracy, paired by seed: mean difference in points, t interval over seeds;
   speedup  the reference's mean training time / the ticket's, interval of the ratio over seeds;
   stop     the stop point in epochs, t interval of the mean over seeds.
@@ -261,7 +262,7 @@ def _measure(
             sa, sb = survived(scope, a, attack), survived(scope, b or {}, attack)
             counts = stats.PairedCounts.of(sa, sb)
             if counts.n:
-                iv = stats.paired_difference(counts).scaled(100)
+                iv = stats.cluster_difference(sa, sb).scaled(100)
                 floor = stats.at_floor(counts, claim.bound)
                 verdict = stats.UNINFORMATIVE if floor else stats.decide(claim.rule, iv, claim.bound)
                 out.append((ATTACK_LABEL.get(attack, attack), iv, verdict))

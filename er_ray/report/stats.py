@@ -3,7 +3,8 @@
 * Over seeds: mean, sample standard deviation (ddof=1; NaN for one seed) and n.
 * A proportion over examples (Aua pooled over seeds): the Wilson score interval.
 * Two models on the same attacked examples: the 2x2 counts of (survived A, survived B), the exact McNemar test
-  (binomial on the discordant pairs) and Newcombe's square-and-add interval for the paired difference.
+  (binomial on the discordant pairs) and, for the paired difference, a cluster bootstrap over sentences (a
+  sentence's seeds resampled together).
 * Per-seed quantities (clean accuracy, stop point): Student t intervals of a mean or of paired differences.
 * Ratios of mean times: the delta method on the log ratio, Welch-Satterthwaite degrees of freedom.
 * The verdict rule of docs/results.md ("How verdicts are decided"): `decide` and `combine`.
@@ -107,23 +108,34 @@ def mcnemar_exact(only_a: int, only_b: int) -> float:
     return float(sps.binomtest(only_a, only_a + only_b, 0.5).pvalue)
 
 
-def paired_difference(c: PairedCounts) -> Interval:
-    """P(A survives) - P(B survives) on the same examples: Newcombe's square-and-add interval (1998, method 10:
-    Wilson limits of both margins combined with their estimated correlation), with the exact McNemar p-value."""
-    n = c.n
-    if n == 0:
+BOOTSTRAP_DRAWS, BOOTSTRAP_SEED = 10_000, 0
+
+
+def cluster_difference(
+    a: Mapping[tuple[object, object], bool], b: Mapping[tuple[object, object], bool]
+) -> Interval:
+    """P(A survives) - P(B survives) on the pairs both have, keyed (seed, sentence): a paired cluster bootstrap
+    that resamples sentences with all their seeds together (whether an attack succeeds depends mostly on the
+    sentence, so a sentence's seeds are not independent pairs), BOOTSTRAP_DRAWS draws from a fixed seed,
+    percentile interval; p is the exact McNemar test on the pooled pairs (the per-pair view)."""
+    keys = sorted(a.keys() & b.keys(), key=repr)
+    c = PairedCounts.of(a, b)
+    if not keys:
         return Interval(NAN, NAN, NAN, NAN, 0)
-    p1, p2 = (c.both + c.only_a) / n, (c.both + c.only_b) / n
-    (l1, u1), (l2, u2) = wilson(c.both + c.only_a, n), wilson(c.both + c.only_b, n)
-    margins = (c.both + c.only_a) * (c.only_b + c.neither) * (c.both + c.only_b) * (c.only_a + c.neither)
-    cross = c.both * c.neither - c.only_a * c.only_b
-    # Newcombe's correction of the correlation: positive association is shrunk by n/2, negative kept
-    corr = 0.0 if margins == 0 else (max(cross - n / 2, 0.0) if cross >= 0 else cross) / math.sqrt(margins)
-    lo_gap = math.sqrt(max((p1 - l1) ** 2 - 2 * corr * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2, 0.0))
-    hi_gap = math.sqrt(max((u1 - p1) ** 2 - 2 * corr * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2, 0.0))
-    d = p1 - p2
-    detail = f"{c.only_a} vs {c.only_b} discordant of {n} pairs"
-    return Interval(d, d - lo_gap, d + hi_gap, mcnemar_exact(c.only_a, c.only_b), n, detail)
+    sentences = sorted({k[1] for k in keys}, key=repr)
+    where = {s: i for i, s in enumerate(sentences)}
+    diff, count = np.zeros(len(sentences)), np.zeros(len(sentences))
+    for k in keys:
+        diff[where[k[1]]] += int(a[k]) - int(b[k])
+        count[where[k[1]]] += 1
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    weights = rng.multinomial(len(sentences), np.full(len(sentences), 1 / len(sentences)), BOOTSTRAP_DRAWS)
+    draws = (weights @ diff) / (weights @ count)
+    lo, hi = np.quantile(draws, [ALPHA / 2, 1 - ALPHA / 2])
+    detail = f"{c.only_a} vs {c.only_b} discordant of {c.n} pairs, {len(sentences)} sentences"
+    return Interval(
+        diff.sum() / count.sum(), float(lo), float(hi), mcnemar_exact(c.only_a, c.only_b), c.n, detail
+    )
 
 
 # ---------------------------------------------------------------- per-seed quantities
