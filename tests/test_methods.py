@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -14,17 +15,44 @@ from er_ray.ticket import draw_masks, load_ticket, read_ticket_info
 from er_ray.train import accuracy
 
 
-def test_methods_imply_their_settings(tiny_model_dir, tmp_path):
-    base = tiny_experiment(tiny_model_dir, tmp_path)
-    r = lambda m: resolve_method(base.model_copy(update={"method": m}))  # noqa: E731
-    assert r("earlybert").search.adversary.kind == "none"
-    assert r("earlyrobust").search.adversary.kind == "freelb"
-    assert r("earlyrobust-no-l1").search.lambda_head == 0 == r("earlyrobust-no-l1").search.lambda_ffn
-    assert r("earlyrobust-random").prune.ticket == "random"
-    assert r("earlyrobust-random-layerwise").prune.ticket == "random-layerwise"
-    assert r("earlyrobust-reinit").prune.weights == "reinit"
-    assert r("earlyrobust-no-structure").prune.structure == "full"
-    assert r("pgd").search.adversary.kind == "pgd"
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def test_each_ablation_differs_from_earlyrobust_in_its_own_settings_only(tiny_model_dir, tmp_path):
+    base = tiny_experiment(tiny_model_dir, tmp_path, **{"search.adversary.kind": "none"})
+    resolved = lambda m: _flat(resolve_method(base.model_copy(update={"method": m})).model_dump())  # noqa: E731
+    er = resolved("earlyrobust")
+    assert er["search.adversary.kind"] == "freelb"  # EarlyRobust is adversarial whatever the config says
+    changed = {
+        "earlybert": {"search.adversary.kind"},
+        "earlyrobust-no-l1": {"search.lambda_head", "search.lambda_ffn"},
+        "earlyrobust-random": {"prune.ticket"},
+        "earlyrobust-random-layerwise": {"prune.ticket"},
+        "earlyrobust-reinit": {"prune.weights"},
+        "earlyrobust-no-structure": {"prune.structure"},
+        "pgd": {"search.adversary.kind"},
+    }
+    for method, own in changed.items():
+        other = resolved(method)
+        assert {k for k in er if k != "method" and other[k] != er[k]} == own, method
+
+
+def _top_magnitude(coef: torch.Tensor, keep: int) -> list[list[int]]:
+    """Per layer, the indices of the `keep` largest |c| over all layers, at least one per layer: written here
+    from the paper's description, not with er-ray's drawing."""
+    order = sorted(
+        ((abs(float(v)), i, j) for i, row in enumerate(coef) for j, v in enumerate(row)), reverse=True
+    )
+    kept = {(i, j) for _, i, j in order[:keep]}
+    for i, row in enumerate(coef):  # a layer left empty keeps its best unit, in place of the weakest kept one
+        if not any((i, j) in kept for j in range(len(row))):
+            weakest = min((k for k in kept), key=lambda k: abs(float(coef[k[0]][k[1]])))
+            kept = (kept - {weakest}) | {(i, max(range(len(row)), key=lambda j: abs(float(row[j]))))}
+    return [sorted(j for (i2, j) in kept if i2 == i) for i in range(len(coef))]
 
 
 def _reloaded_accuracy(cfg, ticket_dir) -> float:
@@ -47,15 +75,20 @@ TICKET_ABLATIONS = [
 @pytest.mark.parametrize("method", ["earlyrobust", "earlybert", *TICKET_ABLATIONS])
 def test_ticket_methods_draw_prune_and_fine_tune(tiny_model_dir, tmp_path, method):
     cfg = tiny_experiment(tiny_model_dir, tmp_path, method=method)
+    start = time.perf_counter()
     traj, (result,) = run_experiment(cfg)
+    wall = time.perf_counter() - start
     assert result.method == method and result.gamma == 0.2
-    # 2 layers x 4 heads, 1/4 pruned globally; 30% of 2 x 40 neurons
-    assert sum(len(h) for h in result.kept_heads) == 6 and sum(len(n) for n in result.kept_neurons) == 56
+    if method in ("earlyrobust", "earlybert", "earlyrobust-no-l1", "earlyrobust-reinit"):  # drawn from |c|
+        point = traj.mini_epochs[result.stop_mini_epoch]
+        assert result.kept_heads == _top_magnitude(point.head, 6) and result.kept_neurons == _top_magnitude(
+            point.ffn, 56
+        )  # 2 layers x 4 heads, 1/4 pruned globally; 30% of 2 x 40 neurons
     assert result.clean_acc == _reloaded_accuracy(
         cfg, result.ticket_dir
     )  # the saved ticket is the one scored
-    assert result.search_seconds > 0 and result.finetune_seconds > 0
-    assert result.train_seconds == pytest.approx(result.search_seconds + result.finetune_seconds)
+    # the stages' own clocks fit inside the wall clock around them, and the search's is read at its stop point
+    assert 0 < result.search_seconds and 0 < result.finetune_seconds and result.train_seconds < wall
     assert result.search_seconds == traj.mini_epochs[result.stop_mini_epoch].seconds
     model, _ = load_ticket(result.ticket_dir)
     assert heads_per_layer(model) == [len(h) for h in result.kept_heads]
@@ -77,7 +110,17 @@ def test_rewind_keeps_pretrained_weights_and_reinit_does_not(tiny_model_dir, tmp
     w_pre = pre.bert.encoder.layer[0].intermediate.dense.weight[10:]
     assert torch.equal(rewound.bert.encoder.layer[0].intermediate.dense.weight, w_pre)
     assert torch.equal(rewound.classifier.weight, pre.classifier.weight)  # same seeded head for every method
-    assert not torch.equal(reinit.bert.encoder.layer[0].intermediate.dense.weight, w_pre)
+    # re-initialised as BERT initialises (N(0, initializer_range), zero biases), not merely changed; the
+    # embeddings and LayerNorms keep their pre-trained values
+    fresh = reinit.bert.encoder.layer[0].intermediate.dense
+    std = reinit.config.initializer_range
+    assert abs(fresh.weight.std().item() - std) < 0.1 * std and abs(fresh.weight.mean().item()) < 0.1 * std
+    assert not fresh.bias.any() and not torch.equal(fresh.weight, w_pre[: fresh.weight.shape[0]])
+    assert torch.equal(
+        reinit.bert.embeddings.word_embeddings.weight, pre.bert.embeddings.word_embeddings.weight
+    )
+    ln, ln_pre = reinit.bert.encoder.layer[0].output.LayerNorm, pre.bert.encoder.layer[0].output.LayerNorm
+    assert torch.equal(ln.weight, ln_pre.weight) and torch.equal(ln.bias, ln_pre.bias)
 
 
 @pytest.mark.parametrize("method", ["finetune", "freelb", "pgd"])
