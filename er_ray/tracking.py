@@ -650,17 +650,18 @@ class Recorder:
         example and pinned requirements; `mlflow.pyfunc.load_model("runs:/<run>/model").predict(texts)` gives
         labels and scores."""
         import mlflow
+        from huggingface_hub import ModelCard
         from mlflow.models import ModelSignature
         from mlflow.types import ColSpec, Schema
 
-        from er_ray.export import export_hf
+        from er_ray.export import CARD_FILE, export_hf
 
         signature = ModelSignature(
             inputs=Schema([ColSpec("string")]),
             outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score")]),
         )
         pins = [f"{pkg}=={v}" for pkg, v in versions(MODEL_REQUIREMENTS).items()]
-        # the flavour warns that a local folder has no hub model card or license: known, and not the user's concern
+        # the flavour warns that a local folder has no license: known, and not the user's concern
         logging.getLogger("mlflow.transformers").setLevel(logging.ERROR)
         with tempfile.TemporaryDirectory() as tmp, fluent(self.uri), mlflow.start_run(run_id=run_id):
             folder = export_hf(ticket, Path(tmp) / "hf")  # the flavour logs into the active run only
@@ -668,6 +669,7 @@ class Recorder:
                 str(folder),
                 name=MODEL_ARTIFACT,
                 task="text-classification",
+                model_card=ModelCard((folder / CARD_FILE).read_text()),  # the export's, not the hub's
                 signature=signature,
                 input_example=examples,
                 pip_requirements=pins,

@@ -3,8 +3,10 @@ er_ray, with the ticket's predictions and logits (within 1e-5) and the data's la
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -169,3 +171,46 @@ def test_export_command_and_its_bad_input(ticket_dir, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert needle in err and "\n" not in err, err
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.*"))
+
+
+def test_an_export_is_readable_by_others_and_carries_a_model_card(ticket_dir, tmp_path):
+    import shutil
+    import stat
+
+    from er_ray.export import CARD_FILE
+
+    ticket = tmp_path / "ticket"
+    shutil.copytree(ticket_dir, ticket)
+    info = json.loads((ticket / "ticket.json").read_text())
+    meta = {"method": "earlyrobust", "dataset": "sst2", "gamma": "0.1", "seed": "2", "clean_acc": "0.8125"}
+    meta |= {"stop_epoch": "0.45", "stop_rule": "paper", "param_count": "1000000"}
+    (ticket / "ticket.json").write_text(json.dumps({**info, "meta": meta}))
+    attack = {
+        "aua": {"textbugger": 0.25},
+        "counts": {"textbugger": {"successful": 6, "failed": 2, "skipped": 0}},
+    }
+    (ticket / "attack").mkdir()
+    (ticket / "attack" / "summary.json").write_text(json.dumps({**attack, "resources": "offline"}))
+    old = os.umask(0o022)
+    try:
+        out = export_hf(ticket, tmp_path / "exported")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [out, *out.iterdir()]}
+    assert modes.pop("exported") == 0o755 and set(modes.values()) == {0o644}, modes
+    card = (out / CARD_FILE).read_text()
+    assert card.startswith("---\nlibrary_name: transformers\n")
+    for field in (
+        f"| base model | {info['base_model']} |",
+        "| method | earlyrobust |",
+        "| γ (the stop rule's threshold) | 0.1 |",
+        "| ticket drawn at | epoch 0.45 (paper rule) |",
+        "| pruned heads | 2 of 8 (25.0%) |",  # the fixture's ticket: heads 1 and 2 of layer 0
+        "| pruned FFN neurons | 46 of 80 (57.5%) |",  # 26 + 8 kept
+        "| seed | 2 |",
+        "| training data | sst2 |",
+        "| clean accuracy | 81.2% on the run's evaluation split |",
+        "| Aua under textbugger | 25.0% of 8 attacked examples, offline attack resources |",
+        f"er-ray {importlib.metadata.version('er-ray')}",
+    ):
+        assert field in card, field

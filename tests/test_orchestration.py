@@ -189,6 +189,8 @@ def test_primary_tickets_are_mlflow_models_that_predict_label_names(ray_session,
         assert model.metadata.signature is not None and "transformers" in model.metadata.flavors
         out = model.predict(["a gripping, funny film", "dull and far too long"])
         assert len(out) == 2 and set(out["label"]) <= {"negative", "positive"}
+        card = mlflow.artifacts.load_text(f"runs:/{run_id}/{T.MODEL_ARTIFACT}/model_card.md")
+        assert "| method | earlyrobust |" in card and "| seed | 3 |" in card  # the export's card
         version = mlflow.register_model(f"runs:/{run_id}/{T.MODEL_ARTIFACT}", "tiny-ticket")
         assert str(version.version) == "1" and version.run_id == run_id
 
