@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -353,6 +354,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def resume_command(argv: list[str]) -> str:
+    """The command that continues an interrupted one: `run` with `--resume` (its `--set`s kept), any other
+    command as it was (a study resumes by its name)."""
+    again = list(argv)
+    if again[:1] == ["run"] and "--resume" not in again:
+        again.append("--resume")
+    return shlex.join(["er-ray", *again])
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -361,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM (`ray job stop`, a scheduler's kill) ends a run like Ctrl-C: MLflow runs KILLED, resumable
     on_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if on_main else None
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)
@@ -373,10 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"er-ray: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(
-            "er-ray: interrupted; `--resume` continues a run, the same command continues a study",
-            file=sys.stderr,
-        )
+        print(f"er-ray: interrupted; to continue: {resume_command(argv)}", file=sys.stderr)
         ray = sys.modules.get("ray")
         if ray is not None and ray.is_initialized():
             # every run is closed and every file committed by now. Ray is shut down here, within a time limit

@@ -212,3 +212,15 @@ def test_check_names_the_one_time_attack_builds_with_their_duration(tmp_path, mo
         ]
         and len(out) == 2
     )
+
+
+def test_an_interrupted_command_is_told_how_to_continue_it_with_its_overrides():
+    from er_ray.cli import resume_command
+
+    run = ["run", "my sweep.yaml", "--set", "sweep.seeds=[1, 2]"]
+    assert resume_command(run) == "er-ray run 'my sweep.yaml' --set 'sweep.seeds=[1, 2]' --resume"
+    assert resume_command([*run, "--resume"]) == resume_command(run)  # not twice
+    tune = ["tune", "study.yaml", "--set", "tune.study_name=s1"]
+    assert (
+        resume_command(tune) == "er-ray tune study.yaml --set tune.study_name=s1"
+    )  # a study resumes by name

@@ -62,6 +62,7 @@ def test_one_interrupt_leaves_no_process_of_the_run_behind(how, tiny_model_dir, 
         os.kill(driver.pid, how)
     out, _ = driver.communicate(timeout=180)
     assert driver.returncode == 130, out[-2000:]
+    assert f"to continue: er-ray run {cfg_file} --resume" in out, out[-2000:]
     deadline = time.time() + 5  # a process still there 5 s after the driver exited was left behind
     while time.time() < deadline and _session_processes(driver.pid):
         time.sleep(0.5)
