@@ -19,7 +19,8 @@ import sys
 import threading
 from pathlib import Path
 
-from er_ray.config import Fault, UserError, load_config
+from er_ray.config import Fault, UserError, load_config, settings
+from er_ray.data import data_origin
 from er_ray.methods import check_config
 
 
@@ -44,7 +45,13 @@ def cmd_check(args: argparse.Namespace) -> int:
         from er_ray.layout import optuna_storage
 
         optuna_storage(cfg)  # a study needs a database, which a storage URI output_dir is not
+    origin = data_origin(cfg.data, settings().data_dir)  # missing files, or a hub switched off: exit 2
+    if cfg.ray.attack and cfg.attack.resources == "offline":
+        from er_ray.attacks.evaluate import constraints_dir
+
+        constraints_dir(settings().data_dir)  # else the attacks fail only after search and fine-tuning
     print(f"{args.config}: ok ({cfg.method} on {cfg.data.name}, model {cfg.model.name_or_path})")
+    print(f"data: {origin}")
     if cfg.ray.attack:
         from er_ray.attacks.builds import pending_builds
 

@@ -519,6 +519,24 @@ def local_files(cfg: DataConfig, data_dir: Path | None = None) -> list[Path]:
     return files
 
 
+def data_origin(cfg: DataConfig, data_dir: Path | None = None) -> str:
+    """Where a run reads the config's data from, in words: its local files, or the Hugging Face hub (which
+    needs a network; refused when the hub is switched off). Raises UserError for missing local files."""
+    files = local_files(cfg, data_dir)
+    if cfg.name == "custom" or (files and cfg.source != "hub"):
+        return ", ".join(str(f) for f in files)
+    folder = _data_dir(data_dir)
+    where = ""
+    if cfg.source == "auto":
+        where = f"no local copy under {folder}; " if folder else "no data folder (ER_RAY_DATA_DIR); "
+    if settings().offline:
+        raise UserError(
+            f"data {cfg.name}: {where}the Hugging Face hub is switched off (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE): "
+            "set ER_RAY_DATA_DIR to a folder with the ../shared/data layout"
+        )
+    return f"the Hugging Face hub ({where}a run downloads it: this needs a network)"
+
+
 def check_data(cfg: DataConfig, data_dir: Path | None = None) -> None:
     """Validate the data settings without loading the data (headers are read; with a label_map, the label
     values too, which must all be keys of the map). Raises UserError."""

@@ -18,7 +18,10 @@ def test_paper_configs_exist_for_every_dataset():
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
-def test_check_accepts_every_shipped_config(path, capsys):
+def test_check_accepts_every_shipped_config(path, capsys, monkeypatch):
+    # a config whose data has no local copy here is read from the hub by a run; `check` downloads nothing
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
     assert main(["check", str(path)]) == 0
     assert "ok" in capsys.readouterr().out
 
@@ -205,12 +208,12 @@ def test_check_names_the_one_time_attack_builds_with_their_duration(tmp_path, mo
     assert main(["check", str(quickstart)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert (
-        out[1:]
+        out[2:]  # after "ok" and where the data comes from
         == [
             f"the first run builds {b}"
             for b in pending_builds(load_config(quickstart).attack, tmp_path / "empty", data_dir)
         ]
-        and len(out) == 2
+        and len(out) == 3
     )
 
 
@@ -224,3 +227,23 @@ def test_an_interrupted_command_is_told_how_to_continue_it_with_its_overrides():
     assert (
         resume_command(tune) == "er-ray tune study.yaml --set tune.study_name=s1"
     )  # a study resumes by name
+
+
+def test_check_says_where_the_data_comes_from_and_refuses_what_a_run_would_miss(
+    tmp_path, monkeypatch, capsys
+):
+    empty = tmp_path / "data"
+    empty.mkdir()
+    quick = str(next(p for p in EXPERIMENTS if p.name == "quickstart.yaml"))
+    assert main(["check", quick]) == 0  # the shared data folder: its local files, named
+    assert "\ndata: " in capsys.readouterr().out
+    monkeypatch.setenv("ER_RAY_DATA_DIR", str(empty))
+    assert main(["check", quick, "--set", "ray.attack=false"]) == 2  # no local copy, and the hub is off
+    err = capsys.readouterr().err
+    assert f"no local copy under {empty}" in err and "HF_HUB_OFFLINE" in err and err.count("\n") == 1
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
+    assert main(["check", quick, "--set", "ray.attack=false"]) == 0
+    assert "data: the Hugging Face hub (no local copy" in capsys.readouterr().out
+    assert main(["check", quick]) == 2  # the attacks' constraints are missing: said before anything runs
+    assert "counter-fitting" in capsys.readouterr().err
