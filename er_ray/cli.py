@@ -115,7 +115,7 @@ def _pct(v: float | None) -> float | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, [*args.overrides, *(["runtime.status_seconds=0"] if args.quiet else [])])
     check_config(cfg)
     if args.no_ray:
         from er_ray.methods import run_experiment
@@ -245,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-ray",
         action="store_true",
         help="run search, draw, rewind and fine-tune in this process (no Ray, MLflow or attacks)",
+    )
+    p.add_argument(
+        "--quiet", action="store_true", help="only the event lines, no status every runtime.status_seconds"
     )
     p.set_defaults(func=cmd_run)
 

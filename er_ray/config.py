@@ -285,6 +285,8 @@ class RuntimeConfig(_Strict):
     output_dir: Annotated[str, BeforeValidator(lambda v: str(v) if isinstance(v, Path) else v)] = "outputs"
     # autocast for every forward of search, fine-tuning, evaluation and latency; weights stay fp32
     precision: Precision = "fp32"
+    # `er-ray run` says where the run is every this many seconds (0: only its event lines; `--quiet`)
+    status_seconds: float = Field(default=60.0, ge=0)
 
     @model_validator(mode="after")
     def _fp16_needs_cuda(self) -> RuntimeConfig:

@@ -63,6 +63,13 @@ class StopFound:
 
 
 @dataclass(frozen=True)
+class TicketQueued:
+    """A ticket was handed to Ray to train; it waits for a worker until `TicketStarted`."""
+
+    key: str
+
+
+@dataclass(frozen=True)
 class TicketStarted:
     key: str
     cfg: Any

@@ -112,6 +112,7 @@ def test_two_runs_started_together_on_a_new_store_both_finish(tiny_model_dir, tm
             "ray.search_cpus": 1,
             "ray.ticket_cpus": 1,
             "tracking.uri": f"sqlite:///{tmp_path}/store/mlflow.db",
+            "runtime.status_seconds": 1,
         },
     )
     cfg_file = tmp_path / "cfg.yaml"
@@ -124,6 +125,8 @@ def test_two_runs_started_together_on_a_new_store_both_finish(tiny_model_dir, tm
     )
     outs = [d.communicate(timeout=600)[0] for d in drivers]
     assert [d.returncode for d in drivers] == [0, 0], [o[-1500:] for o in outs]
+    # where each run is, every second, as plain lines: the output is a pipe, not a terminal
+    assert all(" status: " in o and "tickets " in o and "\x1b" not in o and "\r" not in o for o in outs), outs
     folders = sorted((tmp_path / "tiny" / "runs").iterdir())
     assert len(folders) == 2 and all((f / PARENT_ID_FILE).is_file() for f in folders)
     client = MlflowClient(cfg.tracking.uri)

@@ -1,20 +1,132 @@
 """What a run prints while it goes: er-ray's own lines on stderr (stdout keeps the results table), made from
-the drivers' events, with every credential masked."""
+the drivers' events, with every credential masked; and, every `runtime.status_seconds`, where the run is
+(`Progress`): a live line on a terminal, plain timestamped lines in a log (no control characters there)."""
 
 from __future__ import annotations
 
+import shutil
+import statistics
 import sys
+import threading
 import time
 from typing import Any
 
 from er_ray import events as ev
+from er_ray import tracking as T
 from er_ray.storage import redact
+
+_LIVE = {"shown": False}  # a live status line is on the terminal: a line said now first clears it
+_LOCK = threading.Lock()
 
 
 def say(line: str) -> None:
     """One line, timestamped; a URL or URI in it loses its password or secret key."""
     line = " ".join(redact(w) if "://" in w else w for w in line.split(" "))
-    print(f"er-ray {time.strftime('%H:%M:%S')} {line}", file=sys.stderr, flush=True)
+    with _LOCK:
+        clear = "\r\x1b[2K" if _LIVE["shown"] else ""
+        _LIVE["shown"] = False
+        print(f"{clear}er-ray {time.strftime('%H:%M:%S')} {line}", file=sys.stderr, flush=True)
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+class Progress:
+    """Where a run is, from its events: each running search's mini-epoch and mask distances; tickets done,
+    training and waiting (queued for a worker), with an estimate of what the tickets still need from the mean
+    training time so far; attacks done and running."""
+
+    def __init__(self) -> None:
+        self.begun = time.time()
+        self.searches: dict[str, tuple[int, float | None, float | None]] = {}  # key -> last mini-epoch
+        self.searched: set[str] = set()
+        self.queued: set[str] = set()
+        self.training: dict[str, float] = {}  # ticket key -> when it started
+        self.trained: list[float] = []  # seconds each ticket of this invocation took
+        self.done: set[str] = set()
+        self.attacking: set[str] = set()
+        self.attacked: set[str] = set()
+
+    def emit(self, e: Any) -> None:
+        if isinstance(e, ev.SearchStarted):
+            self.searches.setdefault(e.key, (0, None, None))
+        elif isinstance(e, ev.MiniEpochDone):
+            m = e.metrics
+            self.searches[e.key] = (e.step, m.get(T.MASK_DISTANCE_HEADS), m.get(T.MASK_DISTANCE_FFN))
+        elif isinstance(e, ev.SearchFinished):
+            self.searched.add(e.key)
+        elif isinstance(e, ev.TicketQueued):
+            self.queued.add(e.key)
+        elif isinstance(e, ev.TicketStarted):
+            self.training[e.key] = e.at or time.time()
+        elif isinstance(e, ev.TicketFinished):
+            started = self.training.pop(e.key, None)
+            if started is not None and not e.earlier:
+                self.trained.append(time.time() - started)
+            self.done.add(e.key)
+        elif isinstance(e, ev.AttackStarted):
+            self.attacking.add(e.ticket)
+        elif isinstance(e, ev.AttackFinished):
+            self.attacking.discard(e.ticket)
+            self.attacked.add(e.ticket)
+
+    def line(self) -> str:
+        parts = []
+        for key, (step, heads, ffn) in sorted(self.searches.items()):
+            if key not in self.searched:
+                dist = (
+                    f" (distances {heads:.3f} / {ffn:.3f})" if heads is not None and ffn is not None else ""
+                )
+                parts.append(f"{key.removeprefix('search/')} mini-epoch {step}{dist}")
+        waiting = len(self.queued - self.done - set(self.training))
+        tickets = f"tickets {len(self.done)} done, {len(self.training)} training, {waiting} waiting"
+        if self.trained and (waiting or self.training):
+            # queued tickets run as wide as the ones training now: a rough bound, said as such
+            left = statistics.mean(self.trained) * (waiting / max(len(self.training), 1) + 1)
+            tickets += f", about {_minutes(left)} left"
+        parts.append(tickets)
+        if self.attacking or self.attacked:
+            parts.append(f"attacks {len(self.attacked)} done, {len(self.attacking)} running")
+        return f"{_minutes(time.time() - self.begun)} in: " + "; ".join(parts)
+
+
+class Ticker:
+    """Prints `progress.line()` every `seconds` from a thread: rewritten in place on a terminal, a plain
+    `status:` line otherwise; nothing for 0 seconds (`er-ray run --quiet`)."""
+
+    def __init__(self, progress: Progress, seconds: float, stream: Any = None) -> None:
+        self.progress, self.seconds, self.stream = progress, seconds, stream or sys.stderr
+        self.live = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="er-ray-status")
+
+    def __enter__(self) -> Ticker:
+        if self.seconds > 0:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop_event.set()
+        if self.thread.is_alive():
+            self.thread.join(5)
+        with _LOCK:
+            if _LIVE["shown"]:
+                print("\r\x1b[2K", end="", file=self.stream, flush=True)
+                _LIVE["shown"] = False
+
+    def _run(self) -> None:
+        # a terminal's line follows the run closely; a log gets a line per period
+        period = min(self.seconds, 5.0) if self.live else self.seconds
+        while not self.stop_event.wait(period):
+            line = self.progress.line()
+            with _LOCK:
+                if self.live:
+                    width = shutil.get_terminal_size().columns - 1
+                    print(f"\r\x1b[2K{f'er-ray {line}'[:width]}", end="", file=self.stream, flush=True)
+                    _LIVE["shown"] = True
+                else:
+                    print(f"er-ray {time.strftime('%H:%M:%S')} status: {line}", file=self.stream, flush=True)
 
 
 class Console:

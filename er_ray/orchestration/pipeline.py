@@ -41,7 +41,7 @@ from er_ray.methods import SplitData, load_data, prepare, shared_result, ticket_
 from er_ray.orchestration import search_tune as S
 from er_ray.orchestration import timing
 from er_ray.orchestration.attack_pool import AttackService
-from er_ray.orchestration.console import Console, say
+from er_ray.orchestration.console import Console, Progress, Ticker, say
 from er_ray.orchestration.ray_env import init_ray
 from er_ray.orchestration.ticket_task import submit_ticket
 from er_ray.search import Trajectory, own_combo, stop_point_rows
@@ -253,6 +253,7 @@ class Sweep:
         else:
             ref = submit_ticket(cfg, self.data_ref, traj, combo, masks, out, self.started_q, job.key)
             self.running[ref] = job.key
+            self.emit(ev.TicketQueued(key))
 
     def _ticket_for(self, search: Search, combo: Combo) -> None:
         c = search.cfg
@@ -361,7 +362,7 @@ def run_pipeline(cfg: ExperimentConfig, resume: bool = False) -> list[dict]:
     init_ray(cfg)
     recorder = T.Recorder.for_run(cfg, folder, resume)
     recorder.note = say
-    console = Console()
+    console, progress = Console(), Progress()
     say(
         f"run folder {folder.root}; MLflow parent run {recorder.parent_id} (experiment "
         f"'{layout.experiment_name(cfg)}', store {recorder.uri})"
@@ -373,11 +374,13 @@ def run_pipeline(cfg: ExperimentConfig, resume: bool = False) -> list[dict]:
     def emit(event: Any) -> None:
         recorder.emit(event)
         console.emit(event)
+        progress.emit(event)
 
     sweep = Sweep(cfg, folder, data, emit, resume)
     try:
-        sweep.start()
-        sweep.run()
+        with Ticker(progress, cfg.runtime.status_seconds):
+            sweep.start()
+            sweep.run()
         rows, spent = sweep.rows(), sweep.busy.summary()
         invocations = timing.record(folder, spent)
     except BaseException as err:
