@@ -72,6 +72,7 @@ PARAM_FFN_RATIO = "ffn_ratio"
 PARAM_DEVICE = "device"  # timing conditions, stated by the report
 PARAM_THREADS = "threads"
 PARAM_SEED = "seed"  # the training seed (a sweep dimension like gamma)
+PARAM_TICKETS_PLANNED = "tickets_planned"  # on a run parent: the tickets it makes (a report says N of these)
 PARAM_PRECISION = "precision"  # what runtime.precision resolved to on the device (fp32, bf16, fp16)
 PARAMS = (
     PARAM_METHOD,
@@ -245,8 +246,17 @@ def attack_params(cfg: Any, examples: int) -> dict[str, Any]:
     }
 
 
+def planned_tickets(cfg: Any) -> int:
+    """The tickets a run makes: one per combo of its grid for each ticket method and seed, one per baseline and
+    seed (a combo whose masks equal another's counts: it gets a run of its own)."""
+    from er_ray.search import search_grid
+
+    runs = [cfg.for_method(m, s) for m in cfg.methods() for s in cfg.seeds()]
+    return sum(len(search_grid(c)) if c.uses_ticket() else 1 for c in runs)
+
+
 def run_parent(cfg: Any, run_dir: str) -> tuple[dict[str, str], dict[str, Any]]:
-    """(tags, params) of an `er-ray run` parent: what it sweeps."""
+    """(tags, params) of an `er-ray run` parent: what it sweeps, and how many tickets (for a partial report)."""
     params = {
         "methods": ",".join(cfg.methods()),
         "seeds": ",".join(map(str, cfg.seeds())),
@@ -254,6 +264,7 @@ def run_parent(cfg: Any, run_dir: str) -> tuple[dict[str, str], dict[str, Any]]:
         PARAM_MODEL: cfg.model.name_or_path,
         PARAM_SEED: cfg.seed,
         "run_dir": run_dir,
+        PARAM_TICKETS_PLANNED: planned_tickets(cfg),
     }
     return {"run_dir": run_dir}, params
 

@@ -270,3 +270,29 @@ def test_a_ticket_without_a_seed_takes_its_parents(store):
     scope = open_scope(None, [store["legacy"], store["new"]], store["uri"])
     seeds = {t.run_id: t.seed for t in tickets(scope)}
     assert seeds[store["legacy_ticket"]] == "7" and seeds[store["finetune", "3"]] == "3"
+
+
+def test_a_run_still_going_is_reported_as_partial_with_what_has_finished(tmp_path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("going", artifact_location=(tmp_path / "artifacts").as_uri())
+
+    def run(kind, parent, params, metrics=None, status="FINISHED"):
+        tags = {tracking.TAG_KIND: kind, **({TAG_PARENT: parent} if parent else {})}
+        rid = client.create_run(exp, tags=tags).info.run_id
+        tracking.log_batch(client, rid, metrics=metrics, params=params)
+        if status != "RUNNING":
+            client.set_terminated(rid, status)
+        return rid
+
+    parent = run("parent", None, {tracking.PARAM_TICKETS_PLANNED: 3}, status="RUNNING")
+    params = {tracking.PARAM_METHOD: "finetune", tracking.PARAM_DATASET: "sst2", tracking.PARAM_GAMMA: None}
+    run("ticket", parent, {**params, tracking.PARAM_SEED: "1"}, {tracking.CLEAN_ACC: 0.8})
+    run("ticket", parent, {**params, tracking.PARAM_SEED: "2"}, status="RUNNING")  # still training
+    report = build_report("going", None, tmp_path / "out", uri, log_to_mlflow=False)
+    assert report.partial == f"partial: 1 of 3 tickets finished (parent run(s) `{parent}` still running)"
+    ft = _row(report.table, "finetune")
+    assert ft[COL_SEEDS] == 1 and ft[COL_CLEAN] == pytest.approx(80.0)  # the training ticket is left out
+    assert report.table_md.read_text().splitlines()[2].startswith(f"**{report.partial}**")

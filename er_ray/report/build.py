@@ -31,6 +31,7 @@ from er_ray.report.store import (
     download,
     merged_metrics,
     open_scope,
+    progress,
     survived,
     table_cells,
 )
@@ -59,6 +60,7 @@ class ReportResult:
     source_run_ids: list[str] = field(default_factory=list)  # the parents the table was drawn from
     logged_run_id: str | None = None  # the run the files were logged to
     pareto: list[Path] = field(default_factory=list)  # multi-objective studies: front tables and figures
+    partial: str | None = None  # "partial: N of M tickets finished (...)" while a parent is still running
 
 
 def build_report(
@@ -98,7 +100,8 @@ def build_report(
         roots = {scope.root_of(t).run_id for c in cells.values() for t in c.tickets.values()}
         sources = sorted(roots, key=lambda r: scope.runs[r].start_time, reverse=True)
         result = ReportResult(df, out_dir / TABLE_CSV, out_dir / TABLE_MD, source_run_ids=sources)
-        result.notes += [f"parent run {r.run_id} left out: {r.status}, not FINISHED" for r in scope.skipped]
+        result.notes += [f"parent run {r.run_id} left out: {r.status}" for r in scope.skipped]
+        result.partial = progress(scope)
         result.claims = claims.evaluate(scope, cells)
 
         datasets = {d for d, _ in cells} | {s.dataset for s in searches}
@@ -326,6 +329,7 @@ def _markdown(
     lines = [
         "# Table 1",
         "",
+        *([f"**{result.partial}**: what has finished so far.", ""] if result.partial else []),
         f"MLflow `{scope.uri}`, experiment {experiment or scope.experiment_id}, "
         f"parent run(s) {', '.join(f'`{r}`' for r in result.source_run_ids) or '(none)'}.",
         "",

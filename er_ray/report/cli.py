@@ -47,6 +47,8 @@ def run(args: ReportTarget, out: Path, log: bool = True) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     experiment, runs, uri = target(args)
     result = build_report(experiment, runs, out, uri, log_to_mlflow=log)
+    if result.partial:
+        print(result.partial)
     print_table(result.table)
     for note in result.notes:
         print(f"note: {note}")

@@ -2,7 +2,9 @@
 
 Which runs a report covers: `--run ID` (one or more): the tickets below those runs (any depth);
 `--experiment NAME`: the tickets of every FINISHED parent of the experiment (a parent still running, failed or
-killed is skipped and listed), and of tickets or searches logged without a parent.
+killed is skipped and listed; while no parent has finished, the running ones are reported: a partial report of
+what has finished so far), and of tickets or searches logged without a parent. A ticket still running has
+nothing to report and is left out.
 
 Which tickets fill a row of Table 1, per (dataset, method):
   * one ticket per (seed, gamma, head ratio, ffn ratio): the newest (its parent's start time, then its own), so a
@@ -36,7 +38,7 @@ EXAMPLES_ARTIFACT = "attack/examples.jsonl"  # RobustnessResult.save, logged und
 # textattack's outcome when the attack fails: the example stays correctly classified (evaluate.OUTCOMES; not
 # imported, as er_ray.attacks pulls in textattack)
 SURVIVED = "failed"
-FINISHED = "FINISHED"
+FINISHED, RUNNING = "FINISHED", "RUNNING"
 
 Setting = tuple[float | None, float | None, float | None]  # (gamma, head ratio, ffn ratio)
 SETTING_PARAMS = (tracking.PARAM_GAMMA, tracking.PARAM_HEAD_RATIO, tracking.PARAM_FFN_RATIO)
@@ -92,7 +94,8 @@ class Scope:
     experiment_id: str
     runs: dict[str, RunView]
     roots: list[RunView]
-    skipped: list[RunView] = field(default_factory=list)  # parents left out: not FINISHED
+    skipped: list[RunView] = field(default_factory=list)  # parents left out: FAILED or KILLED
+    running: list[RunView] = field(default_factory=list)  # parents still running (a partial report)
     download_dir: Path | None = None  # where artifacts are fetched to (build_report's temporary folder)
     _children: dict[str, list[RunView]] = field(default_factory=dict, repr=False)
     _records: dict[str, list[dict] | None] = field(default_factory=dict, repr=False)
@@ -222,11 +225,27 @@ def open_scope(experiment: str | None, run_ids: list[str] | None, uri: str) -> S
     else:
         parents = [r for r in runs.values() if r.kind == "parent"]
         roots = [r for r in parents if r.status == FINISHED]
-        skipped = [r for r in parents if r.status != FINISHED]
+        if not roots:  # the experiment's first run is still going: report what it has finished
+            roots = [r for r in parents if r.status == RUNNING]
+        skipped = [r for r in parents if r not in roots]
         # runs logged without a parent still count, each as its own group
         roots += [r for r in runs.values() if r.parent_id not in runs and r.kind in ("search", "ticket")]
     roots.sort(key=lambda r: (r.start_time, r.run_id), reverse=True)
-    return Scope(client, uri, exp_id, runs, roots, skipped)
+    return Scope(client, uri, exp_id, runs, roots, skipped, [r for r in roots if r.status == RUNNING])
+
+
+def progress(scope: Scope) -> str | None:
+    """For a report with parents still running: "partial: N of M tickets" (finished of planned; a parent
+    logged without its plan counts the ticket runs it has), else None."""
+    if not scope.running:
+        return None
+    done = planned = 0
+    for parent in scope.running:
+        tickets = scope.of_kind(scope.subtree(parent.run_id), "ticket")
+        done += sum(t.status == FINISHED for t in tickets)
+        planned += int(parent.params.get(tracking.PARAM_TICKETS_PLANNED, len(tickets)))
+    ids = ", ".join(f"`{r.run_id}`" for r in scope.running)
+    return f"partial: {done} of {planned} tickets finished (parent run(s) {ids} still running)"
 
 
 def merged_metrics(scope: Scope, ticket: RunView) -> dict[str, float]:
@@ -288,7 +307,7 @@ def tickets(scope: Scope) -> list[RunView]:
     best: dict[tuple, tuple[tuple, RunView]] = {}
     for root in scope.roots:
         for t in scope.of_kind(scope.subtree(root.run_id), "ticket"):
-            if not t.method:
+            if not t.method or t.status == RUNNING:  # still training: nothing to report yet
                 continue
             t.seed = scope.seed_of(t)
             key = (t.dataset, t.method, t.seed, t.setting)
