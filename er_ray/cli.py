@@ -60,37 +60,30 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+RESULTS_WIDTH = 120  # the results table fits a common terminal; the rest is in summary.json and the report
+
+
 def print_results(rows: list[dict]) -> None:
-    """One line per ticket; blank where a value was not measured (never a zero)."""
+    """One line per ticket, at most RESULTS_WIDTH columns: method, seed, γ, ratios, stop point, clean accuracy,
+    Aua per attack and training seconds (queries, the stages' seconds and parameters are in the run folder's
+    summary.json and `er-ray report`); blank where a value was not measured (never a zero)."""
     from rich.console import Console
     from rich.table import Table
 
-    from er_ray.tracking import ATTACKS, aua, queries
+    from er_ray.report.table import ATTACK_LABEL, ATTACK_SHORT
+    from er_ray.tracking import ATTACKS, aua
 
     attacks = [a for a in ATTACKS if any(aua(a) in r for r in rows)]
-    table = Table(title="er-ray results")
-    cols = [
-        "method",
-        "seed",
-        "gamma",
-        "heads",
-        "ffn",
-        "stop epoch",
-        "clean %",
-        *[f"aua % {a}" for a in attacks],
-        *[f"#query {a}" for a in attacks],
-        "search s",
-        "fine-tune s",
-        "params",
-    ]
-    for col in cols:
-        table.add_column(col, justify="right")
+    table = Table(title="er-ray results", padding=(0, 1))
+    short = {a: f"Aua {ATTACK_SHORT.get(a, a)}" for a in attacks}
+    for col in ["method", "seed", "γ", "heads", "ffn", "stop ep", "clean %", *short.values(), "train s"]:
+        table.add_column(col, justify="left" if col == "method" else "right", overflow="fold")
 
     def fmt(v, spec: str) -> str:
         return "" if v is None else format(v, spec)
 
     for r in rows:
-        stop = "" if r["stop_epoch"] is None else f"{r['stop_epoch']:.2f}{'' if r['converged'] else ' (cap)'}"
+        stop = "" if r["stop_epoch"] is None else f"{r['stop_epoch']:.2f}{'' if r['converged'] else ' cap'}"
         table.add_row(
             r["method"],
             fmt(r.get("seed"), "d"),
@@ -100,14 +93,15 @@ def print_results(rows: list[dict]) -> None:
             stop,
             fmt(100 * r["clean_acc"], ".1f"),
             *[fmt(_pct(r.get(aua(a))), ".1f") for a in attacks],
-            *[fmt(r.get(queries(a)), ".1f") for a in attacks],
-            fmt(r["search_seconds"], ".1f"),
-            fmt(r["finetune_seconds"], ".1f"),
-            fmt(r["param_count"], ","),
+            fmt(r.get("train_seconds"), ".1f"),
+        )
+    if attacks:
+        table.caption = "Aua %: " + ", ".join(
+            f"{v.removeprefix('Aua ')} {ATTACK_LABEL.get(a, a)}" for a, v in short.items()
         )
     # off a terminal (a log, CI) rich would squeeze the table into 80 columns
-    console = Console() if sys.stdout.isatty() else Console(width=240)
-    console.print(table)
+    width = min(Console().width, RESULTS_WIDTH) if sys.stdout.isatty() else RESULTS_WIDTH
+    Console(width=width).print(table)
 
 
 def _pct(v: float | None) -> float | None:

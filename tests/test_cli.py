@@ -247,3 +247,17 @@ def test_check_says_where_the_data_comes_from_and_refuses_what_a_run_would_miss(
     assert "data: the Hugging Face hub (no local copy" in capsys.readouterr().out
     assert main(["check", quick]) == 2  # the attacks' constraints are missing: said before anything runs
     assert "counter-fitting" in capsys.readouterr().err
+
+
+def test_the_results_table_fits_120_columns_with_every_attack(capsys):
+    from er_ray.cli import print_results
+    from er_ray.tracking import ATTACKS, aua
+
+    row = {"method": "earlyrobust-no-structure", "seed": 42, "gamma": 0.05, "head_ratio": 1 / 6}
+    row |= {"ffn_ratio": 0.3, "stop_epoch": 0.4833, "converged": False, "clean_acc": 0.8123}
+    row |= {"train_seconds": 1234.5} | {aua(a): 0.25 + i / 10 for i, a in enumerate(ATTACKS)}
+    print_results([row, {**row, "method": "finetune", "gamma": None, "stop_epoch": None}])
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 120, out
+    assert "earlyrobust-no-structure" in out and "0.48 cap" in out and "1234.5" in out
+    assert all(f"{100 * (0.25 + i / 10):.1f}" in out for i in range(len(ATTACKS)))

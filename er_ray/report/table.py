@@ -40,6 +40,7 @@ METHOD_LABEL = {
 }
 DATASET_LABEL = {"sst2": "SST-2", "imdb": "IMDB", "ag_news": "AG News", "qnli": "QNLI", "qqp": "QQP"}
 ATTACK_LABEL = {"textfooler": "TextFooler", "textbugger": "TextBugger", "bertattack": "BERT-Attack"}
+ATTACK_SHORT = {"textfooler": "TF", "textbugger": "TB", "bertattack": "BA"}  # where columns are narrow
 
 COL_DATASET = "Dataset"
 COL_METHOD = "Method"
