@@ -47,9 +47,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         optuna_storage(cfg)  # a study needs a database, which a storage URI output_dir is not
     origin = data_origin(cfg.data, settings().data_dir)  # missing files, or a hub switched off: exit 2
     if cfg.ray.attack and cfg.attack.resources == "offline":
-        from er_ray.attacks.evaluate import constraints_dir
+        from er_ray.attacks.evaluate import offline_constraints
 
-        constraints_dir(settings().data_dir)  # else the attacks fail only after search and fine-tuning
+        offline_constraints(settings().data_dir)  # else the attacks fail only after search and fine-tuning
     print(f"{args.config}: ok ({cfg.method} on {cfg.data.name}, model {cfg.model.name_or_path})")
     print(f"data: {origin}")
     if cfg.ray.attack:

@@ -94,7 +94,7 @@ def model_card(ticket_dir: str | Path) -> str:
     method, data = meta.get("method", ""), meta.get("dataset", "")
     summary_file = Path(ticket_dir) / ATTACK_DIR / SUMMARY_FILE
     attack = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
-    clean = float(meta["clean_acc"]) if "clean_acc" in meta else None
+    clean = float(meta["clean_acc"]) if meta.get("clean_acc") is not None else None
     rows = [
         ("base model", base),
         ("method", method),
@@ -103,10 +103,10 @@ def model_card(ticket_dir: str | Path) -> str:
         ("pruned FFN neurons", _pruned(info.get("kept_neurons", []), layers, shape.get("neurons", 0))),
         ("seed", meta.get("seed", "")),
         ("training data", data),
-        ("parameters", f"{int(meta['param_count']):,}" if "param_count" in meta else ""),
+        ("parameters", f"{int(meta['param_count']):,}" if meta.get("param_count") is not None else ""),
         ("clean accuracy", f"{clean:.1%} on the run's evaluation split" if clean is not None else ""),
     ]
-    if "stop_epoch" in meta:
+    if meta.get("stop_epoch") is not None:
         rows.insert(
             3, ("ticket drawn at", f"epoch {float(meta['stop_epoch']):.2f} ({meta.get('stop_rule')} rule)")
         )
@@ -118,7 +118,7 @@ def model_card(ticket_dir: str | Path) -> str:
                 f"{aua:.1%} of {n} attacked examples, {attack.get('resources')} attack resources",
             )
         )
-    table = "\n".join(f"| {k} | {v} |" for k, v in rows if v)
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows if v not in ("", None))
     tags = "".join(f"\n- {t}" for t in ("er-ray", method, "text-classification") if t)
     how = HOW.get(method, EARLYROBUST_HOW if method.startswith("earlyrobust") else "a ticket")
     return (

@@ -221,8 +221,9 @@ def test_a_full_disk_stops_in_one_line_and_resume_continues_from_the_restart_sta
         cfg = tiny_experiment(
             tiny_model_dir,
             disk,
-            **{
-                "search.max_epochs": 40,
+            **{  # a search that never converges (γ far below any distance): the disk fills during it
+                "search.gamma": 1e-6,
+                "search.max_epochs": 6,
                 "ray.attack": "false",
                 "ray.search_cpus": 1,
                 "tracking.uri": f"sqlite:///{tmp_path}/mlflow.db",

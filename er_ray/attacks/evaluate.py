@@ -264,7 +264,7 @@ def default_resources(
     s = settings()
     return load_resources(
         Path(cache_dir or s.cache_dir),
-        Path(constraints_dir or constraints_dir(s.data_dir)),
+        Path(constraints_dir or offline_constraints(s.data_dir)),
         masked_lm=(masked_lm or DEFAULT_MASKED_LM) if with_mlm else None,
         vocab_limit=vocab_limit,
         extra_words=extra_words,
@@ -272,7 +272,7 @@ def default_resources(
     )
 
 
-def constraints_dir(data_dir: Path | None) -> Path:
+def offline_constraints(data_dir: Path | None) -> Path:
     """The counter-fitting constraints the offline attacks need (checked by `er-ray check` before a run)."""
     from er_ray.config import UserError
 

@@ -180,7 +180,11 @@ class EventCallback(tune.Callback):
 
     def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info: Any) -> None:
         # read now: Tune deletes all but the newest checkpoints
-        self._put("trajectory", trial, load_trajectory(checkpoint))
+        try:
+            trajectory = load_trajectory(checkpoint)
+        except OSError:  # its storage went away (a deleted bucket): the trial reports that fault itself, and
+            return  # a later checkpoint, or the trial's end, carries the trajectory
+        self._put("trajectory", trial, trajectory)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._put("complete", trial)
