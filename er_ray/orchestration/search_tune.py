@@ -283,12 +283,21 @@ def set_aside(folder: Store) -> Store:
 
 
 def without_traceback(record: logging.LogRecord) -> bool:
-    """A log record of Tune's as one line: a failed save of its state (a full disk) is said, and the fault that
-    stops the run follows; its traceback, inside Tune's syncer, tells a user nothing more."""
+    """A log record of Tune's as one line: a failed save of its state or a failed trial (a full disk, a bucket
+    gone) is said, and the driver's own line follows; the traceback, inside Tune, tells a user nothing more (a
+    trial's is kept in its `error.txt`)."""
     if record.exc_info and record.exc_info[1] is not None:
-        record.msg = f"{record.getMessage().rstrip()} {str(record.exc_info[1]).splitlines()[0]}"
+        # a Ray task error's last line is its cause ("ValueError: ..."), its first the worker's address
+        lines = [x for x in str(record.exc_info[1]).splitlines() if x.strip()] or [
+            type(record.exc_info[1]).__name__
+        ]
+        record.msg = f"{record.getMessage().rstrip()} {lines[-1].strip()}"
         record.args, record.exc_info, record.exc_text = (), None, None
     return True
+
+
+def no_restore_hint(record: logging.LogRecord) -> bool:
+    return "Tuner.restore(" not in record.getMessage()
 
 
 def search_tuner(
@@ -302,10 +311,16 @@ def search_tuner(
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
-    for name in ("ray.tune.execution.experiment_state", "ray.train._internal.storage"):
+    # Tune's errors as one line each: a trial's traceback stays in its error.txt; the driver's own line follows
+    tune_loggers = ("experiment_state", "tune_controller")
+    for name in (
+        *(f"ray.tune.execution.{n}" for n in tune_loggers),
+        "ray.tune.tune",
+        "ray.train._internal.storage",
+    ):
         logging.getLogger(name).addFilter(without_traceback)
     # er-ray says how to resume (`--resume`), not Tune's `Tuner.restore(...)` hint
-    logging.getLogger("ray.tune.tune").addFilter(lambda r: "Tuner.restore(" not in r.getMessage())
+    logging.getLogger("ray.tune.tune").addFilter(no_restore_hint)
     trainable = tune.with_resources(
         tune.with_parameters(search_trainable, data=data_ref),
         {
