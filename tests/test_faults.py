@@ -27,6 +27,29 @@ def _session_processes(driver_pid: int) -> list[psutil.Process]:
     return out
 
 
+def _command(cfg, folder) -> tuple[list[str], dict[str, str]]:
+    """`er-ray run` of `cfg` (written to folder/cfg.yaml) and an environment without RAY_ADDRESS: the run
+    starts a local Ray of its own, as a user's first run does."""
+    cfg_file = folder / "cfg.yaml"
+    cfg_file.write_text(json.dumps(cfg.model_dump(mode="json")))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return [sys.executable, "-m", "er_ray.cli", "run", str(cfg_file)], env
+
+
+def _start(cmd: list[str], env: dict[str, str], **popen) -> subprocess.Popen:
+    return subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen
+    )
+
+
+def _wait_for(driver: subprocess.Popen, found) -> None:
+    """Until `found()` (the first checkpoint, say), with the driver still running."""
+    deadline = time.time() + 240
+    while time.time() < deadline and not found():
+        time.sleep(0.3)
+    assert driver.poll() is None, driver.communicate()[0][-2000:]
+
+
 @pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_one_interrupt_leaves_no_process_of_the_run_behind(how, tiny_model_dir, tmp_path):
     cfg = tiny_experiment(
@@ -39,21 +62,9 @@ def test_one_interrupt_leaves_no_process_of_the_run_behind(how, tiny_model_dir, 
             "tracking.uri": f"sqlite:///{tmp_path}/mlflow.db",
         },
     )
-    cfg_file = tmp_path / "cfg.yaml"
-    cfg_file.write_text(json.dumps(cfg.model_dump(mode="json")))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # the run starts a local Ray of its own
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "er_ray.cli", "run", str(cfg_file)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # its own process group, as in a terminal
-    )
-    deadline = time.time() + 240
-    while time.time() < deadline and not list(tmp_path.glob("tiny/runs/*/search/*/checkpoint_*")):
-        time.sleep(0.3)
-    assert driver.poll() is None, driver.communicate()[0][-2000:]
+    cmd, env = _command(cfg, tmp_path)
+    driver = _start(cmd, env, start_new_session=True)  # its own process group, as in a terminal
+    _wait_for(driver, lambda: list(tmp_path.glob("tiny/runs/*/search/*/checkpoint_*")))
     assert _session_processes(driver.pid), "the run's Ray processes were not found"
     # once: a terminal's Ctrl-C reaches the whole process group, `kill` / `ray job stop` the driver alone
     if how == signal.SIGINT:
@@ -62,7 +73,7 @@ def test_one_interrupt_leaves_no_process_of_the_run_behind(how, tiny_model_dir, 
         os.kill(driver.pid, how)
     out, _ = driver.communicate(timeout=180)
     assert driver.returncode == 130, out[-2000:]
-    assert f"to continue: er-ray run {cfg_file} --resume" in out, out[-2000:]
+    assert f"to continue: er-ray run {cmd[-1]} --resume" in out, out[-2000:]
     deadline = time.time() + 5  # a process still there 5 s after the driver exited was left behind
     while time.time() < deadline and _session_processes(driver.pid):
         time.sleep(0.5)
@@ -115,14 +126,8 @@ def test_two_runs_started_together_on_a_new_store_both_finish(tiny_model_dir, tm
             "runtime.status_seconds": 1,
         },
     )
-    cfg_file = tmp_path / "cfg.yaml"
-    cfg_file.write_text(json.dumps(cfg.model_dump(mode="json")))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    cmd = [sys.executable, "-m", "er_ray.cli", "run", str(cfg_file)]
-    drivers = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
-    drivers.append(
-        subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    )
+    cmd, env = _command(cfg, tmp_path)
+    drivers = [_start(cmd, env), _start(cmd, env)]
     outs = [d.communicate(timeout=600)[0] for d in drivers]
     assert [d.returncode for d in drivers] == [0, 0], [o[-1500:] for o in outs]
     # where each run is, every second, as plain lines: the output is a pipe, not a terminal
@@ -229,15 +234,9 @@ def test_a_full_disk_stops_in_one_line_and_resume_continues_from_the_restart_sta
                 "tracking.uri": f"sqlite:///{tmp_path}/mlflow.db",
             },
         )
-        cfg_file = tmp_path / "cfg.yaml"
-        cfg_file.write_text(json.dumps(cfg.model_dump(mode="json")))
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        cmd = [sys.executable, "-m", "er_ray.cli", "run", str(cfg_file)]
-        driver = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.time() + 240
-        while time.time() < deadline and not list(disk.glob("tiny/runs/*/search/*/checkpoint_*")):
-            time.sleep(0.3)
-        assert driver.poll() is None, driver.communicate()[0][-2000:]
+        cmd, env = _command(cfg, tmp_path)
+        driver = _start(cmd, env)
+        _wait_for(driver, lambda: list(disk.glob("tiny/runs/*/search/*/checkpoint_*")))
         _fill(disk)
         out = driver.communicate(timeout=240)[0]
         assert driver.returncode == 1, out[-3000:]
@@ -300,24 +299,12 @@ def test_a_bucket_deleted_mid_run_stops_it_in_one_line(s3, tiny_model_dir, tmp_p
             "tracking.uri": f"sqlite:///{tmp_path}/mlflow.db",
         },
     )
-    cfg_file = tmp_path / "cfg.yaml"
-    cfg_file.write_text(json.dumps(cfg.model_dump(mode="json")))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "er_ray.cli", "run", str(cfg_file)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    driver = _start(*_command(cfg, tmp_path))
 
     def keys() -> list[str]:
         return [o["Key"] for o in client.list_objects_v2(Bucket="vanishing").get("Contents", [])]
 
-    deadline = time.time() + 240
-    while time.time() < deadline and not [k for k in keys() if "/checkpoint_" in k]:
-        time.sleep(0.3)
-    assert driver.poll() is None, driver.communicate()[0][-2000:]
+    _wait_for(driver, lambda: [k for k in keys() if "/checkpoint_" in k])
     while True:  # S3 deletes only an empty bucket, and the run keeps writing
         for key in keys():
             client.delete_object(Bucket="vanishing", Key=key)
