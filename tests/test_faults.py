@@ -318,6 +318,7 @@ def test_a_bucket_deleted_mid_run_stops_it_in_one_line(s3, tiny_model_dir, tmp_p
     last = out.strip().splitlines()[-1]
     assert last.startswith("er-ray: error: the bucket does not exist"), out[-3000:]
     assert "vanishing/out/tiny/runs/" in last and "Traceback" not in out, out[-3000:]
+    assert last.endswith("start the run again")  # its run folder went with the bucket: nothing to resume
     assert {r.info.status for r in _mlflow_runs(cfg.tracking.uri)} <= {"FAILED", "KILLED"}
 
 

@@ -45,7 +45,7 @@ from er_ray.orchestration.console import Console, Progress, Ticker, say
 from er_ray.orchestration.ray_env import init_ray
 from er_ray.orchestration.ticket_task import submit_ticket
 from er_ray.search import Trajectory, own_combo, stop_point_rows
-from er_ray.storage import Store, fault_line
+from er_ray.storage import BUCKET_GONE, Store, fault_line
 from er_ray.ticket import Masks
 
 # ---------------------------------------------------------------- what the loop keeps
@@ -392,7 +392,9 @@ def run_pipeline(cfg: ExperimentConfig, resume: bool = False) -> list[dict]:
             )
         line = str(err) if isinstance(err, Fault) else fault_line(err, folder.root)
         if line is not None:  # a trial's, a worker's or the driver's own write: one line, not a traceback
-            raise Fault(f"{line}; once that is fixed, `--resume` continues the run") from err
+            # a deleted bucket took the run folder with it: nothing is left to resume
+            then = "start the run again" if line.startswith(BUCKET_GONE) else "`--resume` continues the run"
+            raise Fault(f"{line}; once that is fixed, {then}") from err
         raise
     finally:
         sweep.close()
