@@ -186,6 +186,22 @@ def cmd_report(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    from er_ray.report import ui
+    from er_ray.report.cli import ReportTarget
+
+    which = ReportTarget(
+        experiment=args.experiment,
+        config=args.config,
+        overrides=args.overrides,
+        run_dir=args.run_dir,
+        tracking_uri=args.tracking_uri,
+    )
+    if not (args.experiment or args.config or args.run_dir):
+        raise UserError("er-ray ui needs a CONFIG, --run-dir DIR or --experiment NAME")
+    return ui.serve(which, args.port)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from er_ray import bench
 
@@ -355,6 +371,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-log", action="store_true", help="do not attach the files to the parent run in MLflow"
     )
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("ui", help="the MLflow UI of a run's store on 127.0.0.1, at the ticket comparison")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("config", nargs="?", type=Path, metavar="CONFIG", help="the experiment of a config")
+    which.add_argument(
+        "--run-dir", type=Path, metavar="DIR", help="a run folder (outputs/<name>/runs/<stamp>)"
+    )
+    which.add_argument("--experiment", metavar="NAME", help="an MLflow experiment by name")
+    _set_arg(p, "with CONFIG: a config override, as given to `er-ray run`")
+    p.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default: 5000)")
+    p.add_argument("--tracking-uri", metavar="URI", help="MLflow store (default: the rule of `er-ray run`)")
+    p.set_defaults(func=cmd_ui)
     return parser
 
 

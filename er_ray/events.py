@@ -70,6 +70,15 @@ class TicketQueued:
 
 
 @dataclass(frozen=True)
+class TicketSteps:
+    """A ticket's worker is at fine-tuning step `step` of `total` (sent every few seconds, not every step)."""
+
+    key: str
+    step: int
+    total: int
+
+
+@dataclass(frozen=True)
 class TicketStarted:
     key: str
     cfg: Any

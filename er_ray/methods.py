@@ -101,6 +101,8 @@ class Prepared:
     # called after each fine-tuning epoch but the last with (epoch, clean accuracy): a Tune scheduler's
     # intermediate results (the evaluation is not training time)
     on_epoch: Callable[[int, float], None] | None = None
+    # called after every fine-tuning step with (step, total steps): a worker's progress, for the driver
+    on_step: Callable[[int, int], None] | None = None
 
     def amp(self, training: bool = True) -> Amp:
         return Amp(self.precision, self.device.type, training)
@@ -250,6 +252,7 @@ def fine_tune(
         on_every=epoch_done,
         progress="fine-tune" if prep.progress else None,
         amp=prep.amp(),
+        on_step=prep.on_step,
     )
     return evaluate(), state.seconds, state.losses
 

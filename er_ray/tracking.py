@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import queue
+import re
 import subprocess
 import sys
 import tempfile
@@ -61,6 +62,12 @@ TAG_BELOW_FLOOR = (
 PARAM_OBJECTIVES = "objectives"  # a tune parent: JSON list of {name, metric, mode}
 TAG_PRIMARY = "er_ray.primary"  # "1" on the ticket at the config's own gamma and ratios (Table 1's row)
 TAG_SHARED = "er_ray.shared_with"  # a combo whose masks equal another's: the ticket run holding the weights
+TAG_MODEL = "er_ray.model"  # a ticket run's logged model name: runs:/<ticket run>/<this>
+TAG_NOTE = "mlflow.note.content"  # MLflow's description of an experiment or a run
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"  # the UI opens an experiment in its model-training view ...
+EXPERIMENT_KIND = "custom_model_development"  # ... with this, not the GenAI (traces) view
+TAG_VIEW = "mlflow.sharedViewState."  # + key: a runs-table view (filter, columns) the UI opens by URL
+VIEW_KEY = "er-ray-tickets"  # the ticket comparison of `er-ray ui`
 KINDS = ("parent", "search", "ticket", "attack", "trial")
 
 PARAM_METHOD = "method"
@@ -120,7 +127,19 @@ def success_rate(attack: str) -> str:
 
 
 ATTACKS = ("textfooler", "textbugger", "bertattack")
-MODEL_ARTIFACT = "model"  # a ticket run's MLflow model: runs:/<ticket run>/model
+# short method names for run names: the MLflow UI cuts a run name near 15 characters
+METHOD_SHORT = {
+    "finetune": "FT",
+    "earlybert": "EB",
+    "pgd": "PGD",
+    "freelb": "FreeLB",
+    "earlyrobust": "ER",
+    "earlyrobust-no-l1": "ER-noL1",
+    "earlyrobust-random": "ER-rand",
+    "earlyrobust-random-layerwise": "ER-randLW",
+    "earlyrobust-reinit": "ER-reinit",
+    "earlyrobust-no-structure": "ER-nostruct",
+}
 PROVENANCE_PACKAGES = ("torch", "transformers", "textattack", "ray", "mlflow", "er-ray")  # version.<pkg> tags
 MODEL_REQUIREMENTS = ("torch", "transformers", "tokenizers", "safetensors", "mlflow")  # pinned to what ran
 
@@ -151,7 +170,38 @@ def open_store(cfg: Any) -> tuple[Any, str]:
         exp = client.get_experiment_by_name(name)
         if exp:
             return client, exp.experiment_id
-        return client, client.create_experiment(name, artifact_location=layout.artifact_location(uri))
+        tags = {
+            TAG_EXPERIMENT_KIND: EXPERIMENT_KIND,
+            TAG_NOTE: f"er-ray (EarlyRobust on Ray) runs of config '{cfg.name}'. Each `er-ray run` or "
+            "`er-ray tune` is a parent run; ticket runs (tags.`er_ray.kind` = 'ticket') are the rows to "
+            "compare; `er-ray ui` opens that comparison.",
+        }
+        location = layout.artifact_location(uri)
+        return client, client.create_experiment(name, artifact_location=location, tags=tags)
+
+
+def ticket_view(uri: str, experiment: str) -> str:
+    """Make `experiment` (by name) open in the UI's model-training view, with a saved runs-table view under
+    `VIEW_KEY`: ticket runs only, parents expanded, the columns of Table 1 shown. Returns its id."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise UserError(f"no experiment '{experiment}' in the MLflow store {redact(uri)}")
+    parents = client.search_runs([exp.experiment_id], f"tags.`{TAG_KIND}` = 'parent'", max_results=1000)
+    params = (PARAM_METHOD, PARAM_SEED, PARAM_DATASET, PARAM_GAMMA, PARAM_FFN_RATIO, PARAM_HEAD_RATIO)
+    metrics = (CLEAN_ACC, *map(aua, ATTACKS), *map(queries, ATTACKS), TRAIN_SECONDS, STOP_EPOCH)
+    view = {
+        "searchFilter": f"tags.`{TAG_KIND}` = 'ticket'",
+        "orderByKey": f"params.`{PARAM_METHOD}`",
+        "orderByAsc": True,
+        "selectedColumns": [f"params.`{p}`" for p in params] + [f"metrics.`{m}`" for m in metrics],
+        "runsExpanded": {r.info.run_id: True for r in parents},
+    }
+    client.set_experiment_tag(exp.experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
+    client.set_experiment_tag(exp.experiment_id, TAG_VIEW + VIEW_KEY, json.dumps(view))
+    return exp.experiment_id
 
 
 def end_stale(cfg: Any, filter_string: str) -> None:
@@ -168,6 +218,24 @@ def now_ms(t: float | None = None) -> int:
 
 
 # ---------------------------------------------------------------- what each kind of run holds
+
+
+def run_name(cfg: Any, combo: Any = None, kind: str = "ticket") -> str:
+    """A child run's name, short and distinct in the UI's narrow column: `ER s42 γ0.1 f0.3 h0.17` (a ticket),
+    `FreeLB s42` (a baseline), `search ER s42`, `attack ER s42 γ0.1 f0.3 h0.17`."""
+    parts = [METHOD_SHORT.get(cfg.method, cfg.method), f"s{cfg.seed}"]
+    if combo is not None:
+        parts += [f"γ{combo.gamma:g}", f"f{combo.ffn_ratio:g}", f"h{combo.head_ratio:.2g}"]
+    return " ".join(parts if kind == "ticket" else [kind, *parts])
+
+
+def model_name(cfg: Any, combo: Any) -> str:
+    """A ticket's logged MLflow model: what it is, readable in the UI's Models list (not "model"), e.g.
+    `sst2-earlyrobust-seed42-g0_1-f0_3-h0_17` (MLflow refuses `/ : . % " '` in model names)."""
+    parts = [_dataset_name(cfg.data), cfg.method, f"seed{cfg.seed}"]
+    if combo is not None:
+        parts += [f"g{combo.gamma:g}", f"f{combo.ffn_ratio:g}", f"h{combo.head_ratio:.2g}"]
+    return re.sub(r"[/:.%\"']", "_", "-".join(parts))
 
 
 def model_params(cfg: Any, combo: Any) -> dict[str, Any]:
@@ -232,17 +300,16 @@ def attack_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
 ATTACK_METRICS = {f(r): r for r in ATTACKS for f in (aua, queries, success_rate)}  # name -> recipe
 
 
-def attack_params(cfg: Any, examples: int) -> dict[str, Any]:
-    """How a ticket of `cfg` (its method and seed) is attacked."""
+def attack_params(cfg: Any, examples: int, combo: Any = None) -> dict[str, Any]:
+    """How a ticket of `cfg` (its method, seed, γ and ratios) is attacked."""
     a = cfg.attack
-    return {
+    return model_params(cfg, combo) | {
         "recipes": ",".join(a.recipes),
         "resources": a.resources,
         "num_examples": examples,
         "actors": a.actors,
         "attack_seed": cfg.sample_seed,
         PARAM_SEED: cfg.seed,
-        PARAM_METHOD: cfg.method,
     }
 
 
@@ -266,14 +333,21 @@ def run_parent(cfg: Any, run_dir: str) -> tuple[dict[str, str], dict[str, Any]]:
         "run_dir": run_dir,
         PARAM_TICKETS_PLANNED: planned_tickets(cfg),
     }
-    return {"run_dir": run_dir}, params
+    note = (
+        f"`er-ray run` of config '{cfg.name}': {', '.join(cfg.methods())} on {params[PARAM_DATASET]} with "
+        f"{params[PARAM_MODEL]}, seeds {params['seeds']}, {params[PARAM_TICKETS_PLANNED]} tickets planned. "
+        f"Children: one search run per method and seed, one ticket run per model (its attack run below it). "
+        f"Run folder: {run_dir}"
+    )
+    return {"run_dir": run_dir, TAG_NOTE: note}, params
 
 
 def tune_parent(cfg: Any, study: str, storage: str, objectives: list[dict]) -> tuple[dict[str, str], dict]:
     """(tags, params) of an `er-ray tune` parent: the whole resolved config, the study and its objectives."""
     params = flatten(cfg.model_dump(mode="json"))
     params |= {PARAM_OBJECTIVES: json.dumps(objectives), "study": study, "storage": storage}
-    return {TAG_STUDY: study, "er_ray.command": "tune"}, params
+    note = f"`er-ray tune` of config '{cfg.name}': Optuna study '{study}'; one child run per trial."
+    return {TAG_STUDY: study, "er_ray.command": "tune", TAG_NOTE: note}, params
 
 
 def _dataset_name(data_cfg: Any) -> str:
@@ -314,6 +388,7 @@ class Recorder:
         self.uri = client.tracking_uri
         self.inputs = inputs  # the data splits, logged on the parent and on every ticket and trial run
         self.runs: dict[str, _Run] = {}
+        self.combos: dict[str, Any] = {}  # ticket key -> its combo (its attack run carries γ and ratios)
         self.sharers: dict[str, list[str]] = {}  # ticket key -> keys of combos sharing its weights
         self.attacked: dict[str, dict[str, float]] = {}  # ticket key -> its attack metrics
         self.note: Callable[[str], None] = _note  # how the recorder tells the user (the CLI: its console)
@@ -467,7 +542,7 @@ class Recorder:
             )
 
     def _on_SearchStarted(self, e: ev.SearchStarted) -> None:
-        name = f"search-{e.cfg.method}-seed{e.cfg.seed}"
+        name = run_name(e.cfg, kind="search")
         self._open(e.key, "search", name, params=search_params(e.cfg, e.adversary))
 
     def _on_MiniEpochDone(self, e: ev.MiniEpochDone) -> None:
@@ -477,7 +552,7 @@ class Recorder:
             run.steps.add(e.step)
 
     def _on_SearchFinished(self, e: ev.SearchFinished) -> None:
-        name = f"search-{e.cfg.method}-seed{e.cfg.seed}"
+        name = run_name(e.cfg, kind="search")
         run_id = self._open(e.key, "search", name, params=search_params(e.cfg, e.adversary))
         if run_id is None:
             return
@@ -507,7 +582,8 @@ class Recorder:
                 self._log_files(run_id, [local / TICKET_FILE, local / RESULT_FILE], "ticket")
                 wanted = e.cfg.tracking.models
                 if wanted == "all" or (wanted == "primary" and e.primary):
-                    self._log_model(run_id, local, e.examples)
+                    self._log_model(run_id, local, e.examples, model_name(e.cfg, e.combo))
+                    self._log(e.key, tags={TAG_MODEL: model_name(e.cfg, e.combo)})
             if e.shared_with:
                 self._log(e.key, tags={TAG_SHARED: self.runs[e.shared_with].run_id})
             self._finish(e.key, end_time=end)
@@ -617,18 +693,22 @@ class Recorder:
             PARAM_DEVICE: cfg.runtime.device,
             PARAM_THREADS: max(1, int(cfg.ray.ticket_cpus)),
         }
-        name = f"{cfg.method}-seed{cfg.seed}-{key.rsplit('/', 1)[-1]}"
+        self.combos[key] = combo
         return self._open(
-            key, "ticket", name, at=at, tags={TAG_PRIMARY: "1" if primary else "0"}, params=params
+            key,
+            "ticket",
+            run_name(cfg, combo),
+            at=at,
+            tags={TAG_PRIMARY: "1" if primary else "0"},
+            params=params,
         )
 
     def _open_attack(self, ticket: str, cfg: Any, examples: int, at: float | None) -> str | None:
-        owner = self.runs.get(ticket)
-        name = f"attack-{cfg.method}-seed{cfg.seed}-{ticket.rsplit('/', 1)[-1]}"
+        owner, combo = self.runs.get(ticket), self.combos.get(ticket)
+        name = run_name(cfg, combo, kind="attack")
         parent = owner.run_id if owner else None
-        return self._open(
-            ev.attack_key(ticket), "attack", name, parent, at, params=attack_params(cfg, examples)
-        )
+        params = attack_params(cfg, examples, combo)
+        return self._open(ev.attack_key(ticket), "attack", name, parent, at, params=params)
 
     def _copy_attack(self, key: str, metrics: dict[str, float]) -> None:
         """A ticket run carries its attack's summary metrics (one row per ticket), logged once."""
@@ -655,11 +735,11 @@ class Recorder:
             else:
                 self.client.log_artifact(run_id, str(file), where)
 
-    def _log_model(self, run_id: str, ticket: Path, examples: list[str]) -> None:
+    def _log_model(self, run_id: str, ticket: Path, examples: list[str], name: str) -> None:
         """The ticket as a folder stock transformers loads (`er_ray.export.export_hf`), logged as the run's
-        MLflow model: transformers flavour from the local checkpoint (no pickled code), a signature, an input
-        example and pinned requirements; `mlflow.pyfunc.load_model("runs:/<run>/model").predict(texts)` gives
-        labels and scores."""
+        MLflow model named `name`: transformers flavour from the local checkpoint (no pickled code), a
+        signature, an input example and pinned requirements; `mlflow.pyfunc.load_model("runs:/<run>/<name>")
+        .predict(texts)` gives labels and scores."""
         import mlflow
         from huggingface_hub import ModelCard
         from mlflow.models import ModelSignature
@@ -678,7 +758,7 @@ class Recorder:
             folder = export_hf(ticket, Path(tmp) / "hf")  # the flavour logs into the active run only
             mlflow.transformers.log_model(
                 str(folder),
-                name=MODEL_ARTIFACT,
+                name=name,
                 task="text-classification",
                 model_card=ModelCard((folder / CARD_FILE).read_text()),  # the export's, not the hub's
                 signature=signature,

@@ -128,11 +128,12 @@ def train(
     state: TrainState | None = None,
     progress: str | None = None,
     amp: Amp = FP32,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> TrainState:
     """Run optimizer steps until `total_steps` (or `on_every` returns True).
 
     `on_every(state)` runs after every `every` steps; its time is not training time unless it says so
-    by adding to `state.seconds` itself.
+    by adding to `state.seconds` itself. `on_step(step, total_steps)` after every step (keep it cheap).
     """
     state = state or TrainState()
     clip = [p for g in opt.param_groups for p in g["params"]]
@@ -156,6 +157,8 @@ def train(
             state.losses.append(result.loss)
             bar.update()
             bar.set_postfix(loss=f"{result.loss:.3f}", refresh=False)
+            if on_step is not None:
+                on_step(state.step, total_steps)
             if every and on_every and state.step % every == 0 and on_every(state):
                 bar.close()
                 return state

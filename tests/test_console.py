@@ -30,6 +30,11 @@ def test_the_status_names_each_search_and_counts_tickets_with_what_they_still_ne
     assert "earlyrobust/seed1 mini-epoch 7 (distances 0.051 / 0.083)" in line
     # 1 done; 1 training; 2 waiting, one at a time: about (2 / 1 + 1) x 2 min of tickets left
     assert "tickets 1 done, 1 training, 2 waiting, about 6 min left" in line
+    # the training ticket's worker says its step: its rest at its own rate (20 s for 20 of 100 steps: 80 s
+    # more), then the 2 waiting ones at 2 min each
+    p.emit(ev.TicketStarted(_ticket(2), None, None, False, at=now - 20))
+    p.emit(ev.TicketSteps(_ticket(2), 20, 100))
+    assert "tickets 1 done, 1 training (steps 20/100), 2 waiting, about 5 min left" in p.line()
     p.emit(ev.SearchFinished(search, None, "freelb", None, None, {}, []))
     p.emit(ev.AttackStarted(_ticket(1), None, 100))
     line = p.line()

@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import start_driver, tiny_experiment
 
+from er_ray import events as ev
 from er_ray import tracking as T
 from er_ray.convergence import Combo
 from er_ray.layout import TRAJECTORY_FILE
@@ -129,13 +130,20 @@ def _sweep_config(model_dir, out, **over):
     )
 
 
-def test_fan_out_one_ticket_per_combo_and_mlflow_states(ray_session, tiny_model_dir, tmp_path):
+def test_fan_out_one_ticket_per_combo_and_mlflow_states(ray_session, tiny_model_dir, tmp_path, monkeypatch):
+    from er_ray.orchestration import console
     from er_ray.orchestration.pipeline import run_pipeline
 
+    seen: list = []  # what the status line is built from
+    emit = console.Progress.emit
+    monkeypatch.setattr(console.Progress, "emit", lambda self, e: (seen.append(e), emit(self, e))[1])
     cfg = _sweep_config(
         tiny_model_dir, tmp_path, **{"ray.methods": "[earlyrobust, finetune]", "runtime.threads": 2}
     )
     rows = run_pipeline(cfg)
+    # every ticket's worker told the driver its fine-tuning step while it trained
+    stepped = {e.key for e in seen if isinstance(e, ev.TicketSteps) and 0 < e.step <= e.total}
+    assert stepped == {e.key for e in seen if isinstance(e, ev.TicketStarted)} and len(stepped) >= 2
     # a task runs as many torch threads as it holds CPUs (ray.ticket_cpus 1), not runtime.threads
     assert {
         json.loads(p.read_text())["threads"] for p in tmp_path.glob("tiny/runs/*/*/seed3/*/result.json")
@@ -185,13 +193,15 @@ def test_primary_tickets_are_mlflow_models_that_predict_label_names(ray_session,
     with T.fluent(cfg.tracking.uri):
         models = {m.source_run_id: m for m in mlflow.search_logged_models([exp], output_format="list")}
         assert set(models) == {run_id}  # the config's own combo only, by default
-        model = mlflow.pyfunc.load_model(f"runs:/{run_id}/{T.MODEL_ARTIFACT}")
+        name = by_primary["1"].data.tags[T.TAG_MODEL]  # the model says what it is, in the UI's Models list
+        assert models[run_id].name == name and name.startswith("sst2-earlyrobust-seed3-g")
+        model = mlflow.pyfunc.load_model(f"runs:/{run_id}/{name}")
         assert model.metadata.signature is not None and "transformers" in model.metadata.flavors
         out = model.predict(["a gripping, funny film", "dull and far too long"])
         assert len(out) == 2 and set(out["label"]) <= {"negative", "positive"}
-        card = mlflow.artifacts.load_text(f"runs:/{run_id}/{T.MODEL_ARTIFACT}/model_card.md")
+        card = mlflow.artifacts.load_text(f"runs:/{run_id}/{name}/model_card.md")
         assert "| method | earlyrobust |" in card and "| seed | 3 |" in card  # the export's card
-        version = mlflow.register_model(f"runs:/{run_id}/{T.MODEL_ARTIFACT}", "tiny-ticket")
+        version = mlflow.register_model(f"runs:/{run_id}/{name}", "tiny-ticket")
         assert str(version.version) == "1" and version.run_id == run_id
 
 
@@ -333,3 +343,10 @@ def test_one_ctrl_c_ends_the_run_killed_and_resume_finishes_it(ray_session, tiny
     assert len(run_pipeline(cfg, resume=True)) == 4
     assert [r.info.status for r in _runs(uri, "parent")] == ["FINISHED"]
     assert not [r for r in _runs(uri) if r.info.status == "RUNNING"]
+    # the interrupted part counts in the run's time: both invocations, each with how it ended
+    (timing_file,) = tmp_path.glob("tiny/runs/*/timing.json")
+    history = json.loads(timing_file.read_text())
+    assert [h["status"] for h in history] == ["KILLED", "FINISHED"] and history[0][T.WALL_SECONDS] > 0
+    (parent,) = _runs(uri, "parent")
+    walls = mlflow.MlflowClient(uri).get_metric_history(parent.info.run_id, T.WALL_SECONDS)
+    assert sorted(m.step for m in walls) == [0, 1]

@@ -155,7 +155,7 @@ def store(tmp_path_factory) -> dict:
         tracking.PARAM_GAMMA: 0.1,
         tracking.PARAM_HEAD_RATIO: 0.25,
         tracking.PARAM_FFN_RATIO: 0.3,
-        tracking.PARAM_SEED: 7,
+        tracking.PARAM_SEED: 0,
     }
     curves = {
         tracking.MASK_DISTANCE_HEADS: [(1, 0.5), (2, 0.2), (3, 0.0)],
@@ -176,6 +176,7 @@ def store(tmp_path_factory) -> dict:
     sweep = [(0.05, 0.25, 0.3), (0.2, 0.25, 0.3), (0.1, 0.25, 0.2), (0.1, 0.25, 0.4), (0.1, 0.5, 0.3)]
     for j, (g, h, f) in enumerate(sweep):
         shifted = {k: v - 0.01 * (j + 1) if k.startswith(("aua", "clean")) else v for k, v in er.items()}
+        shifted[tracking.STOP_MINI_EPOCH] = 3
         ticket(parent, now + 20, "sst2", "earlyrobust", shifted, gamma=g, head=h, ffn=f)
     # the primary ticket's BERT-Attack numbers only on its attack run (the fallback the report reads)
     ba = {tracking.aua("bertattack"), tracking.queries("bertattack")}
@@ -184,7 +185,7 @@ def store(tmp_path_factory) -> dict:
         now + 30,
         "sst2",
         "earlyrobust",
-        {k: v for k, v in er.items() if k not in ba},
+        {k: v for k, v in er.items() if k not in ba} | {tracking.STOP_MINI_EPOCH: 2},
         gamma=0.1,
         primary=True,
     )
@@ -314,8 +315,8 @@ def test_markdown_shows_both_stop_rules_side_by_side(report):
     assert "## Stop points under both rules" in md
     lines = [line for line in md.splitlines() if line.startswith("| earlyrobust sst2 |")]
     assert lines == [
-        "| earlyrobust sst2 | 7 | 0.1 | 0.25 | 0.3 | 3 → 3 (epoch 0.75 → 0.75) | 1 → 3 (epoch 0.25 → 0.75) * |",
-        "| earlyrobust sst2 | 7 | 0.05 | 0.25 | 0.3 | not reached | 4 → 4 (epoch 1.00 → 1.00), cap * |",
+        "| earlyrobust sst2 | 0 | 0.1 | 0.25 | 0.3 | 3 → 3 (epoch 0.75 → 0.75) | 1 → 3 (epoch 0.25 → 0.75) * |",
+        "| earlyrobust sst2 | 0 | 0.05 | 0.25 | 0.3 | not reached | 4 → 4 (epoch 1.00 → 1.00), cap * |",
     ]
 
 
@@ -352,7 +353,17 @@ def test_figures_are_valid_pngs_and_logged(report, store):
     assert "no figures for IMDB: no earlyrobust ticket or search run" in report.notes
     assert report.logged_run_id == store["parent"]
     logged = {Path(f.path).name for f in MlflowClient(store["uri"]).list_artifacts(store["parent"], "report")}
-    assert logged == names | {"table1.csv", "table1.md", "claims.csv", "claims.md"}
+    plotted = {"figure3_gamma_sst2.csv", "figure4_sparsity_sst2.csv"}  # the numbers behind Figures 3 and 4
+    assert logged == names | plotted | {"table1.csv", "table1.md", "claims.csv", "claims.md"}
+
+
+def test_figures_name_the_seed_and_ticket_they_show_and_figure2_marks_the_stop_points(report):
+    from PIL import Image
+
+    title = {p.name.split("_")[0]: Image.open(p).text["Title"] for p in report.figures}
+    assert "seed 0" in title["figure2"] and "where its 2 ticket(s) were drawn" in title["figure2"]
+    assert "seed 0, γ 0.1, heads 0.25, FFN 0.3" in title["figure5"]
+    assert "n = 1" in title["figure3"]
 
 
 def test_pairwise_distance_is_the_mask_distance():
@@ -436,47 +447,30 @@ def _get(url: str, body: dict | None = None) -> dict:
 
 
 @pytest.fixture(scope="module")
-def server(store, tmp_path_factory):
-    log = tmp_path_factory.mktemp("server") / "server.log"
+def ui(store, tmp_path_factory):
+    """`er-ray ui` over the store, as a user starts it: (the URL it printed, its process, its output file)."""
+    log = tmp_path_factory.mktemp("ui") / "ui.log"
     port = _free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--backend-store-uri",
-        store["uri"],
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
+    cmd = [sys.executable, "-m", "er_ray.cli", "ui", "--experiment", EXPERIMENT]
+    cmd += ["--tracking-uri", store["uri"], "--port", str(port)]
     with open(log, "wb") as fh:
-        # its own session: the server's workers are its children, stopped with it by the group id
-        proc = subprocess.Popen(
-            cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=log.parent, start_new_session=True
-        )
-    url = f"http://127.0.0.1:{port}"
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2).read()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"mlflow server did not start:\n{log.read_text()[-2000:]}")
-                time.sleep(0.5)
-        yield url
+        deadline = time.monotonic() + 150
+        while not (urls := [w for w in log.read_text().split() if w.startswith("http://")]):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"er-ray ui printed no URL:\n{log.read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield urls[0], proc, log
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        if proc.poll() is None:  # Ctrl-C, as a user stops it: it stops its server too
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def server(ui):
+    return ui[0].split("/#/")[0]
 
 
 def test_server_serves_the_runs_and_contract_metrics(server, store):
@@ -505,6 +499,32 @@ def test_server_serves_the_runs_and_contract_metrics(server, store):
         assert metrics[key] == pytest.approx(want[key])
     assert set(tracking.PARAMS) <= set(params) and params[tracking.PARAM_METHOD] == "earlyrobust"
     assert tags[TAG_PRIMARY] == "1"
+
+
+def test_ui_prints_the_ticket_comparison_on_loopback_and_stops_on_ctrl_c(ui, store):
+    url, proc, log = ui
+    base, route = url.split("/#/")
+    assert base.startswith("http://127.0.0.1:")
+    with urllib.request.urlopen(f"{base}/", timeout=10) as resp:  # the UI's page answers
+        assert resp.status == 200 and b"<html" in resp.read().lower()
+    exp = _get(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name={EXPERIMENT}")["experiment"]
+    assert route.startswith(f"experiments/{exp['experiment_id']}/runs?")
+    assert "workflowType=machine_learning" in route and f"viewStateShareKey={tracking.VIEW_KEY}" in route
+    tags = {t["key"]: t["value"] for t in exp["tags"]}
+    assert tags[tracking.TAG_EXPERIMENT_KIND] == tracking.EXPERIMENT_KIND  # not the GenAI view
+    view = json.loads(tags[tracking.TAG_VIEW + tracking.VIEW_KEY])
+    assert "metrics.`clean_acc`" in view["selectedColumns"] and "params.`gamma`" in view["selectedColumns"]
+    assert store["parent"] in view["runsExpanded"]  # the tickets are not hidden under a collapsed parent
+    found = _get(
+        f"{base}/api/2.0/mlflow/runs/search",
+        {"experiment_ids": [exp["experiment_id"]], "filter": view["searchFilter"], "max_results": 1000},
+    )["runs"]
+    assert len(found) == store["tickets"]
+    # Ctrl-C ends it cleanly, and the UI with it
+    os.kill(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=30) == 0
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"{base}/health", timeout=2)
 
 
 def test_report_finds_the_store_and_experiment_from_a_config_or_a_run_folder(

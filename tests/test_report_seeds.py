@@ -296,3 +296,19 @@ def test_a_run_still_going_is_reported_as_partial_with_what_has_finished(tmp_pat
     ft = _row(report.table, "finetune")
     assert ft[COL_SEEDS] == 1 and ft[COL_CLEAN] == pytest.approx(80.0)  # the training ticket is left out
     assert report.table_md.read_text().splitlines()[2].startswith(f"**{report.partial}**")
+
+
+def test_figure3_draws_wilson_intervals_for_aua_and_the_seed_spread_clipped_to_the_axis(report):
+    figure = next(p for p in report.figures if p.name.startswith("figure3"))
+    points = pd.read_csv(figure.with_suffix(".csv"))
+    aua = points[points["line"] == "Aua% TextFooler"].set_index("x")
+    # γ 0.05: seeds 1 and 2; γ 0.1: all three seeds (the newer parent's seed 3); pooled over their examples
+    for gamma, survivors in ((0.05, EARLYROBUST_G005), (0.1, EARLYROBUST)):
+        k = sum(len(s) for s in survivors.values())
+        low, high = stats.wilson(k, EXAMPLES * len(survivors))
+        assert aua.loc[gamma, "low"] == pytest.approx(100 * low, abs=1e-4)
+        assert aua.loc[gamma, "high"] == pytest.approx(100 * high, abs=1e-4)
+    clean = points[points["line"] == "Clean%"].set_index("x")
+    spread = 100 * pd.Series(CLEAN["earlyrobust"].values()).std()
+    assert clean.loc[0.1, "mean"] - clean.loc[0.1, "low"] == pytest.approx(spread, abs=1e-4)
+    assert (points["low"] >= 0).all() and (points["high"] <= 100).all()

@@ -34,8 +34,8 @@ def _minutes(seconds: float) -> str:
 
 class Progress:
     """Where a run is, from its events: each running search's mini-epoch and mask distances; tickets done,
-    training and waiting (queued for a worker), with an estimate of what the tickets still need from the mean
-    training time so far; attacks done and running."""
+    training (with their fine-tuning steps) and waiting (queued for a worker), with an estimate of what the
+    tickets still need from the step rates and ticket times measured so far; attacks done and running."""
 
     def __init__(self) -> None:
         self.begun = time.time()
@@ -44,6 +44,7 @@ class Progress:
         self.queued: set[str] = set()
         self.training: dict[str, float] = {}  # ticket key -> when it started
         self.trained: list[float] = []  # seconds each ticket of this invocation took
+        self.steps: dict[str, tuple[int, int]] = {}  # ticket key -> (fine-tuning step, total steps)
         self.done: set[str] = set()
         self.attacking: set[str] = set()
         self.attacked: set[str] = set()
@@ -60,7 +61,10 @@ class Progress:
             self.queued.add(e.key)
         elif isinstance(e, ev.TicketStarted):
             self.training[e.key] = e.at or time.time()
+        elif isinstance(e, ev.TicketSteps):
+            self.steps[e.key] = (e.step, e.total)
         elif isinstance(e, ev.TicketFinished):
+            self.steps.pop(e.key, None)
             started = self.training.pop(e.key, None)
             if started is not None and not e.earlier:
                 self.trained.append(time.time() - started)
@@ -80,15 +84,45 @@ class Progress:
                 )
                 parts.append(f"{key.removeprefix('search/')} mini-epoch {step}{dist}")
         waiting = len(self.queued - self.done - set(self.training))
-        tickets = f"tickets {len(self.done)} done, {len(self.training)} training, {waiting} waiting"
-        if self.trained and (waiting or self.training):
-            # queued tickets run as wide as the ones training now: a rough bound, said as such
-            left = statistics.mean(self.trained) * (waiting / max(len(self.training), 1) + 1)
+        tickets = (
+            f"tickets {len(self.done)} done, {len(self.training)} training{self._steps()}, {waiting} waiting"
+        )
+        left = self._left(waiting)
+        if left is not None:
             tickets += f", about {_minutes(left)} left"
         parts.append(tickets)
         if self.attacking or self.attacked:
             parts.append(f"attacks {len(self.attacked)} done, {len(self.attacking)} running")
         return f"{_minutes(time.time() - self.begun)} in: " + "; ".join(parts)
+
+    def _steps(self) -> str:
+        """` (steps 120/400, 30/400)`, or the sum over many tickets."""
+        steps = [self.steps[k] for k in sorted(self.training) if k in self.steps]
+        if not steps:
+            return ""
+        if len(steps) <= 4:
+            return " (steps " + ", ".join(f"{s}/{t}" for s, t in steps) + ")"
+        return f" (steps {sum(s for s, _ in steps):,} of {sum(t for _, t in steps):,})"
+
+    def _left(self, waiting: int) -> float | None:
+        """Seconds the tickets still need: the slowest training ticket's rest at its own step rate, then the
+        waiting ones as wide as those training now, each as long as the tickets so far took (or, before any
+        finished, as the training ones are projected to). A rough figure, said as "about"."""
+        if not (waiting or self.training):
+            return None
+        now, rest, whole = time.time(), [], []
+        for key, began in self.training.items():
+            step, total = self.steps.get(key, (0, 0))
+            if step and total:
+                rest.append((now - began) * (total - step) / step)
+                whole.append((now - began) * total / step)
+        per_ticket = (
+            statistics.mean(self.trained) if self.trained else (statistics.mean(whole) if whole else None)
+        )
+        if per_ticket is None:
+            return None
+        current = max(rest) if rest else (per_ticket if self.training else 0.0)
+        return current + per_ticket * waiting / max(len(self.training), 1)
 
 
 class Ticker:

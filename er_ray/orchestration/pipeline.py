@@ -200,6 +200,8 @@ class Sweep:
             if what == "ticket" and not job.started:
                 job.started = True
                 self.emit(ev.TicketStarted(key, job.cfg, job.combo, job.primary, at))
+            elif what == "steps" and job.result is None:
+                self.emit(ev.TicketSteps(key, *at))
             elif what == "attack":
                 self.emit(ev.AttackStarted(key, job.cfg, len(self.service.indices), at))
 
@@ -382,14 +384,18 @@ def run_pipeline(cfg: ExperimentConfig, resume: bool = False) -> list[dict]:
             sweep.start()
             sweep.run()
         rows, spent = sweep.rows(), sweep.busy.summary()
-        invocations = timing.record(folder, spent)
+        history = timing.record(folder, spent, "FINISHED")
     except BaseException as err:
+        status = "KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED"
+        spent = sweep.busy.summary()
+        try:  # so that a resumed run's times count this part too
+            ended = ev.RunEnded(status, spent, step=len(timing.record(folder, spent, status)) - 1)
+        except Exception:  # a full disk, a bucket gone: this part's timing is what is lost
+            ended = ev.RunEnded(status)
         try:
             sweep.stop_search()
         finally:
-            recorder.emit(
-                ev.RunEnded("KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED")
-            )
+            recorder.emit(ended)
         line = str(err) if isinstance(err, Fault) else fault_line(err, folder.root)
         if line is not None:  # a trial's, a worker's or the driver's own write: one line, not a traceback
             # a deleted bucket took the run folder with it: nothing is left to resume
@@ -398,10 +404,11 @@ def run_pipeline(cfg: ExperimentConfig, resume: bool = False) -> list[dict]:
         raise
     finally:
         sweep.close()
-    recorder.emit(ev.RunEnded("FINISHED", spent, step=invocations - 1))
+    recorder.emit(ev.RunEnded("FINISHED", spent, step=len(history) - 1))
     folder.summary_file.write_text(json.dumps(rows, indent=1))
+    store = f"--tracking-uri {recorder.uri}"
     say(
-        f"done in {spent[T.WALL_SECONDS]:.0f} s. Report: er-ray report --run {recorder.parent_id} "
-        f"--tracking-uri {recorder.uri}; UI: mlflow ui --backend-store-uri {recorder.uri}"
+        f"done in {timing.spent_line(history)}. Report: er-ray report --run {recorder.parent_id} {store}; "
+        f"UI: er-ray ui --experiment {layout.experiment_name(cfg)} {store}"
     )
     return rows

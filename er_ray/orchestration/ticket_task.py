@@ -20,6 +20,8 @@ from er_ray.search import Trajectory
 from er_ray.storage import Store, is_uri
 from er_ray.ticket import Masks
 
+STEP_REPORT_SECONDS = 5.0  # how often a ticket tells the driver its fine-tuning step
+
 
 @ray.remote
 def ticket_task(
@@ -38,6 +40,7 @@ def ticket_task(
     # fire and forget: a task blocked in ray.get lends its CPUs to another task (oversubscribing the node)
     started.actor.put_nowait.remote(("ticket", key, time.time()))
     prep = prepare(with_threads(ExperimentConfig.model_validate(experiment), threads), data=data)
+    prep.on_step = _step_reporter(started, key)
     if not is_uri(out):
         return run_model(prep, Path(out), combo, traj, masks).to_json()
     with tempfile.TemporaryDirectory(prefix="er-ray-ticket-") as scratch:  # this node's disk, then the store
@@ -46,6 +49,20 @@ def ticket_task(
         (local / RESULT_FILE).write_text(json.dumps(result, indent=1))  # where the ticket lives now
         Store.at(out).upload(local, last=RESULT_FILE)
     return result
+
+
+def _step_reporter(queue: Any, key: str) -> Any:
+    """`on_step` that puts ("steps", key, (step, total)) on the driver's queue at most every few seconds."""
+    last = 0.0
+
+    def on_step(step: int, total: int) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= STEP_REPORT_SECONDS or step == total:
+            last = now
+            queue.actor.put_nowait.remote(("steps", key, (step, total)))
+
+    return on_step
 
 
 def submit_ticket(

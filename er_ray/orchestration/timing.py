@@ -45,10 +45,20 @@ def union_seconds(intervals: list[list[float]], lo: float, hi: float) -> float:
     return total
 
 
-def record(folder: RunFolder, timing: dict[str, float]) -> int:
-    """Append this invocation's timing to the folder's timing.json; returns how many invocations it lists."""
+def record(folder: RunFolder, timing: dict[str, float], status: str) -> list[dict]:
+    """Append this invocation's timing and how it ended to the folder's timing.json; returns every entry (an
+    invocation killed with -9 wrote none)."""
     file = folder.timing_file
     history = json.loads(file.read_text()) if file.exists() else []
-    history.append(timing)
+    history.append({**timing, "status": status})
     file.write_text(json.dumps(history, indent=1))
-    return len(history)
+    return history
+
+
+def spent_line(history: list[dict]) -> str:
+    """`412 s` for a run made in one invocation, else this one's and the sum over the recorded ones."""
+    this = f"{history[-1][T.WALL_SECONDS]:.0f} s"
+    if len(history) == 1:
+        return this
+    total = sum(h[T.WALL_SECONDS] for h in history)
+    return f"{this} (this invocation; {total:.0f} s over the {len(history)} recorded in timing.json)"

@@ -8,6 +8,7 @@ Markdown table).
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from er_ray.report.store import (
     FFN_RATIO,
     GAMMA,
     HEAD_RATIO,
+    SETTING_PARAMS,
     TAG_PRIMARY,
     TICKET_ARTIFACT,
     Cell,
@@ -187,8 +189,12 @@ def _figure2(scope: Scope, ds: str, er: Cell | None, path: Path, tmp: Path, note
     if search is None:
         return "no search run"
     method = table.METHOD_LABEL.get(search.method, search.method or "search")
-    title = f"Figure 2: mask distance between mini-epochs ({_label(ds)}, {method})"
-    why = _figure2_pairwise(scope, search, er, title, path, tmp)
+    seed = search.params.get(tracking.PARAM_SEED)
+    stops = _stops(scope, search, er)
+    where = ", ".join(filter(None, [_label(ds), method, seed and f"seed {seed}"]))
+    drawn = f"; red: where its {len(stops)} ticket(s) were drawn" if stops else ""
+    title = f"Figure 2: mask distance between mini-epochs ({where}){drawn}"
+    why = _figure2_pairwise(scope, search, er, stops, title, path, tmp)
     if why is None:
         return None
     client = scope.client
@@ -201,14 +207,28 @@ def _figure2(scope: Scope, ds: str, er: Cell | None, path: Path, tmp: Path, note
         sorted(head),
         sorted(ffn),
         search.param_float(tracking.PARAM_GAMMA),
+        stops,
         title.replace("between mini-epochs", "to the previous mini-epoch"),
         path,
     )
     return None
 
 
+def _stops(scope: Scope, search: RunView, er: Cell | None) -> list[int]:
+    """The mini-epochs where the tickets of `search` (its method and seed, under its parent run) were drawn:
+    one per combo of its sweep."""
+    seed, root = search.params.get(tracking.PARAM_SEED), scope.root_of(search).run_id
+    found = set()
+    for t in er.group if er is not None else []:
+        stop = t.metrics.get(tracking.STOP_MINI_EPOCH)
+        mine = t.method == search.method and (seed is None or t.seed == seed)
+        if stop is not None and mine and scope.root_of(t).run_id == root:
+            found.add(int(stop))
+    return sorted(found)
+
+
 def _figure2_pairwise(
-    scope: Scope, search: RunView, er: Cell | None, title: str, path: Path, tmp: Path
+    scope: Scope, search: RunView, er: Cell | None, stops: list[int], title: str, path: Path, tmp: Path
 ) -> str | None:
     """Pairwise heat maps from the trajectory's coefficients, drawn at the search's own ratios."""
     import torch
@@ -233,45 +253,56 @@ def _figure2_pairwise(
     masks = [draw_masks(m.head, m.ffn, ratios[0], ratios[1], traj.scope) for m in traj.mini_epochs]
     head = figures.pairwise_distance(torch.stack([m.head for m in masks]))
     ffn = figures.pairwise_distance(torch.stack([m.ffn for m in masks]))
-    figures.figure2_heatmap(head, ffn, title, path)
+    position = {m.index: i for i, m in enumerate(traj.mini_epochs)}
+    figures.figure2_heatmap(head, ffn, [position[s] for s in stops if s in position], title, path)
     return None
 
 
-def _points(scope: Scope, by_x: dict[float, Seeded]) -> dict[float, list[dict[str, float]]]:
-    """x -> the merged metrics of each seed's ticket at x."""
-    return {x: [merged_metrics(scope, t) for t in seeded.values()] for x, seeded in by_x.items()}
-
-
-def _series(points: dict[float, list[dict[str, float]]], scale: float = 1.0) -> figures.Series:
-    """label -> [(x, mean, std over seeds)] in percent, for the metrics logged at 2+ values of x."""
-    names = {"Clean%": tracking.CLEAN_ACC}
-    names.update({f"Aua% {table.ATTACK_LABEL.get(a, a)}": tracking.aua(a) for a in tracking.ATTACKS})
+def _series(scope: Scope, by_x: dict[float, Seeded], scale: float = 1.0) -> tuple[figures.Series, str]:
+    """(label -> points in percent, for the metrics logged at some x; what the bars are). Aua's interval is the
+    95% Wilson interval over the attacked examples of all seeds where every seed's records are there; else,
+    and for clean accuracy, mean ± std over seeds, clipped to 0-100%."""
+    names = {"Clean%": (tracking.CLEAN_ACC, None)}
+    names.update({f"Aua% {table.ATTACK_LABEL.get(a, a)}": (tracking.aua(a), a) for a in tracking.ATTACKS})
+    merged = {x: [merged_metrics(scope, t) for t in seeded.values()] for x, seeded in by_x.items()}
     series: figures.Series = {}
-    for label, key in names.items():
+    bars: set[str] = set()
+    for label, (key, attack) in names.items():
         line = []
-        for x, runs in points.items():
+        for x, runs in merged.items():
             s = stats.summarize(100 * m[key] for m in runs if key in m)
-            if s.n:
-                line.append((x * scale, s.mean, s.std))
+            if not s.n:
+                continue
+            records = attack is not None and all(scope.records(t) is not None for t in by_x[x].values())
+            outcomes = survived(scope, by_x[x], attack) if records else {}
+            if outcomes:
+                low, high = stats.wilson(sum(outcomes.values()), len(outcomes))
+                low, high = 100 * low, 100 * high
+                bars.add("Aua: 95% Wilson interval over the attacked examples")
+            else:
+                spread = 0.0 if math.isnan(s.std) else s.std
+                low, high = max(0.0, s.mean - spread), min(100.0, s.mean + spread)
+                bars.add("± std over seeds" if s.n > 1 else "one seed: no spread")
+            line.append(figures.Point(x * scale, s.mean, low, high))
         if line:
             series[label] = line
-    return series
+    return series, "; ".join(sorted(bars))
 
 
-def _seeds_caption(points: dict[float, list[dict[str, float]]]) -> str:
-    counts = sorted({len(runs) for runs in points.values()})
+def _seeds_caption(by_x: dict[float, Seeded], bars: str) -> str:
+    counts = sorted({len(seeded) for seeded in by_x.values()})
     n = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
-    return f"mean ± std over seeds, n = {n}" if counts[-1] > 1 else "one seed: no error bars"
+    return f"mean over seeds, n = {n}; bars: {bars}"
 
 
 def _figure3(scope: Scope, ds: str, er: Cell | None, path: Path, tmp: Path, notes: list[str]) -> str | None:
     if er is None:
         return "no earlyrobust ticket"
-    points = _points(scope, er.sweep(GAMMA))
-    series = _series(points)
-    if len(points) < 2 or not series:
+    by_x = er.sweep(GAMMA)
+    series, bars = _series(scope, by_x)
+    if len(by_x) < 2 or not series:
         return "needs earlyrobust tickets at >= 2 values of gamma (a sweep.gammas list)"
-    title = f"Figure 3: accuracy against γ ({_label(ds)}, EarlyRobust)\n{_seeds_caption(points)}"
+    title = f"Figure 3: accuracy against γ ({_label(ds)}, EarlyRobust)\n{_seeds_caption(by_x, bars)}"
     figures.figure3(series, title, path)
     return None
 
@@ -281,10 +312,11 @@ def _figure4(scope: Scope, ds: str, er: Cell | None, path: Path, tmp: Path, note
         return "no earlyrobust ticket"
     panels, captions = [], set()
     for index, xlabel in ((FFN_RATIO, "FFN neurons pruned (%)"), (HEAD_RATIO, "attention heads pruned (%)")):
-        points = _points(scope, er.sweep(index))
-        if len(points) >= 2 and _series(points):
-            panels.append((xlabel, _series(points, scale=100)))
-            captions.add(_seeds_caption(points))
+        by_x = er.sweep(index)
+        series, bars = _series(scope, by_x, scale=100)
+        if len(by_x) >= 2 and series:
+            panels.append((xlabel, series))
+            captions.add(_seeds_caption(by_x, bars))
     if not panels:
         return "needs earlyrobust tickets at >= 2 values of ffn_ratio or head_ratio (sweep ratio lists)"
     title = f"Figure 4: accuracy against sparsity ({_label(ds)}, EarlyRobust)\n{'; '.join(sorted(captions))}"
@@ -312,10 +344,17 @@ def _figure5(scope: Scope, ds: str, er: Cell | None, path: Path, tmp: Path, note
         heads,
         kept_neurons,
         neurons,
-        f"Figure 5: sparsity pattern of the EarlyRobust ticket ({_label(ds)})",
+        f"Figure 5: sparsity pattern of the EarlyRobust ticket ({_label(ds)}, {_ticket_name(er.ticket)})",
         path,
     )
     return None
+
+
+def _ticket_name(t: RunView) -> str:
+    gamma, head, ffn = (t.param_float(p) for p in SETTING_PARAMS)
+    parts = [f"seed {t.seed or t.params.get(tracking.PARAM_SEED, '?')}"]
+    parts += [f"{name} {v:g}" for name, v in (("γ", gamma), ("heads", head), ("FFN", ffn)) if v is not None]
+    return ", ".join(parts)
 
 
 # ---------------------------------------------------------------- Markdown and logging
@@ -396,6 +435,7 @@ def _log(scope: Scope, result: ReportResult) -> None:
             result.claims_csv,
             result.claims_md,
             *result.figures,
+            *(f.with_suffix(".csv") for f in result.figures if f.with_suffix(".csv").exists()),
             *result.pareto,
         ]
         tracking.log_files(scope.client, run_id, files, ARTIFACT_DIR)

@@ -5,8 +5,8 @@ Each function takes plain data and a path; deciding what data exists is `build.p
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,25 +24,34 @@ def pairwise_distance(masks: torch.Tensor) -> torch.Tensor:
     return (diff / m.shape[1]).float()
 
 
-def figure2_heatmap(head: torch.Tensor, ffn: torch.Tensor, title: str, path: Path) -> Path:
+def figure2_heatmap(
+    head: torch.Tensor, ffn: torch.Tensor, stops: Sequence[int], title: str, path: Path
+) -> Path:
+    """Pairwise distances; `stops`: the mini-epochs (positions) where tickets of this search were drawn."""
     fig = Figure(figsize=(10, 4.2), layout="constrained")
     for ax, dist, name in zip(
         fig.subplots(1, 2), (head, ffn), ("attention heads", "FFN neurons"), strict=True
     ):
         im = ax.imshow(dist.numpy(), cmap="viridis", vmin=0, origin="upper")
+        for i, stop in enumerate(stops):
+            label = "ticket drawn" if i == 0 else None
+            ax.axvline(stop, color="red", ls="--", lw=1, label=label)
+            ax.axhline(stop, color="red", ls="--", lw=1)
+        if stops:
+            ax.legend(loc="lower left", fontsize=8)
         ax.set_title(f"{name}")
         ax.set_xlabel("mini-epoch")
         ax.set_ylabel("mini-epoch")
         fig.colorbar(im, ax=ax, shrink=0.85, label="normalized mask distance")
     fig.suptitle(title)
-    fig.savefig(path, dpi=110)
-    return path
+    return _save(fig, title, path)
 
 
 def figure2_curves(
     head: Sequence[tuple[int, float]],
     ffn: Sequence[tuple[int, float]],
     gamma: float | None,
+    stops: Sequence[int],
     title: str,
     path: Path,
 ) -> Path:
@@ -54,37 +63,75 @@ def figure2_curves(
             ax.plot(*zip(*points, strict=True), marker="o", ms=3, label=name)
     if gamma is not None:
         ax.axhline(gamma, color="grey", ls="--", lw=1, label=f"γ = {gamma:g}")
+    for i, stop in enumerate(stops):
+        ax.axvline(stop, color="red", ls=":", lw=1, label="ticket drawn" if i == 0 else None)
     ax.set_xlabel("mini-epoch")
     ax.set_ylabel("mask distance to the previous mini-epoch")
     ax.legend()
     ax.set_title(title)
-    fig.savefig(path, dpi=110)
-    return path
+    return _save(fig, title, path)
 
 
-Series = dict[str, list[tuple[float, float, float]]]  # line label -> [(x, mean, std over seeds), ...]
+@dataclass(frozen=True)
+class Point:
+    """One point of a line: its mean and the interval drawn around it (already clipped to 0-100%)."""
+
+    x: float
+    mean: float
+    low: float
+    high: float
+
+
+Series = dict[str, list[Point]]  # line label -> points
+MARKERS = ("o", "s", "^", "D", "v")
 
 
 def _lines(ax, series: Series, xlabel: str) -> None:
-    for label, points in series.items():
-        if points:
-            xs, ys, errs = zip(*sorted(points), strict=True)
-            # a point from one seed has no spread (NaN): no bar rather than a zero-length one
-            yerr = [0.0 if math.isnan(e) else e for e in errs]
-            ax.errorbar(xs, ys, yerr=yerr if any(yerr) else None, marker="o", capsize=3, label=label)
+    """Each line nudged sideways by a little of the x range and drawn with its own marker, so lines that meet
+    (several attacks at 0%) stay visible; intervals as error bars."""
+    xs_all = sorted({p.x for points in series.values() for p in points})
+    span = (xs_all[-1] - xs_all[0]) if len(xs_all) > 1 else 1.0
+    for i, (label, points) in enumerate(series.items()):
+        if not points:
+            continue
+        shift = (i - (len(series) - 1) / 2) * 0.012 * span
+        pts = sorted(points, key=lambda p: p.x)
+        xs = [p.x + shift for p in pts]
+        ys = [p.mean for p in pts]
+        yerr = [[p.mean - p.low for p in pts], [p.high - p.mean for p in pts]]
+        has_bars = any(v > 0 for side in yerr for v in side)
+        marker = MARKERS[i % len(MARKERS)]
+        ax.errorbar(xs, ys, yerr=yerr if has_bars else None, marker=marker, capsize=3, label=label)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(-3, 103)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+
+
+def _save(fig: Figure, title: str, path: Path) -> Path:
+    """The PNG, its title also in the file's metadata (what it shows, readable without opening it)."""
+    fig.savefig(path, dpi=110, metadata={"Title": title})
+    return path
+
+
+def _points_csv(panels: list[tuple[str, Series]], path: Path) -> None:
+    """The plotted numbers beside the figure (`.csv`): panel, line, x, mean and the interval drawn."""
+    rows = ["panel,line,x,mean,low,high"]
+    for xlabel, series in panels:
+        for label, points in series.items():
+            rows += [f'"{xlabel}","{label}",{p.x:g},{p.mean:.6g},{p.low:.6g},{p.high:.6g}' for p in points]
+    path.with_suffix(".csv").write_text("\n".join(rows) + "\n")
 
 
 def figure3(series: Series, title: str, path: Path) -> Path:
     fig = Figure(figsize=(6.5, 4), layout="constrained")
     ax = fig.subplots()
-    _lines(ax, series, "early-stopping threshold γ")
+    xlabel = "early-stopping threshold γ"
+    _lines(ax, series, xlabel)
     ax.set_title(title)
-    fig.savefig(path, dpi=110)
-    return path
+    _points_csv([(xlabel, series)], path)
+    return _save(fig, title, path)
 
 
 def figure4(panels: list[tuple[str, Series]], title: str, path: Path) -> Path:
@@ -94,8 +141,8 @@ def figure4(panels: list[tuple[str, Series]], title: str, path: Path) -> Path:
     for ax, (xlabel, series) in zip(axes, panels, strict=True):
         _lines(ax, series, xlabel)
     fig.suptitle(title)
-    fig.savefig(path, dpi=110)
-    return path
+    _points_csv(panels, path)
+    return _save(fig, title, path)
 
 
 def figure5(
@@ -119,5 +166,4 @@ def figure5(
         ax.set_ylim(0, 100)
         ax.set_title(f"{name}: {sum(kept)}/{total * len(kept)} kept")
     fig.suptitle(title)
-    fig.savefig(path, dpi=110)
-    return path
+    return _save(fig, title, path)
