@@ -1,5 +1,5 @@
-"""Benchmark: a plain training step, a FreeLB step, a pruned ticket's step and inference, per precision,
-interleaved (not a test).
+"""Benchmark: a plain training step, FreeLB and PGD steps, a pruned ticket's step and inference, per
+precision, interleaved (not a test); a real model, or a BERT shape with random weights (`--geometry`).
 
 Interleaving (A, B, C, ... for every precision, then again) spreads machine noise evenly over all variants;
 medians are reported, with each precision's ratio to the first one listed.
@@ -7,18 +7,41 @@ medians are reported, with each precision's ratio to the first one listed.
 
 from __future__ import annotations
 
+import json
+import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
 from er_ray import adversary
-from er_ray.config import AdversaryConfig, DataConfig, settings
+from er_ray.config import AdversaryConfig, DataConfig, UserError, settings
 from er_ray.data import encode, load_split
 from er_ray.model import count_parameters, load_backbone, load_tokenizer
 from er_ray.precision import Amp, resolve
 from er_ray.ticket import draw_masks, prune_model
 from er_ray.train import Batches, make_optimizer, pick_device, to_device
+
+# BERT shapes built from their configuration with random weights: the paper's arithmetic per step without
+# downloading weights (timing only; the accuracy of such a model means nothing). The vocabulary is
+# bert-base-uncased's, which the packaged MiniLM's tokenizer shares, so real SST-2 batches feed them.
+GEOMETRIES = {
+    "bert-base": {
+        "hidden_size": 768,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "intermediate_size": 3072,
+    },
+    "bert-large": {
+        "hidden_size": 1024,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "intermediate_size": 4096,
+    },
+    "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 96},
+}
+VOCAB = 30522  # bert-base-uncased
 
 
 def _sync(device: torch.device) -> None:
@@ -43,6 +66,41 @@ def _step(model, opt, batch, adv: AdversaryConfig | None, amp: Amp) -> float:
     return (time.perf_counter() - t0) * 1000
 
 
+def geometry_model(geometry: str, num_labels: int = 2, seed: int = 0) -> torch.nn.Module:
+    """A BERT classifier of a named shape (`GEOMETRIES`) with random weights: for timing only."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    if geometry not in GEOMETRIES:
+        raise UserError(f"unknown geometry '{geometry}' (known: {', '.join(GEOMETRIES)})")
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(
+        BertConfig(vocab_size=VOCAB, num_labels=num_labels, **GEOMETRIES[geometry])
+    )
+
+
+def _padded(batch: dict, length: int) -> dict:
+    """The batch padded (pad id 0, attention 0) to `length` tokens: the fixed-length upper bound."""
+    out = {}
+    for k, v in batch.items():
+        if v.dim() == 2 and v.shape[1] < length:
+            v = torch.nn.functional.pad(v, (0, length - v.shape[1]), value=0)
+        out[k] = v
+    return out
+
+
+def device_name(dev: torch.device) -> str:
+    """The GPU's name, or the CPU's model name as lscpu says it."""
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def run_benchmark(
     model_name: str = "minilm",
     batch_size: int = 32,
@@ -54,82 +112,107 @@ def run_benchmark(
     steps: int = 3,
     precisions: tuple[str, ...] = ("fp32",),
     device: str = "auto",
-) -> dict[str, dict[str, float]]:
-    """Median ms per variant per precision: {precision: {variant: ms}} (precisions as resolved on the device)."""
+    geometry: str | None = None,
+    json_path: Path | None = None,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Median ms per length row, precision and variant: {row: {precision: {variant: ms}}}.
+
+    Rows: `sst2` (real SST-2 rows padded to the batch's longest, as training pads them) and, with a
+    `geometry`, `fixed` (padded to `max_length`: the upper bound). Variants: a plain step, FreeLB and PGD steps
+    with `steps` ascent steps, a plain step of a ticket pruned at the ratios, and inference. With `json_path`,
+    every figure so far is written there after each round (a run cut short keeps what it measured)."""
     if threads:
         torch.set_num_threads(threads)
     dev = pick_device(device)
+    if geometry == "bert-large" and dev.type != "cuda":
+        raise UserError("--geometry bert-large needs --device cuda (a step on a CPU takes minutes)")
     resolved = list(dict.fromkeys(resolve(p, dev) for p in precisions))
-    tok = load_tokenizer(model_name)
+    tok = load_tokenizer("minilm" if geometry else model_name)
     rows = load_split(
         DataConfig(name="sst2", max_length=max_length), "train", 0, batch_size, settings().data_dir
     )
-    # fixed-length batch: every variant sees exactly the same tokens
-    enc = encode(rows, tok, max_length)
-    batch = to_device(next(Batches(enc, tok, batch_size, 0, shuffle=False).epoch(0)), dev)
-    full = load_backbone(model_name, 2, 0).to(dev)
+    # one batch per row: every variant sees exactly the same tokens
+    batch = next(Batches(encode(rows, tok, max_length), tok, batch_size, 0, shuffle=False).epoch(0))
+    batches = {"sst2": to_device(batch, dev)}
+    if geometry:
+        batches["fixed"] = to_device(_padded(batch, max_length), dev)
+
+    def build() -> torch.nn.Module:
+        return geometry_model(geometry) if geometry else load_backbone(model_name, 2, 0)
+
+    full = build().to(dev)
     gen = torch.Generator().manual_seed(0)
-    n_layers, n_heads, n_ffn = (
-        full.config.num_hidden_layers,
-        full.config.num_attention_heads,
-        full.config.intermediate_size,
-    )
+    c = full.config
     masks = draw_masks(
-        torch.rand(n_layers, n_heads, generator=gen),
-        torch.rand(n_layers, n_ffn, generator=gen),
+        torch.rand(c.num_hidden_layers, c.num_attention_heads, generator=gen),
+        torch.rand(c.num_hidden_layers, c.intermediate_size, generator=gen),
         head_ratio,
         ffn_ratio,
     )
-    pruned = prune_model(load_backbone(model_name, 2, 0), masks).to(dev)
+    pruned = prune_model(build(), masks).to(dev)
     variants = {
         "plain": (full, AdversaryConfig(kind="none")),
         f"freelb_k{steps}": (full, AdversaryConfig(kind="freelb", steps=steps)),
+        f"pgd_k{steps}": (full, AdversaryConfig(kind="pgd", steps=steps)),
         "ticket": (pruned, AdversaryConfig(kind="none")),
         "inference": (full, None),
     }
-    runs = [(p, name) for name in variants for p in resolved]
-    opts = {run: make_optimizer(variants[run[1]][0], 2e-5, 0.01) for run in runs}
+    # one optimizer per model, not per variant and precision: at BERT-base each holds ~0.9 GB of state
+    opts = {id(m): make_optimizer(m, 2e-5, 0.01) for m in (full, pruned)}
     amps = {p: Amp(p, dev.type) for p in resolved}
-    times: dict[tuple[str, str], list[float]] = {run: [] for run in runs}
-    for p, name in runs:  # warm-up (and a first loss scale for fp16)
+    runs = [(row, p, name) for row in batches for name in variants for p in resolved]
+    times: dict[tuple[str, str, str], list[float]] = {run: [] for run in runs}
+    meta = {
+        "model": geometry or model_name,
+        "weights": "random (timing only)" if geometry else "pre-trained",
+        "device": dev.type,
+        "device_name": device_name(dev),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "batch_size": int(batch["input_ids"].shape[0]),
+        "tokens": {row: int(b["input_ids"].shape[1]) for row, b in batches.items()},
+        "ascent_steps": steps,
+        "ratios": {"head": head_ratio, "ffn": ffn_ratio},
+        "parameters": {"full": count_parameters(full), "ticket": count_parameters(pruned)},
+        "precisions": resolved,
+    }
+
+    def one(run: tuple[str, str, str]) -> float:
+        row, p, name = run
         m, adv = variants[name]
-        m.train()
-        _step(m, opts[(p, name)], batch, adv, amps[p])
+        return _step(m, opts[id(m)], batches[row], adv, amps[p])
+
+    for run in runs:  # warm-up (and a first loss scale for fp16)
+        one(run)
+    med: dict[str, dict[str, dict[str, float]]] = {}
     for _ in range(repeats):
-        for p, name in runs:
-            m, adv = variants[name]
-            times[(p, name)].append(_step(m, opts[(p, name)], batch, adv, amps[p]))
-    med = {p: {name: statistics.median(times[(p, name)]) for name in variants} for p in resolved}
-    _print(
-        med,
-        model_name,
-        batch,
-        repeats,
-        dev,
-        steps,
-        (head_ratio, ffn_ratio),
-        (count_parameters(pruned), count_parameters(full)),
-    )
+        for run in runs:
+            times[run].append(one(run))
+        med = {
+            row: {p: {n: statistics.median(times[(row, p, n)]) for n in variants} for p in resolved}
+            for row in batches
+        }
+        if json_path is not None:
+            figures = {f"{r}/{p}/{n}": v for (r, p, n), v in times.items()}
+            json_path.write_text(json.dumps({**meta, "median_ms": med, "ms": figures}, indent=1))
+    for row, by_precision in med.items():
+        _print(by_precision, meta, row, repeats, steps)
     return med
 
 
-def _print(
-    med: dict[str, dict[str, float]],
-    model_name: str,
-    batch: dict,
-    repeats: int,
-    dev: torch.device,
-    steps: int,
-    ratios: tuple[float, float],
-    params: tuple[int, int],
-) -> None:
+def _print(med: dict[str, dict[str, float]], meta: dict, row: str, repeats: int, steps: int) -> None:
     base, *others = list(med)
+    tokens = meta["tokens"][row]
+    what = "padded to the batch's longest row" if row == "sst2" else "fixed length (the upper bound)"
     print(
-        f"model {model_name} on {dev.type}: batch {batch['input_ids'].shape[0]} x {batch['input_ids'].shape[1]} "
-        f"tokens, {torch.get_num_threads()} threads, {repeats} interleaved repeats, medians"
+        f"model {meta['model']} ({meta['weights']}) on {meta['device']} ({meta['device_name']}): batch "
+        f"{meta['batch_size']} x {tokens} tokens, SST-2 {what}, {meta['threads']} threads, {repeats} "
+        "interleaved repeats, medians"
     )
+    p = meta["parameters"]
     print(
-        f"ticket: heads {ratios[0]:.3g} and neurons {ratios[1]:.3g} pruned, {params[0]:,} vs {params[1]:,} parameters"
+        f"ticket: heads {meta['ratios']['head']:.3g} and neurons {meta['ratios']['ffn']:.3g} pruned, "
+        f"{p['ticket']:,} vs {p['full']:,} parameters"
     )
     head = (
         f"  {'ms/step':>10}"
@@ -141,11 +224,12 @@ def _print(
         cells = "".join(f" {med[p][name]:9.1f}" for p in med)
         speed = "".join(f" {med[base][name] / med[p][name]:9.2f}x" for p in others)
         print(f"  {name:>10}{cells}{speed}")
-    freelb = f"freelb_k{steps}"
+    freelb, pgd = f"freelb_k{steps}", f"pgd_k{steps}"
     for p, m in med.items():
         print(
-            f"  {p}: freelb / plain = {m[freelb] / m['plain']:.2f}x, plain / ticket = {m['plain'] / m['ticket']:.2f}x "
-            f"(ticket speedup), freelb / ticket = {m[freelb] / m['ticket']:.2f}x"
+            f"  {p}: freelb / plain = {m[freelb] / m['plain']:.2f}x, pgd / plain = {m[pgd] / m['plain']:.2f}x, "
+            f"plain / ticket = {m['plain'] / m['ticket']:.2f}x (ticket speedup), "
+            f"freelb / ticket = {m[freelb] / m['ticket']:.2f}x"
         )
 
 

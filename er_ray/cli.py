@@ -218,14 +218,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
             bench.sweep_cost(str(args.trajectory), gammas)
     else:
         precisions = tuple(p.strip() for p in args.precision.split(",") if p.strip())
+        paper = args.geometry is not None  # the paper's settings unless given
         bench.run_benchmark(
             args.model,
             args.batch_size,
-            args.max_length,
-            args.repeats,
+            args.max_length or (128 if paper else 64),
+            args.repeats or (3 if paper else 5),
             args.threads,
+            steps=args.steps or (5 if paper else 3),
             precisions=precisions or ("fp32",),
             device=args.device,
+            geometry=args.geometry,
+            json_path=args.json,
         )
     return 0
 
@@ -261,11 +265,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("bench", help="time plain, FreeLB and pruned-ticket steps and inference, interleaved")
-    p.add_argument("--model", default="minilm")
+    p = sub.add_parser(
+        "bench", help="time plain, FreeLB, PGD and pruned-ticket steps and inference, interleaved"
+    )
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--model", default="minilm", help="a model to time (default: minilm)")
+    which.add_argument(
+        "--geometry",
+        choices=["bert-base", "bert-large", "tiny"],
+        help="instead: a BERT of this shape with random weights (timing only): the paper's cost per step "
+        "without its weights; K 5, max length 128 and 3 repeats unless given",
+    )
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--max-length", type=int, default=None, help="default: 64 (128 with --geometry)")
+    p.add_argument("--repeats", type=int, default=None, help="default: 5 (3 with --geometry)")
+    p.add_argument("--steps", type=int, default=None, help="ascent steps K (default: 3, 5 with --geometry)")
+    p.add_argument("--json", type=Path, metavar="FILE", help="write every figure here, after each round")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument(
         "--precision", default="fp32", help="comma-separated, interleaved: e.g. fp32,bf16 (or auto, fp16)"

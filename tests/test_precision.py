@@ -3,6 +3,8 @@ scaling in FreeLB, and the same paths on CUDA (skipped, with the reason shown, w
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import tiny_batch, tiny_experiment, tiny_model
@@ -216,9 +218,34 @@ def test_bench_times_every_variant_per_precision(tiny_model_dir, capsys):
         precisions=("fp32", "bf16"),
         device="cpu",
     )
-    assert list(med) == ["fp32", "bf16"]
-    assert all(set(m) == {"plain", "freelb_k2", "ticket", "inference"} for m in med.values())
+    assert list(med) == ["sst2"] and list(med["sst2"]) == ["fp32", "bf16"]
+    variants = {"plain", "freelb_k2", "pgd_k2", "ticket", "inference"}
+    assert all(set(m) == variants for m in med["sst2"].values())
     assert "fp32/bf16" in capsys.readouterr().out
+
+
+def test_bench_at_a_geometry_times_random_weights_at_both_lengths_into_json(tmp_path, capsys):
+    from er_ray.cli import main
+
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--geometry", "tiny", "--device", "cpu", "--batch-size", "4", "--max-length", "40"]
+    assert main([*argv, "--repeats", "2", "--steps", "2", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "random (timing only)" in printed and "fixed length (the upper bound)" in printed
+    got = json.loads(out.read_text())
+    assert got["weights"] == "random (timing only)" and got["torch"] == torch.__version__
+    assert got["tokens"]["fixed"] == 40 and got["tokens"]["sst2"] < 40  # real rows, padded to the longest
+    assert got["parameters"]["ticket"] < got["parameters"]["full"]
+    assert set(got["median_ms"]) == {"sst2", "fixed"} and got["device_name"]
+    assert all(len(v) == 2 for v in got["ms"].values())  # every repeat of every variant kept
+    assert got["median_ms"]["fixed"]["fp32"]["pgd_k2"] > 0
+
+
+def test_bench_refuses_bert_large_on_a_cpu_in_one_line(capsys):
+    from er_ray.cli import main
+
+    assert main(["bench", "--geometry", "bert-large", "--device", "cpu"]) == 2
+    assert "needs --device cuda" in capsys.readouterr().err
 
 
 def test_bench_rejects_an_unknown_precision_in_one_line(capsys):

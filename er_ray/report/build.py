@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -282,7 +283,7 @@ def _series(scope: Scope, by_x: dict[float, Seeded], scale: float = 1.0) -> tupl
             else:
                 spread = 0.0 if math.isnan(s.std) else s.std
                 low, high = max(0.0, s.mean - spread), min(100.0, s.mean + spread)
-                bars.add("± std over seeds" if s.n > 1 else "one seed: no spread")
+                bars.add("± std over seeds" if s.n > 1 else "no spread with one seed")
             line.append(figures.Point(x * scale, s.mean, low, high))
         if line:
             series[label] = line
@@ -292,7 +293,8 @@ def _series(scope: Scope, by_x: dict[float, Seeded], scale: float = 1.0) -> tupl
 def _seeds_caption(by_x: dict[float, Seeded], bars: str) -> str:
     counts = sorted({len(seeded) for seeded in by_x.values()})
     n = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
-    return f"mean over seeds, n = {n}; bars: {bars}"
+    head = f"mean over seeds, n = {n}" if counts[-1] > 1 else "one seed"
+    return "\n".join(textwrap.wrap(f"{head}; bars: {bars}", 64))  # fits the figure's width
 
 
 def _figure3(scope: Scope, ds: str, er: Cell | None, path: Path, tmp: Path, notes: list[str]) -> str | None:

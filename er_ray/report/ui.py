@@ -64,10 +64,11 @@ def serve(which: ReportTarget, port: int) -> int:
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
+            try:  # its job consumers take long to stop and hold nothing of the store's
+                proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
 
 def _wait_until_up(proc: subprocess.Popen, base: str, port: int, log: Path) -> None:
