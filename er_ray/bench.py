@@ -114,20 +114,23 @@ def run_benchmark(
     device: str = "auto",
     geometry: str | None = None,
     json_path: Path | None = None,
+    tokenizer: str | None = None,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Median ms per length row, precision and variant: {row: {precision: {variant: ms}}}.
 
     Rows: `sst2` (real SST-2 rows padded to the batch's longest, as training pads them) and, with a
     `geometry`, `fixed` (padded to `max_length`: the upper bound). Variants: a plain step, FreeLB and PGD steps
     with `steps` ascent steps, a plain step of a ticket pruned at the ratios, and inference. With `json_path`,
-    every figure so far is written there after each round (a run cut short keeps what it measured)."""
+    every figure so far is written there after each round (a run cut short keeps what it measured).
+    `tokenizer`: a tokenizer folder (default: the model's; with a geometry, MiniLM's, bert-base-uncased's
+    vocabulary)."""
     if threads:
         torch.set_num_threads(threads)
     dev = pick_device(device)
     if geometry == "bert-large" and dev.type != "cuda":
         raise UserError("--geometry bert-large needs --device cuda (a step on a CPU takes minutes)")
     resolved = list(dict.fromkeys(resolve(p, dev) for p in precisions))
-    tok = load_tokenizer("minilm" if geometry else model_name)
+    tok = load_tokenizer(tokenizer or ("minilm" if geometry else model_name))
     rows = load_split(
         DataConfig(name="sst2", max_length=max_length), "train", 0, batch_size, settings().data_dir
     )

@@ -230,6 +230,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             device=args.device,
             geometry=args.geometry,
             json_path=args.json,
+            tokenizer=args.tokenizer,
         )
     return 0
 
@@ -281,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=None, help="default: 5 (3 with --geometry)")
     p.add_argument("--steps", type=int, default=None, help="ascent steps K (default: 3, 5 with --geometry)")
     p.add_argument("--json", type=Path, metavar="FILE", help="write every figure here, after each round")
+    p.add_argument(
+        "--tokenizer", metavar="DIR", help="a tokenizer folder (default: the model's, or MiniLM's)"
+    )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument(
         "--precision", default="fp32", help="comma-separated, interleaved: e.g. fp32,bf16 (or auto, fp16)"

