@@ -144,6 +144,10 @@ class Ticker:
         self.stop_event.set()
         if self.thread.is_alive():
             self.thread.join(5)
+        # a log of a finished run ends with its last status, however short the run (not after an error: its
+        # one line stays the last)
+        if self.seconds > 0 and not self.live and exc[0] is None:
+            self._print(self.progress.line())
         with _LOCK:
             if _LIVE["shown"]:
                 print("\r\x1b[2K", end="", file=self.stream, flush=True)
@@ -153,14 +157,16 @@ class Ticker:
         # a terminal's line follows the run closely; a log gets a line per period
         period = min(self.seconds, 5.0) if self.live else self.seconds
         while not self.stop_event.wait(period):
-            line = self.progress.line()
-            with _LOCK:
-                if self.live:
-                    width = shutil.get_terminal_size().columns - 1
-                    print(f"\r\x1b[2K{f'er-ray {line}'[:width]}", end="", file=self.stream, flush=True)
-                    _LIVE["shown"] = True
-                else:
-                    print(f"er-ray {time.strftime('%H:%M:%S')} status: {line}", file=self.stream, flush=True)
+            self._print(self.progress.line())
+
+    def _print(self, line: str) -> None:
+        with _LOCK:
+            if self.live:
+                width = shutil.get_terminal_size().columns - 1
+                print(f"\r\x1b[2K{f'er-ray {line}'[:width]}", end="", file=self.stream, flush=True)
+                _LIVE["shown"] = True
+            else:
+                print(f"er-ray {time.strftime('%H:%M:%S')} status: {line}", file=self.stream, flush=True)
 
 
 class Console:
