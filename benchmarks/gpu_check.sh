@@ -19,8 +19,8 @@ while [ $# -gt 0 ]; do
     --prepare)
       mkdir -p "$2/data/sst2"
       python3 -c "from er_ray.model import load_tokenizer; load_tokenizer('minilm').save_pretrained('$2/tokenizer')"
-      cp "${ER_RAY_DATA_DIR:-../shared/data}/sst2/train.tsv" "$2/data/sst2/"
-      echo "gpu_check.sh: $2 holds the tokenizer and SST-2's training rows; carry it and pass --from $2"
+      cp "${ER_RAY_DATA_DIR:-../shared/data}"/sst2/{train,validation}.tsv "$2/data/sst2/"
+      echo "gpu_check.sh: $2 holds the tokenizer and SST-2's rows; carry it and pass --from $2"
       exit 0 ;;
     --from) from=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
@@ -37,7 +37,8 @@ if missing:
     sys.exit(f"gpu_check.sh: missing Python packages: {', '.join(missing)}")
 PY
 mkdir -p "$out"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" ER_RAY_DATA_DIR="$from/data" HF_HUB_OFFLINE=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" ER_RAY_DATA_DIR="$from/data" HF_HUB_OFFLINE=1 \
+  ER_RAY_TEST_TOKENIZER="$from/tokenizer"
 python3 -c "import torch, transformers, platform; print('torch', torch.__version__, 'transformers',
 transformers.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available()
 else platform.processor())" | tee "$out/env.txt"
@@ -51,4 +52,8 @@ else
 fi
 python3 -m er_ray.cli bench "${shape[@]}" --device "$device" --tokenizer "$from/tokenizer" \
   --json "$out/bench.json" | tee "$out/bench.txt"
+if [ "$device" = cuda ]; then  # bert-large only where a step takes milliseconds
+  python3 -m er_ray.cli bench --geometry bert-large --precision fp32,bf16 --repeats 3 --device cuda \
+    --tokenizer "$from/tokenizer" --json "$out/bench-large.json" | tee "$out/bench-large.txt"
+fi
 echo "gpu_check.sh: done; figures in $out/bench.json"

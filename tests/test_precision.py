@@ -276,6 +276,9 @@ def test_cuda_search_and_fine_tune_under_auto_precision(tiny_model_dir, tmp_path
 
 @needs_cuda
 def test_cuda_attack_victim_under_auto_precision_matches_fp32(tiny_model_dir):
+    pytest.importorskip(
+        "textattack", reason="the attack wrapper needs textattack (absent on a bare GPU machine)"
+    )
     from er_ray.attacks.wrapper import DynamicPaddingWrapper
     from er_ray.model import load_backbone, load_tokenizer
 
