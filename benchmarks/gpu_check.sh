@@ -3,7 +3,7 @@
 # shape with random weights (timing only) in fp32, bf16 and fp16 interleaved, its JSON rewritten after every
 # round, so a machine taken back early still leaves figures. About 5 minutes on one GPU.
 #
-# Needs only torch, transformers, pydantic, PyYAML, pandas, safetensors, tqdm and pytest: no Ray, MLflow,
+# Needs only torch, transformers (4.x: er-ray pins <5), pydantic, PyYAML, pandas, safetensors, tqdm and pytest: no Ray, MLflow,
 # textattack or the packaged MiniLM (whose tokenizer, the vocabulary BERT-base uses, is carried as files).
 #
 #   benchmarks/gpu_check.sh --prepare DIR        here: MiniLM's tokenizer and the SST-2 rows into DIR, to carry

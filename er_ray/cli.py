@@ -1,4 +1,4 @@
-"""`er-ray check / run / attack / tune / report / bench`: every subcommand and its arguments are declared here;
+"""`er-ray check / run / plan / attack / tune / report / bench`: every subcommand and its arguments are declared here;
 the work is done by the library and the orchestration layer.
 
 Bad input raises `UserError` anywhere below; here it becomes one line on stderr and exit code 2. Ctrl-C (or
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import shlex
 import signal
@@ -235,6 +236,35 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from er_ray.orchestration import planning
+
+    cfg = load_config(args.config, args.overrides)
+    for f in [*args.bench, args.trajectory, args.attacks, args.against]:
+        if f is not None and not f.exists():
+            raise UserError(f"no such file or folder: {f}")
+    opts = planning.Options(
+        args.bench,
+        args.trajectory,
+        args.attacks,
+        args.stop_epoch,
+        args.workers,
+        args.cores,
+        args.gpus,
+        args.tune,
+        args.tokenizer,
+    )
+    plan = planning.make_plan(cfg, opts)
+    planning.print_plan(plan)
+    if args.against is not None:
+        rows = planning.against(plan, planning.recorded(args.against))
+        planning.print_against(rows)
+        plan["against"] = [{"stage": s, "planned_s": p, "recorded_s": r} for s, p, r in rows]
+    if args.json is not None:
+        args.json.write_text(json.dumps(plan, indent=1))
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from er_ray.export import export_ticket
 
@@ -302,6 +332,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --trajectory: both stop rules and both drawings side by side, per combo",
     )
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "plan", help="what a sweep or study will cost before it is launched: compute, makespan, memory"
+    )
+    _config_args(p)
+    p.add_argument(
+        "--bench",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="`er-ray bench --json` of the target device (repeatable: one per thread count); default: measured now",
+    )
+    p.add_argument("--trajectory", type=Path, help="read the stop points off this recorded trajectory")
+    p.add_argument("--stop-epoch", type=float, help="else assume every search stops here (default 0.5 epoch)")
+    p.add_argument("--attacks", type=Path, help="calibrate the attacks from a run folder's attack summaries")
+    p.add_argument("--workers", type=float, help="logical CPUs of the cluster (default: this machine's)")
+    p.add_argument(
+        "--cores", type=float, help="physical cores doing the work (default: as many as --workers)"
+    )
+    p.add_argument("--gpus", type=float, default=0.0, help="GPUs of the cluster")
+    p.add_argument("--tune", action="store_true", help="plan `er-ray tune` of the config instead of `run`")
+    p.add_argument(
+        "--tokenizer",
+        help="count tokens with this tokenizer (a model not here: minilm is bert-base-uncased's)",
+    )
+    p.add_argument(
+        "--against", type=Path, metavar="RUN_DIR", help="and compare with this recorded run folder"
+    )
+    p.add_argument("--json", type=Path, metavar="FILE", help="write the whole plan here")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("attack", help="robustness of a saved model under TextFooler, TextBugger, BERT-Attack")
     p.add_argument(
