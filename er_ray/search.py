@@ -226,7 +226,13 @@ class SearchStage:
             scope=self.cfg.prune.scope,
             stop_rule=self.rule.rule,
             other_stops={c: other[c] for c in self.combos if c in other},
-            meta={"precision": self.amp.precision},
+            meta={  # what its seconds were measured at (`er-ray plan --calibrate` reads them)
+                "precision": self.amp.precision,
+                "adversary": self.cfg.search.adversary.kind,
+                "ascent_steps": self.cfg.search.adversary.steps,
+                "threads": torch.get_num_threads(),
+                "batch_size": self.cfg.search.batch_size,
+            },
         )
 
     # ------------------------------------------------------------ checkpoints (resume after a crash)

@@ -152,6 +152,12 @@ def test_planned_steps_and_seconds_are_what_a_real_tiny_run_did(tiny_model_dir, 
     traj = search_stage(prep)
     result = ticket_pipeline(prep, traj, next(iter(traj.stops)), tmp_path / "ticket")
 
+    # the trajectory says what its seconds were measured at (what --calibrate reads)
+    assert {k: traj.meta[k] for k in ("adversary", "ascent_steps", "batch_size")} == {
+        "adversary": "freelb",
+        "ascent_steps": 2,
+        "batch_size": 8,
+    }
     shape = data_shape(cfg)
     last = traj.mini_epochs[-1]
     tokens = shape.rows_tokens(8, cfg.seed) / 32  # the bench's batch of 32 rows at this many tokens

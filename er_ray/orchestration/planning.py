@@ -22,7 +22,6 @@ from er_ray.orchestration.plan import (
     full_variant,
     memory_gb,
     path_line,
-    search_variant,
     stage_rows,
     study_tasks,
     sweep_tasks,
@@ -91,18 +90,28 @@ def calibrate(costs: Costs, cfg: ExperimentConfig, shape: Shape, folder: Path) -
     from er_ray.methods import resolve_method
 
     per: dict[tuple[str, int, int], list[float]] = {}
-    scpu = max(1, int(cfg.ray.search_cpus))
     for t in sorted(folder.glob(f"*/seed*/{TRAJECTORY_FILE}")):
-        c = resolve_method(cfg.for_method(t.parent.parent.name))
-        last = Trajectory.load(t).mini_epochs[-1]
-        k = c.search.adversary.steps if c.search.adversary.kind != "none" else 0
-        rt = shape.rows_tokens(c.search.batch_size, int(t.parent.name.removeprefix("seed")))
-        per.setdefault((search_variant(c), k, scpu), []).append(last.seconds / last.step / rt)
+        traj = Trajectory.load(t)
+        m, last = traj.meta, traj.mini_epochs[-1]
+        if "ascent_steps" not in m:  # recorded before trajectories said what they ran at: this config's
+            c = resolve_method(cfg.for_method(t.parent.parent.name))
+            a = c.search.adversary
+            m = {"adversary": a.kind, "ascent_steps": a.steps, "batch_size": c.search.batch_size}
+            m["threads"] = max(1, int(cfg.ray.search_cpus))
+            costs.notes.append(
+                f"{t.name} of {t.parent} does not record its K and threads: this config's assumed"
+            )
+        kind = "plain" if m["adversary"] == "none" else m["adversary"]
+        k = m["ascent_steps"] if kind != "plain" else 0
+        rt = shape.rows_tokens(m["batch_size"], int(t.parent.name.removeprefix("seed")))
+        per.setdefault((kind, k, m["threads"]), []).append(last.seconds / last.step / rt)
     for r in sorted(folder.glob(f"*/seed*/*/{RESULT_FILE}")):
         res = json.loads(r.read_text())
         c = resolve_method(cfg.for_method(res["method"]))
         variant = "ticket" if c.uses_ticket() and c.prune.structure != "full" else full_variant(c)
-        k = c.search.adversary.steps if variant in ("freelb", "pgd") else 0
+        if variant in ("freelb", "pgd"):  # a full-model adversarial baseline: its K is not recorded with it
+            continue
+        k = 0
         rt = shape.rows_tokens(c.finetune.batch_size, res["seed"])
         per.setdefault((variant, k, res["threads"]), []).append(
             res["finetune_seconds"] / len(res["finetune_losses"]) / rt
