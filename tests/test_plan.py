@@ -160,7 +160,8 @@ def test_planned_steps_and_seconds_are_what_a_real_tiny_run_did(tiny_model_dir, 
     }
     shape = data_shape(cfg)
     last = traj.mini_epochs[-1]
-    tokens = shape.rows_tokens(8, cfg.seed) / 32  # the bench's batch of 32 rows at this many tokens
+    rows_tokens = shape.rows_tokens(8, cfg.seed)
+    tokens = rows_tokens / 32  # the bench's batch of 32 rows at this many tokens
     run_bench = Bench(
         {
             "plain": 1.0,
@@ -186,6 +187,21 @@ def test_planned_steps_and_seconds_are_what_a_real_tiny_run_did(tiny_model_dir, 
     for part in tickets.values():
         assert part.steps == len(result.finetune_losses)
         assert part.train_s == pytest.approx(result.finetune_seconds, rel=1e-6)
+    # a pilot run's folder calibrates the costs: seconds per padded token-row at its recorded K and threads
+    from er_ray.orchestration.planning import calibrate
+
+    pilot = tmp_path / "pilot" / "earlyrobust" / "seed3"
+    (pilot / "g").mkdir(parents=True)
+    traj.save(pilot / "trajectory.safetensors")
+    (pilot / "g" / "result.json").write_text((tmp_path / "ticket" / "result.json").read_text())
+    costs = Costs([bench()])
+    calibrate(costs, cfg, shape, tmp_path / "pilot")
+    threads = traj.meta["threads"]
+    assert costs.step("freelb", 2, 80.0, threads) == pytest.approx(
+        last.seconds / last.step / rows_tokens * 80
+    )
+    per_ft = result.finetune_seconds / len(result.finetune_losses) / rows_tokens
+    assert costs.step("ticket", 0, 80.0, result.threads) == pytest.approx(per_ft * 80)
     # read back as a study's trial folder would be: the same seconds the plan was compared with
     from er_ray.orchestration.planning import recorded
 
