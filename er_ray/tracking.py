@@ -600,7 +600,9 @@ class Recorder:
         key = ev.attack_key(e.ticket)
         run_id = self._open_attack(e.ticket, e.cfg, e.examples, start)
         if run_id is not None:
-            self._log(key, metrics={CLEAN_ACC: e.summary["clean_acc"], **metrics})
+            values = {CLEAN_ACC: e.summary["clean_acc"], **metrics}
+            if not set(values) <= self.runs[key].metrics:  # a driver killed before finishing logged them
+                self._log(key, metrics=values)
             if e.folder is not None:
                 local = e.folder.fetch(layout.fetched_cache())
                 self._log_files(run_id, sorted(p for p in local.iterdir() if p.is_file()), "attack")
