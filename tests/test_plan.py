@@ -298,3 +298,13 @@ def _bench_blob() -> dict:
         "ascent_steps": 3,
         "median_ms": {"sst2": {"fp32": bench().ms}},
     }
+
+
+def test_plan_refuses_a_cluster_smaller_than_one_task_in_one_line(tmp_path, capsys):
+    from er_ray.cli import main
+
+    bench_file = tmp_path / "b.json"
+    bench_file.write_text(json.dumps(_bench_blob()))
+    assert main(["plan", QUICKSTART, "--bench", str(bench_file), "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "search/earlyrobust/seed42 asks for more than the cluster has" in err and err.count("\n") == 1

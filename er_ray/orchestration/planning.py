@@ -141,7 +141,10 @@ def make_plan(cfg: ExperimentConfig, opts: Options) -> dict:
     if opts.study:  # a study runs at most max_concurrent trials at once
         cpus = min(workers, cfg.tune.max_concurrent * max(t.cpus for t in planned.tasks))
     cluster = Cluster(cpus, opts.cores or workers, opts.gpus, cfg.attack.actors)
-    planned.makespan = RUN_START_S + simulate(planned.tasks, cluster)
+    try:
+        planned.makespan = RUN_START_S + simulate(planned.tasks, cluster)
+    except ValueError as err:  # a task larger than the cluster given
+        raise UserError(f"--workers {workers:g} / --gpus {opts.gpus:g}: {err}") from None
     stages = stage_rows(planned)
     gpu = any(t.gpus for t in planned.tasks)
     return {
