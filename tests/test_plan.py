@@ -12,7 +12,6 @@ from er_ray.orchestration.plan import (
     SEARCH_START_S,
     Bench,
     Costs,
-    Part,
     Shape,
     Stops,
     study_tasks,
@@ -241,7 +240,8 @@ def test_a_study_plans_its_trials_at_the_sampled_k_mean(tiny_model_dir, tmp_path
     assert search.steps == 6  # one epoch of 48 rows at batch 8, mini-epochs of 1 step
     per_step = bench().seconds("freelb", 3, 8 * 10)
     assert search.train_s == pytest.approx(6 * per_step)
-    assert isinstance(planned.parts["ticket/trial0"], Part)
+    ticket = planned.parts["ticket/trial0"]  # one epoch of 6 steps at the trial's 2 threads
+    assert ticket.steps == 6 and ticket.train_s == pytest.approx(6 * bench().seconds("ticket", 0, 8 * 10))
 
 
 # ---------------------------------------------------------------- the command

@@ -22,6 +22,7 @@ import torch
 
 from er_ray.config import ExperimentConfig, UserError
 from er_ray.convergence import Combo
+from er_ray.layout import ticket_name
 from er_ray.orchestration.schedule import Task, critical_path
 from er_ray.search import Trajectory, mini_epoch_steps, own_combo, search_grid
 
@@ -141,14 +142,18 @@ class Shape:
     eval_rows: int
     lengths: list[int]  # tokens of each training row
     eval_lengths: list[int]
+    _memo: dict = field(default_factory=dict, repr=False)
 
     def steps_per_epoch(self, batch: int) -> int:
         return math.ceil(self.train_rows / batch)
 
     def rows_tokens(self, batch: int, seed: int) -> float:
         """Mean padded rows x tokens of a training step: the batches of epoch 0, drawn as training draws."""
-        order = torch.randperm(self.train_rows, generator=torch.Generator().manual_seed(seed * 100_003))
-        return _padded(self.lengths, order.tolist(), batch)
+        if (batch, seed) not in self._memo:  # a pass over every row: once per batch and seed, not per task
+            gen = torch.Generator().manual_seed(seed * 100_003)
+            order = torch.randperm(self.train_rows, generator=gen).tolist()
+            self._memo[(batch, seed)] = _padded(self.lengths, order, batch)
+        return self._memo[(batch, seed)]
 
     def eval_rows_tokens(self, batch: int) -> float:
         return _padded(self.eval_lengths, list(range(self.eval_rows)), batch)
@@ -276,10 +281,9 @@ def sweep_tasks(cfg: ExperimentConfig, shape: Shape, costs: Costs, stops: Stops)
             search.setup = SEARCH_START_S
             tasks.append(search)
             parts[search.name] = Part(n, n * per_step)
-            variant = "plain" if c.prune.structure == "full" else "ticket"
+            part = _fine_tune(c, shape, costs, "plain" if c.prune.structure == "full" else "ticket", tcpu)
             for combo, at in decide.items():
-                part = _fine_tune(c, shape, costs, variant, tcpu)
-                name = f"ticket/{key}/{_combo_name(combo)}"
+                name = f"ticket/{key}/{ticket_name(combo)}"
                 tasks.append(
                     Task(
                         name,
@@ -349,12 +353,6 @@ def study_tasks(cfg: ExperimentConfig, shape: Shape, costs: Costs, stops: Stops)
         tasks[-1].setup = setup
         parts[f"search/trial{i}"], parts[f"ticket/trial{i}"] = search, ft
     return Planned(tasks, parts)
-
-
-def _combo_name(combo: Combo) -> str:
-    from er_ray.layout import ticket_name
-
-    return ticket_name(combo)
 
 
 def stage_rows(planned: Planned) -> list[dict]:
