@@ -11,7 +11,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    ValidationError,
+    model_validator,
+)
 
 
 class UserError(Exception):
@@ -52,6 +61,17 @@ STOP_RULES: tuple[str, ...] = StopRuleName.__args__
 # bounds shared by the single values and the sweep lists
 Gamma = Annotated[float, Field(gt=0, le=1)]
 PruneRatio = Annotated[float, Field(ge=0, lt=1)]
+
+
+def _custom_only(resources: dict[str, float]) -> dict[str, float]:
+    built_in = sorted({"CPU", "GPU", "memory", "object_store_memory"} & set(resources))
+    if built_in:
+        raise ValueError(f"{', '.join(built_in)}: set by the *_cpus, *_gpus and *memory_gb keys, not here")
+    return resources
+
+
+# custom Ray node resources a kind of work asks for (`ray start --resources`)
+NodeResources = Annotated[dict[str, PositiveFloat], AfterValidator(_custom_only)]
 
 DatasetName = Literal["sst2", "imdb", "ag_news", "qnli", "qqp", "custom"]
 
@@ -179,6 +199,9 @@ class AttackConfig(_Strict):
     cpus_per_actor: float = Field(default=1.0, gt=0)
     gpus_per_actor: float = Field(default=0.0, ge=0)
     memory_gb_per_actor: float = Field(default=0.0, ge=0)  # Ray `memory` reserved per actor (host RAM)
+    node_resources_per_actor: dict[
+        str, PositiveFloat
+    ] = {}  # custom node resources (see ray.search_node_resources)
     batch_size: int = Field(default=32, ge=1)  # model queries per forward pass
     query_budget: int | None = Field(default=None, gt=0)
     # BERT-Attack's masked LM offline: "minilm" (MiniLM + an MLM head trained once into the cache: ~15 min on
@@ -202,6 +225,10 @@ class RayConfig(_Strict):
     # share a node, and Ray then places no more of them than its memory holds (0: no reservation)
     search_memory_gb: float = Field(default=0.0, ge=0)
     ticket_memory_gb: float = Field(default=0.0, ge=0)
+    # custom node resources (`ray start --resources`) each search trial / ticket task asks for: keeps the
+    # searches, whose restarts cost the most, on on-demand nodes and lets tickets take preemptible ones
+    search_node_resources: NodeResources = {}
+    ticket_node_resources: NodeResources = {}
     max_retries: int = Field(default=2, ge=0)  # task retries and trial max_failures on worker failure
     # a search's restart state (weights, optimizer, RNG: ~1.3 GB at BERT-base) is written, one copy
     # overwritten, every `checkpoint_every` mini-epochs and whenever `checkpoint_seconds` have passed since

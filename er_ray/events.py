@@ -123,6 +123,26 @@ class AttackFinished:
 
 
 @dataclass(frozen=True)
+class NodeLost:
+    """A node left the cluster (preempted, crashed, removed); `work`: the keys last seen running there."""
+
+    node: str  # Ray's node id
+    address: str
+    work: list[str]
+
+
+@dataclass(frozen=True)
+class WorkRetried:
+    """Work whose worker was lost started again: a ticket task's retry, a search trial's restart from its
+    restart state, an attack unit redone on a fresh actor. `attempt` is 2 for the first retry."""
+
+    key: str
+    attempt: int
+    node: str | None = None  # where it runs now, when known
+    detail: str = ""
+
+
+@dataclass(frozen=True)
 class TrialFinished:
     """An `er-ray tune` trial ended (status FINISHED or FAILED)."""
 

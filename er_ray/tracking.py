@@ -60,6 +60,7 @@ TAG_BELOW_FLOOR = (
     "er_ray.below_min_clean_acc"  # "1" on a tune trial under tune.min_clean_acc (Optuna: PRUNED)
 )
 PARAM_OBJECTIVES = "objectives"  # a tune parent: JSON list of {name, metric, mode}
+TAG_ATTEMPTS = "er_ray.attempts"  # a search, ticket or attack run whose work was retried: how many starts
 TAG_PRIMARY = "er_ray.primary"  # "1" on the ticket at the config's own gamma and ratios (Table 1's row)
 TAG_SHARED = "er_ray.shared_with"  # a combo whose masks equal another's: the ticket run holding the weights
 TAG_MODEL = "er_ray.model"  # a ticket run's logged model name: runs:/<ticket run>/<this>
@@ -590,6 +591,11 @@ class Recorder:
         owner = e.shared_with or e.key
         if owner in self.attacked:
             self._copy_attack(e.key, self.attacked[owner])
+
+    def _on_WorkRetried(self, e: ev.WorkRetried) -> None:
+        run = self.runs.get(e.key)
+        if run is not None and run.status == "RUNNING":
+            self._log(e.key, tags={TAG_ATTEMPTS: str(e.attempt)})
 
     def _on_AttackStarted(self, e: ev.AttackStarted) -> None:
         self._open_attack(e.ticket, e.cfg, e.examples, e.at)

@@ -58,6 +58,8 @@ def test_overrides_go_through_validation(tmp_path):
         (["--set", "sweep.ffn_ratios=[1.5]"], "bad config value sweep.ffn_ratios[0]=1.5"),
         (["--set", "sweep.head_ratios=[-0.1]"], "bad config value sweep.head_ratios[0]=-0.1"),
         (["--set", "data.max_train_examples="], "empty value"),
+        (["--set", "ray.search_node_resources={CPU: 2}"], "CPU: set by the *_cpus"),
+        (["--set", "attack.node_resources_per_actor={spot: 0}"], "node_resources_per_actor.spot"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, needle, capsys):

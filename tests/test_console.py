@@ -39,6 +39,9 @@ def test_the_status_names_each_search_and_counts_tickets_with_what_they_still_ne
     p.emit(ev.AttackStarted(_ticket(1), None, 100))
     line = p.line()
     assert "mini-epoch" not in line and "attacks 0 done, 1 running" in line
+    p.emit(ev.AttackFinished(_ticket(1), None, 100, {}, None))
+    p.emit(ev.AttackStarted(_ticket(1), None, 100))  # a unit's start message arriving after the attack's end
+    assert "attacks 1 done, 0 running" in p.line()
 
 
 def test_a_log_gets_plain_status_lines_and_a_terminal_one_live_line():
@@ -63,3 +66,43 @@ def test_quiet_prints_no_status():
     with Ticker(Progress(), 0, log):
         time.sleep(0.2)
     assert log.getvalue() == ""
+
+
+def test_past_the_first_few_events_of_a_stage_the_console_says_one_summary_per_status(capsys):
+    from er_ray.orchestration.console import Console
+
+    console = Console(every=2)
+    for n in range(1, 6):
+        console.emit(ev.StopFound(_ticket(n), 0.1 * n, converged=n != 5))
+        result = {"clean_acc": 0.8 + 0.01 * n, "finetune_seconds": 10.0 * n}
+        console.emit(ev.TicketFinished(_ticket(n), None, None, False, result))
+        console.emit(ev.AttackFinished(_ticket(n), None, 2, {"aua": {"textfooler": 0.1 * n}}, None))
+    said = capsys.readouterr().err.splitlines()
+    assert len(said) == 6  # two of each kind
+    assert [x.split(" ", 2)[2] for x in said[:2]] == [
+        "earlyrobust/seed1 g0.1-h0.1667-f0.3: stop at epoch 0.10 (converged)",
+        f"{_ticket(1)}: clean 81.0%, fine-tuned in 10 s",
+    ]
+    assert console.summary() == [
+        "3 more stop points: epochs 0.30-0.50, 2 converged, 1 at the search cap",
+        "3 more tickets trained: clean 83.0%-85.0% (median 84.0%), fine-tuned in 40 s each (median)",
+        "3 more tickets attacked: Aua textfooler 30%-50%",
+    ]
+    assert console.summary() == []  # said once
+    console.emit(ev.NodeLost("a1b2c3d4e5", "10.0.0.7", [_ticket(6)]))  # never folded
+    console.emit(ev.WorkRetried(_ticket(6), 2, "f6e5d4c3b2"))
+    lost, retried = capsys.readouterr().err.splitlines()
+    assert f"node a1b2c3d4 (10.0.0.7) left the cluster, holding {_ticket(6)}: Ray retries" in lost
+    assert retried.endswith(f"{_ticket(6)}: started again on node f6e5d4c3, attempt 2")
+
+
+def test_folded_lines_are_said_before_each_status_and_at_the_end_even_when_quiet(capsys):
+    folded = [["3 more tickets trained"], ["1 more tickets attacked"], [], [], [], [], [], [], [], []]
+    log = io.StringIO()
+    with Ticker(Progress(), 0, log, folded=lambda: folded.pop(0) if folded else []):  # --quiet
+        time.sleep(0.2)
+    assert capsys.readouterr().err.endswith(" 3 more tickets trained\n")  # at the end only
+    with Ticker(Progress(), 0.05, log, folded=lambda: folded.pop(0) if folded else []):
+        time.sleep(0.3)
+    err, lines = capsys.readouterr().err, log.getvalue().splitlines()
+    assert err.endswith(" 1 more tickets attacked\n") and len(lines) >= 3  # the status lines go on

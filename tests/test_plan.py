@@ -120,6 +120,18 @@ def test_bench_json_as_written_by_bench_is_read(tmp_path):
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(UserError, match="not an `er-ray bench --json` file"):
         Bench.read(tmp_path / "bad.json")
+    with pytest.raises(UserError, match="measured fp32, not the config's precision bf16"):
+        Bench.read(tmp_path / "b.json", "bf16")
+    # auto: what auto picks on this CPU when the bench has it, else what it has, said so
+    from er_ray.precision import resolve
+
+    picks = resolve("auto", "cpu")
+    blob["median_ms"]["sst2"]["bf16"] = {"plain": 6.0, "freelb_k5": 30.0}
+    (tmp_path / "both.json").write_text(json.dumps(blob))
+    assert Bench.read(tmp_path / "both.json").ms["plain"] == (6.0 if picks == "bf16" else 10.0)
+    fp32_only = Bench.read(tmp_path / "b.json")
+    assert fp32_only.ms["plain"] == 10.0
+    assert ("auto picks bf16 here" in fp32_only.source) == (picks == "bf16")
 
 
 def test_padded_tokens_are_those_of_the_batches_training_draws(tiny_model_dir, tmp_path):

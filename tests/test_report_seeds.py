@@ -250,6 +250,24 @@ def test_claims_files(report):
     assert set(csv["claim_verdict"]) >= {stats.HOLDS, stats.FAILS, stats.INCONCLUSIVE, "not evaluated"}
 
 
+def test_the_per_example_outcomes_beside_table1_give_back_its_aua_and_every_setting_of_the_sweep(report):
+    df = pd.read_csv(report.outcomes_csv, dtype={"seed": str})
+    rows = df[df["table_row"]]
+    for method, survivors in SURVIVORS.items():
+        for seed in SEEDS:
+            mine = rows[(rows["method"] == method) & (rows["seed"] == seed) & (rows["attack"] == RECIPE)]
+            assert sorted(mine["index"]) == list(range(EXAMPLES)), (method, seed)
+            assert set(mine[mine["survived"]]["index"]) == survivors[seed], (method, seed)
+        pooled = rows[rows["method"] == method]["survived"]
+        assert _row(report.table, method)[examples_col(RECIPE)] == len(pooled)  # the interval's own examples
+    sweep = df[(df["method"] == "earlyrobust") & (df["gamma"] == 0.05)]
+    assert not sweep["table_row"].any() and set(sweep["seed"]) == {"1", "2"}
+    assert set(sweep[(sweep["seed"] == "1") & sweep["survived"]]["index"]) == EARLYROBUST_G005["1"]
+    shared = df[(df["method"] == "earlyrobust") & (df["ffn_ratio"] == 0.2)]  # seed 3's combo sharing masks
+    assert set(shared[shared["survived"]]["index"]) == EARLYROBUST["3"] and not shared["table_row"].any()
+    assert "pgd" not in set(df["method"])  # a ticket without records adds no rows
+
+
 def test_runs_given_by_id_are_grouped_by_seed(store, tmp_path):
     both = build_report(
         None, [store["old"], store["new"]], tmp_path / "both", store["uri"], log_to_mlflow=False

@@ -26,6 +26,7 @@ import ray
 from er_ray import layout
 from er_ray.config import AttackConfig, DataConfig, UserError, settings
 from er_ray.data import load_split, load_splits
+from er_ray.orchestration.nodes import here
 from er_ray.orchestration.ray_env import gib, init_ray
 from er_ray.storage import Store, is_uri
 
@@ -113,7 +114,7 @@ class AttackActor:
 
         began = time.time()
         if self.events is not None:  # the driver opens the ticket's attack run at its first unit's start
-            self.events.actor.put_nowait.remote(("attack", key, began))  # never blocks the unit
+            self.events.actor.put_nowait.remote(("attack", key, began, here()))  # never blocks the unit
         wrapper, attacks = self._victim(model_dir)
         if recipe == "clean":
             out: dict = {"clean": (clean_accuracy(wrapper, self.dataset)[0], len(self.dataset))}
@@ -192,6 +193,7 @@ class AttackService:
             num_cpus=cfg.cpus_per_actor,
             num_gpus=cfg.gpus_per_actor,
             memory=gib(cfg.memory_gb_per_actor),
+            resources=dict(cfg.node_resources_per_actor),
             max_restarts=0,
         )(AttackActor)
         self._args = (
@@ -214,6 +216,7 @@ class AttackService:
         self.running: dict[Any, tuple[Any, tuple[str, str, list[int]]]] = {}
         self.tickets: dict[str, _Ticket] = {}
         self.redo: dict[tuple, int] = {}
+        self.redone: list[tuple[str, int, str]] = []  # (ticket, attempt, unit) since `take_redone`
         self.hold = self.retire = False  # see `yield_to_training`
 
     @classmethod
@@ -311,6 +314,11 @@ class AttackService:
             t = self.tickets[key]
             self.running[actor.work.remote(key, t.model_dir, recipe, idx, t.seed)] = (actor, unit)
 
+    def take_redone(self) -> list[tuple[str, int, str]]:
+        """Units whose actor died since the last call, requeued: (ticket key, attempt, what the unit is)."""
+        out, self.redone = self.redone, []
+        return out
+
     def refs(self) -> list:
         """What the driver waits on (with its other work)."""
         return [*self.ready, *self.running]
@@ -360,6 +368,7 @@ class AttackService:
         ticket.stats.actor_deaths += 1
         ticket.stats.shards_redone += 1
         ticket.stats.events.append(f"actor died during {unit[1]} {list(unit[2])[:3]}...; unit requeued")
+        self.redone.append((unit[0], self.redo[redo_key] + 1, f"its {unit[1]} unit, on a fresh actor"))
         if self.redo[redo_key] >= self.max_redo:
             raise RuntimeError(
                 f"unit {unit[1]} {list(unit[2])} killed {self.redo[redo_key]} actors; giving up"

@@ -1,6 +1,8 @@
 """What a run prints while it goes: er-ray's own lines on stderr (stdout keeps the results table), made from
 the drivers' events, with every credential masked; and, every `runtime.status_seconds`, where the run is
-(`Progress`): a live line on a terminal, plain timestamped lines in a log (no control characters there)."""
+(`Progress`): a live line on a terminal, plain timestamped lines in a log (no control characters there).
+A sweep of hundreds of tickets stays readable: past the first few stop points, tickets and attacks, each
+stage's events are folded into one summary line per status period (`Console.summary`)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from er_ray import events as ev
@@ -69,7 +72,9 @@ class Progress:
             if started is not None and not e.earlier:
                 self.trained.append(time.time() - started)
             self.done.add(e.key)
-        elif isinstance(e, ev.AttackStarted):
+        elif (
+            isinstance(e, ev.AttackStarted) and e.ticket not in self.attacked
+        ):  # a unit's start may come late
             self.attacking.add(e.ticket)
         elif isinstance(e, ev.AttackFinished):
             self.attacking.discard(e.ticket)
@@ -127,12 +132,21 @@ class Progress:
 
 class Ticker:
     """Prints `progress.line()` every `seconds` from a thread: rewritten in place on a terminal, a plain
-    `status:` line otherwise; nothing for 0 seconds (`er-ray run --quiet`)."""
+    `status:` line otherwise; nothing for 0 seconds (`er-ray run --quiet`). `folded` (the console's
+    `summary`) gives lines said before each status and once more at the end, quiet or not."""
 
-    def __init__(self, progress: Progress, seconds: float, stream: Any = None) -> None:
+    def __init__(
+        self,
+        progress: Progress,
+        seconds: float,
+        stream: Any = None,
+        folded: Callable[[], list[str]] | None = None,
+    ) -> None:
         self.progress, self.seconds, self.stream = progress, seconds, stream or sys.stderr
+        self.folded = folded or (lambda: [])
         self.live = bool(getattr(self.stream, "isatty", lambda: False)())
         self.stop_event = threading.Event()
+        self.said = time.monotonic()
         self.thread = threading.Thread(target=self._run, daemon=True, name="er-ray-status")
 
     def __enter__(self) -> Ticker:
@@ -144,6 +158,8 @@ class Ticker:
         self.stop_event.set()
         if self.thread.is_alive():
             self.thread.join(5)
+        for line in self.folded():
+            say(line)
         # a log of a finished run ends with its last status, however short the run (not after an error: its
         # one line stays the last)
         if self.seconds > 0 and not self.live and exc[0] is None:
@@ -157,6 +173,10 @@ class Ticker:
         # a terminal's line follows the run closely; a log gets a line per period
         period = min(self.seconds, 5.0) if self.live else self.seconds
         while not self.stop_event.wait(period):
+            if not self.live or time.monotonic() - self.said >= self.seconds:
+                self.said = time.monotonic()
+                for line in self.folded():  # once per status period, on a terminal too
+                    say(line)
             self._print(self.progress.line())
 
     def _print(self, line: str) -> None:
@@ -169,18 +189,91 @@ class Ticker:
                 print(f"er-ray {time.strftime('%H:%M:%S')} status: {line}", file=self.stream, flush=True)
 
 
+EVERY_EVENT = 8  # lines per kind (stop points, tickets, attacks) before the rest are folded into summaries
+
+
 class Console:
-    """Turns events into lines: a combo's stop point, a ticket's clean accuracy, an attack's Aua."""
+    """Turns events into lines: a combo's stop point, a ticket's clean accuracy, an attack's Aua (the first
+    `every` of each kind; the rest folded into `summary`), and every lost node and retried unit of work."""
+
+    def __init__(self, every: int = EVERY_EVENT) -> None:
+        self.every = every
+        self.said: dict[str, int] = {}
+        self.folded: dict[str, list[Any]] = {}  # kind -> events not said since the last summary
+        self.lock = threading.Lock()
+
+    def _say(self, kind: str, line: str, event: Any) -> None:
+        with self.lock:
+            if self.said.get(kind, 0) >= self.every:
+                self.folded.setdefault(kind, []).append(event)
+                return
+            self.said[kind] = self.said.get(kind, 0) + 1
+        say(line)
 
     def emit(self, event: Any) -> None:
         if isinstance(event, ev.StopFound):
             search, name = event.ticket.removeprefix("ticket/").rsplit("/", 1)
             how = "converged" if event.converged else "search cap"
             same = f", same masks as {event.same_as.rsplit('/', 1)[-1]}" if event.same_as else ""
-            say(f"{search} {name}: stop at epoch {event.epoch:.2f} ({how}){same}")
+            self._say("stop", f"{search} {name}: stop at epoch {event.epoch:.2f} ({how}){same}", event)
         elif isinstance(event, ev.TicketFinished) and not (event.earlier or event.shared_with):
             r = event.result
-            say(f"{event.key}: clean {r['clean_acc']:.1%}, fine-tuned in {r['finetune_seconds']:.0f} s")
+            line = f"{event.key}: clean {r['clean_acc']:.1%}, fine-tuned in {r['finetune_seconds']:.0f} s"
+            self._say("ticket", line, event)
         elif isinstance(event, ev.AttackFinished) and not event.earlier:
             aua = ", ".join(f"{r} {v:.0%}" for r, v in event.summary["aua"].items())
-            say(f"{event.ticket}: attacked, Aua {aua}")
+            self._say("attack", f"{event.ticket}: attacked, Aua {aua}", event)
+        elif isinstance(event, ev.NodeLost):
+            held = ", ".join(event.work) if event.work else "no work of this run"
+            then = [
+                what
+                for what, held_one in (
+                    (
+                        "Ray retries its ticket tasks",
+                        lambda k: k.startswith("ticket/") and not k.endswith("/attack"),
+                    ),
+                    (
+                        "Tune restarts its search trials from their restart states",
+                        lambda k: k.startswith("search/"),
+                    ),
+                    ("its attack units go to a fresh actor", lambda k: k.endswith("/attack")),
+                )
+                if any(held_one(k) for k in event.work)
+            ]
+            say(
+                f"node {event.node[:8]} ({event.address}) left the cluster, holding {held}"
+                + (": " if then else "")
+                + "; ".join(then)
+            )
+        elif isinstance(event, ev.WorkRetried):
+            where = f" on node {event.node[:8]}" if event.node else ""
+            detail = f" ({event.detail})" if event.detail else ""
+            say(f"{event.key}: started again{where}, attempt {event.attempt}{detail}")
+
+    def summary(self) -> list[str]:
+        """One line per stage for the events folded since the last call: how many, and their spread."""
+        with self.lock:
+            folded, self.folded = self.folded, {}
+        lines = []
+        if stops := folded.get("stop"):
+            epochs = [e.epoch for e in stops]
+            converged = sum(e.converged for e in stops)
+            lines.append(
+                f"{len(stops)} more stop points: epochs {min(epochs):.2f}-{max(epochs):.2f}, "
+                f"{converged} converged, {len(stops) - converged} at the search cap"
+            )
+        if tickets := folded.get("ticket"):
+            clean = [e.result["clean_acc"] for e in tickets]
+            seconds = statistics.median(e.result["finetune_seconds"] for e in tickets)
+            lines.append(
+                f"{len(tickets)} more tickets trained: clean {min(clean):.1%}-{max(clean):.1%} (median "
+                f"{statistics.median(clean):.1%}), fine-tuned in {seconds:.0f} s each (median)"
+            )
+        if attacks := folded.get("attack"):
+            recipes = attacks[0].summary["aua"]
+            aua = ", ".join(
+                f"{r} {min(a.summary['aua'][r] for a in attacks):.0%}-{max(a.summary['aua'][r] for a in attacks):.0%}"
+                for r in recipes
+            )
+            lines.append(f"{len(attacks)} more tickets attacked: Aua {aua}")
+        return lines

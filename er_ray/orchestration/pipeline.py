@@ -29,6 +29,7 @@ from typing import Any
 
 import ray
 from ray.util.queue import Queue
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from er_ray import events as ev
 from er_ray import layout
@@ -42,6 +43,7 @@ from er_ray.orchestration import search_tune as S
 from er_ray.orchestration import timing
 from er_ray.orchestration.attack_pool import AttackService
 from er_ray.orchestration.console import Console, Progress, Ticker, say
+from er_ray.orchestration.nodes import Nodes
 from er_ray.orchestration.ray_env import init_ray
 from er_ray.orchestration.ticket_task import submit_ticket
 from er_ray.search import Trajectory, own_combo, stop_point_rows
@@ -92,7 +94,11 @@ class Sweep:
     def __init__(self, cfg: ExperimentConfig, folder: RunFolder, data: SplitData, emit: Any, resume: bool):
         self.cfg, self.folder, self.data, self.emit, self.resume = cfg, folder, data, emit, resume
         self.data_ref = ray.put(data)
-        self.started_q = Queue(actor_options={"num_cpus": 0})  # workers -> driver: "I started"
+        # workers -> driver: "I started"; on the driver's node, so that losing another node keeps it
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.started_q = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
+        self.nodes = Nodes()
+        self.attempts: dict[str, int] = {}  # key -> starts, for work started again after a lost worker
         self.searching: S.SearchRun | None = None
         self.searches: dict[str, Search] = {}
         self.jobs: dict[str, Job] = {}
@@ -140,6 +146,7 @@ class Sweep:
                 self.searching.close()
                 self.searching = None
             self._drain_started()
+            self._watch_nodes()
             self._make_room()
             refs = [*self.running, *(self.service.refs() if self.service else [])]
             if not refs:
@@ -181,6 +188,7 @@ class Sweep:
             search.started = True
             self.emit(ev.SearchStarted(search.key, search.cfg, search.prep.cfg.search.adversary.kind))
         if e.kind == "result":
+            self.nodes.seen(search.key, e.value.get(S.NODE))
             self.busy.add(e.value[S.BUSY_START], e.value[S.BUSY_END])
             names = (T.MASK_DISTANCE_HEADS, T.MASK_DISTANCE_FFN, T.SEARCH_LOSS, T.SEARCH_SECONDS)
             self.emit(
@@ -188,6 +196,8 @@ class Sweep:
             )
         elif e.kind == "trajectory":
             self._on_trajectory(search, e.value)
+        elif e.kind == "recover":
+            self._retried(search.key, attempt=e.value, detail="from its last restart state")
         elif e.kind == "complete":
             self._complete(search)
         elif e.kind == "error":
@@ -195,15 +205,31 @@ class Sweep:
 
     def _drain_started(self) -> None:
         waiting = self.started_q.qsize()
-        for what, key, at in self.started_q.get_nowait_batch(waiting) if waiting else []:
+        for what, key, at, node in self.started_q.get_nowait_batch(waiting) if waiting else []:
             job = self.jobs[key]
             if what == "ticket" and not job.started:
                 job.started = True
                 self.emit(ev.TicketStarted(key, job.cfg, job.combo, job.primary, at))
+            elif what == "ticket" and job.result is None:  # Ray retried it: its worker was lost
+                self._retried(key, node)
             elif what == "steps" and job.result is None:
                 self.emit(ev.TicketSteps(key, *at))
             elif what == "attack":
                 self.emit(ev.AttackStarted(key, job.cfg, len(self.service.indices), at))
+            self.nodes.seen(ev.attack_key(key) if what == "attack" else key, node)
+
+    def _retried(
+        self, key: str, node: str | None = None, attempt: int | None = None, detail: str = ""
+    ) -> None:
+        self.attempts[key] = attempt or self.attempts.get(key, 1) + 1
+        self.emit(ev.WorkRetried(key, self.attempts[key], node, detail))
+
+    def _watch_nodes(self) -> None:
+        """Say which nodes left and what they held (Ray, Tune and the attack service retry the work)."""
+        for lost in self.nodes.lost():
+            self.emit(ev.NodeLost(lost.node, lost.address, lost.work))
+        for ticket, attempt, unit in self.service.take_redone() if self.service else []:
+            self._retried(ev.attack_key(ticket), attempt=attempt, detail=unit)
 
     # ------------------------------------------------------------ search stages
 
@@ -233,6 +259,7 @@ class Sweep:
             ev.SearchFinished(search.key, c, adversary, traj, final, S.curves(traj), stop_point_rows(traj))
         )
         search.done = True
+        self.nodes.done(search.key)
 
     # ------------------------------------------------------------ tickets
 
@@ -275,6 +302,7 @@ class Sweep:
 
     def _on_ticket(self, job: Job, result: dict, earlier: bool = False) -> None:
         job.result, job.started = result, True
+        self.nodes.done(job.key)
         if not earlier and result.get("finetune_interval"):
             self.busy.add(*result["finetune_interval"])
         examples = self.data.eval.texts[:2]
@@ -310,6 +338,7 @@ class Sweep:
 
     def _on_attack(self, fin: Any) -> None:
         job = self.jobs[fin.key]
+        self.nodes.done(ev.attack_key(job.key))
         for start, end in fin.intervals:
             self.busy.add(start, end)
         folder = layout.attack_dir(job.out)
@@ -380,7 +409,7 @@ def run_pipeline(cfg: ExperimentConfig, resume: bool = False) -> list[dict]:
 
     sweep = Sweep(cfg, folder, data, emit, resume)
     try:
-        with Ticker(progress, cfg.runtime.status_seconds):
+        with Ticker(progress, cfg.runtime.status_seconds, folded=console.summary):
             sweep.start()
             sweep.run()
         rows, spent = sweep.rows(), sweep.busy.summary()

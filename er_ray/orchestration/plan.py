@@ -59,11 +59,28 @@ class Bench:
     model: str = ""
 
     @classmethod
-    def read(cls, path: str | Path, precision: str | None = None) -> Bench:
+    def read(cls, path: str | Path, precision: str = "auto") -> Bench:
+        """The bench's figures at the config's `precision`; for auto, at what auto picks on a CPU like this
+        one (bf16 on a GPU), else the first it measured, said so in `source`."""
         try:
             blob = json.loads(Path(path).read_text())
             by_precision = blob["median_ms"]["sst2"]
-            p = precision or next(iter(by_precision))
+            first = next(iter(by_precision))
+        except (OSError, ValueError, KeyError, StopIteration) as err:
+            raise UserError(f"--bench {path}: not an `er-ray bench --json` file ({err})") from None
+        note = ""
+        if precision == "auto":
+            from er_ray.precision import resolve
+
+            picks = resolve("auto", "cpu") if blob.get("device") == "cpu" else "bf16"
+            p = picks if picks in by_precision else first
+            note = "" if p == picks else f"; auto picks {picks} here: a {picks} bench would match the run"
+        elif precision in by_precision:
+            p = precision
+        else:
+            measured = ", ".join(by_precision)
+            raise UserError(f"--bench {path} measured {measured}, not the config's precision {precision}")
+        try:
             return cls(
                 by_precision[p],
                 blob["batch_size"],
@@ -72,10 +89,10 @@ class Bench:
                 blob["ascent_steps"],
                 blob["device"],
                 blob["device_name"],
-                f"{path} ({blob['model']}, {p}, {blob['threads']} threads)",
+                f"{path} ({blob['model']}, {p}, {blob['threads']} threads{note})",
                 blob["model"],
             )
-        except (OSError, ValueError, KeyError, StopIteration) as err:
+        except KeyError as err:
             raise UserError(f"--bench {path}: not an `er-ray bench --json` file ({err})") from None
 
     def seconds(self, variant: str, k: int, rows_tokens: float) -> float:

@@ -47,7 +47,7 @@ def measured_costs(cfg: ExperimentConfig, files: list[Path]) -> Costs:
     """The benches given, or measured now for the config's model, batch, length, K and each thread count its
     tasks run at (a minute or two for MiniLM on a CPU)."""
     if files:
-        return Costs([Bench.read(f, _precision(cfg)) for f in files])
+        return Costs([Bench.read(f, cfg.runtime.precision) for f in files])
     from er_ray.bench import run_benchmark
 
     threads = sorted({max(1, int(cfg.ray.search_cpus)), max(1, int(cfg.ray.ticket_cpus))})
@@ -68,13 +68,9 @@ def measured_costs(cfg: ExperimentConfig, files: list[Path]) -> Costs:
                 cfg.runtime.device,
                 json_path=path,
             )
-            benches.append(Bench.read(path))
+            benches.append(Bench.read(path, cfg.runtime.precision))
             benches[-1].source = f"measured now ({benches[-1].device_name}, {t} threads)"
     return Costs(benches)
-
-
-def _precision(cfg: ExperimentConfig) -> str | None:
-    return None if cfg.runtime.precision == "auto" else cfg.runtime.precision
 
 
 def attack_summaries(path: Path) -> list[Path]:
@@ -218,9 +214,9 @@ def print_plan(p: dict) -> None:
 
 def recorded(folder: Path) -> dict:
     """A run folder's stage compute: searches (to their last mini-epoch), tickets' and baselines' fine-tuning,
-    attacks per recipe; and the invocation's wall time (timing.json). A study's folder (one folder per trial):
-    its trials' searches and fine-tuning."""
-    out: dict = {"search": {}, "ticket": {}, "attack": {}, "wall_s": None}
+    attacks per recipe; and the wall time summed over its invocations (timing.json: a run resumed in parts).
+    A study's folder (one folder per trial): its trials' searches and fine-tuning."""
+    out: dict = {"search": {}, "ticket": {}, "attack": {}, "wall_s": None, "invocations": 0}
     trials = sorted(folder.glob(f"*/{RESULT_FILE}"))
     if trials and not (folder / TIMING_FILE).is_file():
         for r in trials:
@@ -239,7 +235,8 @@ def recorded(folder: Path) -> dict:
     for s in attack_summaries(folder):
         for recipe, sec in json.loads(s.read_text())["seconds"].items():
             out["attack"][recipe] = out["attack"].get(recipe, 0.0) + sec
-    out["wall_s"] = json.loads((folder / TIMING_FILE).read_text())[-1][T.WALL_SECONDS]
+    parts = json.loads((folder / TIMING_FILE).read_text())
+    out["wall_s"], out["invocations"] = sum(p[T.WALL_SECONDS] for p in parts), len(parts)
     return out
 
 
@@ -267,11 +264,12 @@ def against(plan: dict, rec: dict) -> list[tuple[str, float, float]]:
     for key in sorted(k for k in spans if k.startswith("attack ")):
         rows.append((key, spans[key], rec["attack"].get(key.split()[1], 0.0)))
     if rec["wall_s"] is not None:
-        rows.append(("makespan (recorded: wall)", plan["makespan_s"], rec["wall_s"]))
+        parts = f", {rec['invocations']} parts" if rec.get("invocations", 1) > 1 else ""
+        rows.append((f"makespan (recorded: wall{parts})", plan["makespan_s"], rec["wall_s"]))
     return rows
 
 
 def print_against(rows: list[tuple[str, float, float]]) -> None:
-    print(f"  {'planned vs recorded':<28} {'planned s':>10} {'recorded s':>11} {'ratio':>6}")
+    print(f"  {'planned vs recorded':<36} {'planned s':>10} {'recorded s':>11} {'ratio':>6}")
     for stage, p, r in rows:
-        print(f"  {stage:<28} {p:>10.0f} {r:>11.0f} {p / r if r else float('nan'):>6.2f}")
+        print(f"  {stage:<36} {p:>10.0f} {r:>11.0f} {p / r if r else float('nan'):>6.2f}")

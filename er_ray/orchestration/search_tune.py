@@ -38,6 +38,7 @@ from er_ray.layout import SEARCH_STATE_FILE, TRAJECTORY_FILE, TUNE_DIR, RunFolde
 from er_ray.methods import SplitData, new_search, prepare, with_threads
 from er_ray.orchestration import ray_patches
 from er_ray.orchestration.console import say
+from er_ray.orchestration.nodes import here
 from er_ray.orchestration.ray_env import gib
 from er_ray.search import MiniEpoch, Trajectory, load_search_state, save_search_state
 from er_ray.storage import Store, fault_line
@@ -48,6 +49,7 @@ BUSY_START, BUSY_END = (
     "busy_end",
 )  # reported: wall clock span of the training since the last report
 
+NODE = "node_id"  # reported: the Ray node the trial runs on (the driver names what a lost node held)
 FAULT, FAULT_IS_INPUT = "fault", "fault_is_input"  # reported once: why the trial cannot go on
 FAULT_WAIT = 300.0  # seconds a faulted trial waits to be stopped by the driver
 
@@ -99,6 +101,7 @@ def search_stage(config: dict[str, Any], exp: ExperimentConfig, data: SplitData,
         if restart.exists():  # a restarted trial, or a new Tune run after a damaged one: continue from here
             load_search_state(stage, Path(restart.get(Path(d) / SEARCH_STATE_FILE)).parent)
     every, seconds = int(config.get("checkpoint_every") or 1), config.get("checkpoint_seconds")
+    node = here()
     since, saved = [time.time()], [time.time()]
 
     def report(point: MiniEpoch) -> None:
@@ -115,6 +118,7 @@ def search_stage(config: dict[str, Any], exp: ExperimentConfig, data: SplitData,
             BUSY_END: time.time(),
             T.PARAM_THREADS: threads,
             T.PARAM_DEVICE: stage.device.type,
+            NODE: node,
         }
         if point.index % every == 0 or (seconds and time.time() - saved[0] >= seconds):
             with tempfile.TemporaryDirectory() as d:
@@ -154,7 +158,7 @@ def load_trajectory(checkpoint: tune.Checkpoint) -> Trajectory:
 
 @dataclass
 class Event:
-    """What Tune saw, for the driver: kind is start | result | trajectory | complete | error."""
+    """What Tune saw, for the driver: kind is start | result | trajectory | recover | complete | error."""
 
     kind: str
     key: str  # the trial's (method, seed) key
@@ -185,6 +189,9 @@ class EventCallback(tune.Callback):
         except OSError:  # its storage went away (a deleted bucket): the trial reports that fault itself, and
             return  # a later checkpoint, or the trial's end, carries the trajectory
         self._put("trajectory", trial, trajectory)
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._put("recover", trial, trial.num_failures + 1)  # the attempt that starts now
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._put("complete", trial)
@@ -327,6 +334,7 @@ def search_tuner(
             "cpu": some.ray.search_cpus,
             "gpu": some.ray.search_gpus,
             "memory": gib(some.ray.search_memory_gb) or 0,
+            **some.ray.search_node_resources,
         },
     )
     storage = storage if isinstance(storage, Store) else Store.at(storage)

@@ -15,6 +15,7 @@ from er_ray.config import ExperimentConfig
 from er_ray.convergence import Combo
 from er_ray.layout import RESULT_FILE
 from er_ray.methods import SplitData, prepare, run_model, with_threads
+from er_ray.orchestration.nodes import here
 from er_ray.orchestration.ray_env import gib
 from er_ray.search import Trajectory
 from er_ray.storage import Store, is_uri
@@ -38,9 +39,10 @@ def ticket_task(
     """Rewind + fine-tune one ticket of drawn `masks` (or train a full-model baseline) into `out` (a path or a
     storage URI); returns its TicketResult."""
     # fire and forget: a task blocked in ray.get lends its CPUs to another task (oversubscribing the node)
-    started.actor.put_nowait.remote(("ticket", key, time.time()))
+    node = here()
+    started.actor.put_nowait.remote(("ticket", key, time.time(), node))
     prep = prepare(with_threads(ExperimentConfig.model_validate(experiment), threads), data=data)
-    prep.on_step = _step_reporter(started, key)
+    prep.on_step = _step_reporter(started, key, node)
     if not is_uri(out):
         return run_model(prep, Path(out), combo, traj, masks).to_json()
     with tempfile.TemporaryDirectory(prefix="er-ray-ticket-") as scratch:  # this node's disk, then the store
@@ -51,8 +53,9 @@ def ticket_task(
     return result
 
 
-def _step_reporter(queue: Any, key: str) -> Any:
-    """`on_step` that puts ("steps", key, (step, total)) on the driver's queue at most every few seconds."""
+def _step_reporter(queue: Any, key: str, node: str) -> Any:
+    """`on_step` that puts ("steps", key, (step, total), node) on the driver's queue at most every few
+    seconds."""
     last = 0.0
 
     def on_step(step: int, total: int) -> None:
@@ -60,7 +63,7 @@ def _step_reporter(queue: Any, key: str) -> Any:
         now = time.monotonic()
         if now - last >= STEP_REPORT_SECONDS or step == total:
             last = now
-            queue.actor.put_nowait.remote(("steps", key, (step, total)))
+            queue.actor.put_nowait.remote(("steps", key, (step, total), node))
 
     return on_step
 
@@ -81,6 +84,7 @@ def submit_ticket(
         "num_cpus": c.ticket_cpus,
         "num_gpus": c.ticket_gpus,
         "memory": gib(c.ticket_memory_gb),
+        "resources": dict(c.ticket_node_resources),
         "max_retries": c.max_retries,
         "retry_exceptions": False,
     }

@@ -19,7 +19,7 @@ import pandas as pd
 from er_ray import tracking
 from er_ray.config import UserError
 from er_ray.layout import TRAJECTORY_FILE
-from er_ray.report import claims, figures, pareto, stats, stops, table
+from er_ray.report import claims, figures, outcomes, pareto, stats, stops, table
 from er_ray.report.store import (
     FFN_RATIO,
     GAMMA,
@@ -56,6 +56,7 @@ class ReportResult:
     table_md: Path
     claims: list[claims.Decision] = field(default_factory=list)
     claims_csv: Path | None = None
+    outcomes_csv: Path | None = None  # every attacked example of every ticket (outcomes.py)
     claims_md: Path | None = None
     figures: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what was skipped, and why
@@ -106,6 +107,8 @@ def build_report(
         result.notes += [f"parent run {r.run_id} left out: {r.status}" for r in scope.skipped]
         result.partial = progress(scope)
         result.claims = claims.evaluate(scope, cells)
+        result.outcomes_csv = out_dir / outcomes.OUTCOMES_CSV
+        outcomes.frame(scope, cells).to_csv(result.outcomes_csv, index=False)
 
         datasets = {d for d, _ in cells} | {s.dataset for s in searches}
         if len(datasets) > 1:
@@ -436,6 +439,7 @@ def _log(scope: Scope, result: ReportResult) -> None:
             result.table_md,
             result.claims_csv,
             result.claims_md,
+            result.outcomes_csv,
             *result.figures,
             *(f.with_suffix(".csv") for f in result.figures if f.with_suffix(".csv").exists()),
             *result.pareto,

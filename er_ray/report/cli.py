@@ -56,7 +56,8 @@ def run(args: ReportTarget, out: Path, log: bool = True) -> int:
         if d.verdict:
             print(f"claim ({d.dataset}, {d.claim.source}): {d.claim.text}: {d.verdict}")
     print(
-        f"wrote {result.table_md}, {result.claims_md}, their CSVs and {len(result.figures)} figure(s) to {out}"
+        f"wrote {result.table_md}, {result.claims_md}, their CSVs, {result.outcomes_csv.name} (per attacked "
+        f"example) and {len(result.figures)} figure(s) to {out}"
     )
     for path in result.pareto:
         if path.suffix == ".md":
