@@ -91,8 +91,19 @@ def test_past_the_first_few_events_of_a_stage_the_console_says_one_summary_per_s
     assert console.summary() == []  # said once
     console.emit(ev.NodeLost("a1b2c3d4e5", "10.0.0.7", [_ticket(6)]))  # never folded
     console.emit(ev.WorkRetried(_ticket(6), 2, "f6e5d4c3b2"))
-    lost, retried = capsys.readouterr().err.splitlines()
-    assert f"node a1b2c3d4 (10.0.0.7) left the cluster, holding {_ticket(6)}: Ray retries" in lost
+    console.emit(
+        ev.NodeLost("99887766aa", "10.0.0.8", [ev.search_key("earlyrobust", 1), ev.attack_key(_ticket(7))])
+    )
+    lost, retried, lost_too = capsys.readouterr().err.splitlines()
+    assert lost.endswith(
+        f"node a1b2c3d4 (10.0.0.7) left the cluster, holding {_ticket(6)}: Ray retries its ticket tasks"
+    )
+    assert (
+        lost_too.endswith(  # what recovers each kind it held, and nothing else
+            "its search trials from their restart states; its attack units go to a fresh actor"
+        )
+        and "Ray retries" not in lost_too
+    )
     assert retried.endswith(f"{_ticket(6)}: started again on node f6e5d4c3, attempt 2")
 
 

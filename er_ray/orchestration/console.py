@@ -189,6 +189,18 @@ class Ticker:
                 print(f"er-ray {time.strftime('%H:%M:%S')} status: {line}", file=self.stream, flush=True)
 
 
+RECOVERY = {  # what brings back each kind of work a lost node held
+    "ticket": "Ray retries its ticket tasks",
+    "search": "Tune restarts its search trials from their restart states",
+    "attack": "its attack units go to a fresh actor",
+}
+
+
+def _recovery(work: list[str]) -> str:
+    kinds = {"attack" if key.endswith("/attack") else key.split("/")[0] for key in work}
+    return "; ".join(said for kind, said in RECOVERY.items() if kind in kinds)
+
+
 EVERY_EVENT = 8  # lines per kind (stop points, tickets, attacks) before the rest are folded into summaries
 
 
@@ -225,25 +237,9 @@ class Console:
             self._say("attack", f"{event.ticket}: attacked, Aua {aua}", event)
         elif isinstance(event, ev.NodeLost):
             held = ", ".join(event.work) if event.work else "no work of this run"
-            then = [
-                what
-                for what, held_one in (
-                    (
-                        "Ray retries its ticket tasks",
-                        lambda k: k.startswith("ticket/") and not k.endswith("/attack"),
-                    ),
-                    (
-                        "Tune restarts its search trials from their restart states",
-                        lambda k: k.startswith("search/"),
-                    ),
-                    ("its attack units go to a fresh actor", lambda k: k.endswith("/attack")),
-                )
-                if any(held_one(k) for k in event.work)
-            ]
+            then = _recovery(event.work)
             say(
-                f"node {event.node[:8]} ({event.address}) left the cluster, holding {held}"
-                + (": " if then else "")
-                + "; ".join(then)
+                f"node {event.node[:8]} ({event.address}) left the cluster, holding {held}{': ' if then else ''}{then}"
             )
         elif isinstance(event, ev.WorkRetried):
             where = f" on node {event.node[:8]}" if event.node else ""
