@@ -199,9 +199,7 @@ class AttackConfig(_Strict):
     cpus_per_actor: float = Field(default=1.0, gt=0)
     gpus_per_actor: float = Field(default=0.0, ge=0)
     memory_gb_per_actor: float = Field(default=0.0, ge=0)  # Ray `memory` reserved per actor (host RAM)
-    node_resources_per_actor: dict[
-        str, PositiveFloat
-    ] = {}  # custom node resources (see ray.search_node_resources)
+    node_resources_per_actor: NodeResources = {}  # custom node resources (see ray.search_node_resources)
     batch_size: int = Field(default=32, ge=1)  # model queries per forward pass
     query_budget: int | None = Field(default=None, gt=0)
     # BERT-Attack's masked LM offline: "minilm" (MiniLM + an MLM head trained once into the cache: ~15 min on

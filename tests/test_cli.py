@@ -60,6 +60,7 @@ def test_overrides_go_through_validation(tmp_path):
         (["--set", "data.max_train_examples="], "empty value"),
         (["--set", "ray.search_node_resources={CPU: 2}"], "CPU: set by the *_cpus"),
         (["--set", "attack.node_resources_per_actor={spot: 0}"], "node_resources_per_actor.spot"),
+        (["--set", "attack.node_resources_per_actor={GPU: 1}"], "GPU: set by the *_cpus"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, needle, capsys):
