@@ -10,9 +10,10 @@ started elsewhere before Ray's GCS declares the node dead: the work is still nam
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import ray
+
+from er_ray import events as ev
 
 CHECK_SECONDS = 2.0  # how often the driver asks Ray's GCS which nodes are alive
 
@@ -20,13 +21,6 @@ CHECK_SECONDS = 2.0  # how often the driver asks Ray's GCS which nodes are alive
 def here() -> str:
     """The node this worker runs on (what workers report with their start)."""
     return ray.get_runtime_context().get_node_id()
-
-
-@dataclass(frozen=True)
-class Lost:
-    node: str
-    address: str
-    work: list[str]  # keys of the work last seen on it, sorted
 
 
 class Nodes:
@@ -44,16 +38,18 @@ class Nodes:
     def done(self, key: str) -> None:
         self.where.pop(key, None)
 
-    def lost(self, force: bool = False) -> list[Lost]:
+    def lost(self) -> list[ev.NodeLost]:
         """Nodes that died since the last check, each with the unfinished work seen there (checked at most
-        every `CHECK_SECONDS` unless `force`)."""
-        if not force and time.monotonic() - self.checked < CHECK_SECONDS:
+        every `CHECK_SECONDS`)."""
+        if time.monotonic() - self.checked < CHECK_SECONDS:
             return []
         self.checked = time.monotonic()
         dead = self._dead()
         news = sorted(set(dead) - set(self.gone))
         self.gone = dead
-        return [Lost(n, dead[n], sorted(k for k, nodes in self.where.items() if n in nodes)) for n in news]
+        return [
+            ev.NodeLost(n, dead[n], sorted(k for k, nodes in self.where.items() if n in nodes)) for n in news
+        ]
 
     @staticmethod
     def _dead() -> dict[str, str]:

@@ -227,7 +227,7 @@ class Sweep:
     def _watch_nodes(self) -> None:
         """Say which nodes left and what they held (Ray, Tune and the attack service retry the work)."""
         for lost in self.nodes.lost():
-            self.emit(ev.NodeLost(lost.node, lost.address, lost.work))
+            self.emit(lost)
         for ticket, attempt, unit in self.service.take_redone() if self.service else []:
             self._retried(ev.attack_key(ticket), attempt=attempt, detail=unit)
 
