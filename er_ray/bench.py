@@ -51,13 +51,12 @@ def _sync(device: torch.device) -> None:
 
 def _step(model, opt, batch, adv: AdversaryConfig | None, amp: Amp) -> float:
     """ms of one training step (adv) or one inference forward (adv None)."""
+    model.train(adv is not None)  # dropout on in a training step, as training runs it (off for inference)
     _sync(batch["input_ids"].device)
     t0 = time.perf_counter()
     if adv is None:
-        model.eval()
         with torch.no_grad(), amp.autocast():
             model(**batch)
-        model.train()
     else:
         adversary.backward(model, batch, adv, amp)
         amp.step(opt, [], None)  # as before: no clipping in the timed step

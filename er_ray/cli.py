@@ -347,7 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="`er-ray bench --json` of the target device (repeatable: one per thread count); default: measured now",
     )
-    p.add_argument("--trajectory", type=Path, help="read the stop points off this recorded trajectory")
+    p.add_argument(
+        "--trajectory",
+        type=Path,
+        help="read the stop points off this recorded trajectory (or a run folder's, each search its own)",
+    )
     p.add_argument("--stop-epoch", type=float, help="else assume every search stops here (default 0.5 epoch)")
     p.add_argument(
         "--calibrate",

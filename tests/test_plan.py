@@ -41,6 +41,46 @@ def test_two_tasks_on_two_cores_overlap_and_on_one_core_share_it():
     assert [t.start for t in tasks] == [0, 0]
 
 
+def test_on_oversubscribed_cores_a_multi_threaded_task_falls_behind_its_fair_share_by_the_gang_term():
+    def three() -> list[Task]:
+        return [Task("m", "search", 10, 1, threads=2), Task("a", "ticket", 10, 1), Task("b", "ticket", 10, 1)]
+
+    # 4 threads on 2 cores: every thread gets s = 1/2 of a core
+    fair = three()
+    assert simulate(fair, Cluster(cpus=4, cores=2)) == pytest.approx(20)
+    assert [t.end for t in fair] == [pytest.approx(20)] * 3
+    # gang 1: the 2-thread task runs at s^2 = 1/4 (5 s done at 20 s), then alone at full speed
+    gang = three()
+    assert simulate(gang, Cluster(cpus=4, cores=2, gang=1.0)) == pytest.approx(25)
+    assert [t.end for t in gang] == [pytest.approx(25), pytest.approx(20), pytest.approx(20)]
+    # on cores not oversubscribed the term does nothing
+    alone = three()
+    assert simulate(alone, Cluster(cpus=4, cores=4, gang=1.0)) == pytest.approx(10)
+
+
+def _oversubscription_bench():
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "benchmarks" / "oversubscription_bench.py"
+    spec = importlib.util.spec_from_file_location("oversubscription_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_gang_term_is_the_fit_to_the_committed_oversubscription_measurement():
+    from er_ray.orchestration.plan import GANG
+
+    fit = _oversubscription_bench().fit_gang
+    # rows made at a known term come back with it
+    rows = [{"fair_share": s, "multi_share": [s ** (1 + 0.5 * 2)]} for s in (1.0, 0.5, 0.25)]
+    assert fit(rows, 3) == pytest.approx(0.5)
+    measured = json.loads(
+        (Path(__file__).parents[1] / "benchmarks/results/oversubscription-cpu.json").read_text()
+    )
+    assert fit(measured["rows"], measured["meta"]["threads"]) == pytest.approx(GANG, abs=0.005)
+
+
 def test_a_ticket_starts_at_its_stop_point_mid_search_or_waits_for_a_cpu():
     def sweep() -> list[Task]:
         return [Task("s", "search", 10, 1), Task("t", "ticket", 6, 1, after="s", after_seconds=4)]
@@ -82,6 +122,29 @@ def test_a_task_larger_than_the_cluster_is_refused():
 
 
 # ---------------------------------------------------------------- the cost model
+
+
+def _trajectory(stop_at: int):
+    import torch
+
+    from er_ray.convergence import Combo, StopPoint
+    from er_ray.search import MiniEpoch, Trajectory
+
+    z = torch.zeros(1)
+    mini = [MiniEpoch(i, 10 * i, 0.1 * i, 1.0 * i, 0.0, z, z, None, None) for i in range(10)]
+    return Trajectory(mini, {Combo(0.1, 0.2, 0.3): StopPoint(stop_at, True)}, 100, 10, 5, "global")
+
+
+def test_a_run_folder_gives_each_search_its_own_stop_and_any_other_the_slowest():
+    from er_ray.convergence import Combo
+
+    combo = Combo(0.1, 0.2, 0.3)
+    stops = Stops({"earlyrobust/seed1": _trajectory(6), "earlyrobust/seed2": _trajectory(4)})
+    assert stops.epoch(combo, "earlyrobust/seed1") == pytest.approx(0.6)
+    assert stops.epoch(combo, "earlyrobust/seed2") == pytest.approx(0.4)
+    assert stops.epoch(combo, "earlyrobust/seed3") == pytest.approx(0.6)  # not recorded: the slowest
+    assert Stops.one(_trajectory(4)).epoch(combo, "earlyrobust/seed1") == pytest.approx(0.4)
+    assert Stops(assumed=0.5).epoch(combo, "earlyrobust/seed1") == 0.5
 
 
 def test_a_step_scales_with_padded_tokens_and_the_adversary_with_k():
@@ -189,7 +252,7 @@ def test_planned_steps_and_seconds_are_what_a_real_tiny_run_did(tiny_model_dir, 
         "this run",
         "the run's own seconds per step",
     )
-    planned = sweep_tasks(cfg, shape, Costs([run_bench]), Stops(traj))
+    planned = sweep_tasks(cfg, shape, Costs([run_bench]), Stops.one(traj))
     search = planned.parts["search/earlyrobust/seed3"]
     assert search.steps == last.step  # the search runs to its slowest combo's decision
     assert search.train_s == pytest.approx(last.seconds, rel=1e-6)
@@ -207,6 +270,12 @@ def test_planned_steps_and_seconds_are_what_a_real_tiny_run_did(tiny_model_dir, 
     (pilot / "g" / "result.json").write_text((tmp_path / "ticket" / "result.json").read_text())
     costs = Costs([bench()])
     calibrate(costs, cfg, shape, tmp_path / "pilot")
+    from er_ray.orchestration.planning import read_stops
+
+    by_folder = sweep_tasks(cfg, shape, Costs([run_bench]), read_stops(tmp_path / "pilot", None))
+    assert [(t.name, t.seconds, t.after_seconds) for t in by_folder.tasks] == [
+        (t.name, t.seconds, t.after_seconds) for t in planned.tasks
+    ]
     threads = traj.meta["threads"]
     assert costs.step("freelb", 2, 80.0, threads) == pytest.approx(
         last.seconds / last.step / rows_tokens * 80
@@ -285,6 +354,16 @@ def test_plan_refuses_a_missing_bench_file_in_one_line(capsys):
     assert main(["plan", QUICKSTART, "--bench", "/nonexistent.json"]) == 2
     err = capsys.readouterr().err
     assert "no such file or folder: /nonexistent.json" in err and err.count("\n") == 1
+
+
+def test_plan_refuses_a_trajectory_folder_without_trajectories_in_one_line(tmp_path, capsys):
+    from er_ray.cli import main
+
+    (tmp_path / "b.json").write_text(json.dumps(_bench_blob()))
+    argv = ["plan", QUICKSTART, "--bench", str(tmp_path / "b.json"), "--trajectory", str(tmp_path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"--trajectory {tmp_path}: no */seed*/trajectory.safetensors" in err and err.count("\n") == 1
 
 
 def test_plan_against_a_folder_that_is_no_run_says_so_in_one_line(tmp_path, capsys):

@@ -226,6 +226,20 @@ def test_bench_times_every_variant_per_precision(tiny_model_dir, capsys):
     assert "fp32/bf16" in capsys.readouterr().out
 
 
+def test_bench_times_training_steps_with_dropout_on_and_inference_with_it_off():
+    # a pruned ticket comes out of from_pretrained in eval mode: timed so, its step skipped dropout
+    from er_ray.bench import _step
+    from er_ray.train import make_optimizer
+
+    model, seen = tiny_model(), []
+    model.bert.encoder.layer[0].register_forward_pre_hook(lambda m, _: seen.append(m.training))
+    opt, amp = make_optimizer(model, 1e-3, 0.0), Amp("fp32", "cpu")
+    for adv in (AdversaryConfig(kind="none"), AdversaryConfig(kind="freelb", steps=2), None):
+        model.eval()
+        _step(model, opt, tiny_batch(), adv, amp)
+    assert seen == [True, True, True, False]  # plain: one pass; FreeLB K=2: two; inference: one
+
+
 def test_bench_at_a_geometry_times_random_weights_at_both_lengths_into_json(tmp_path, capsys):
     from er_ray.cli import main
 

@@ -37,6 +37,10 @@ SEARCH_START_S = 9.0
 ACTOR_START_S = 10.0
 VICTIM_S = 7.0
 STOP_EPOCH_DEFAULT = 0.5  # where a search stops when no trajectory says
+# How much worse than its fair share a multi-threaded task runs where more threads than cores are runnable
+# (schedule.py): fitted to MiniLM training steps of a 2-thread task beside 0-6 single-threaded ones and two
+# beside 0-6, on the same CPU (benchmarks/results/oversubscription-cpu.json)
+GANG = 0.77
 # A worker's own memory (torch, transformers, Ray, the run's data, allocator slack) and an attack actor's
 # resources (textattack, vectors, masked LM), fitted to the RSS of the quickstart's processes sampled every
 # 5 s: search trial 1.9 GB at most, ticket tasks 1.5-1.6 GB (2.3 GB in a reused worker), attack actors 2.1 GB
@@ -195,24 +199,39 @@ def data_shape(cfg: ExperimentConfig, tokenizer: str | None = None) -> Shape:
 
 @dataclass
 class Stops:
-    """Where each combo's search decides, in epochs: read off a trajectory, else one assumed fraction."""
+    """Where each combo's search decides, in epochs: read off recorded trajectories, else one assumed fraction.
 
-    trajectory: Trajectory | None = None
+    `by_search` maps a search ("method/seedN", as a run folder lays them out) to its trajectory; the key ""
+    serves every search. A search with none of its own takes the slowest stop among those recorded."""
+
+    by_search: dict[str, Trajectory] = field(default_factory=dict)
     assumed: float = STOP_EPOCH_DEFAULT
 
-    def epoch(self, combo: Combo) -> float:
-        t = self.trajectory
-        if t is None:
-            return self.assumed
-        at = t.stops.get(combo)
-        if at is None:  # a combo the recorded search did not serve: its slowest stop
-            return max(t.mini_epochs[s.decision].epoch for s in t.stops.values())
-        return t.mini_epochs[at.decision].epoch
+    @classmethod
+    def one(cls, trajectory: Trajectory) -> Stops:
+        return cls({"": trajectory})
+
+    def epoch(self, combo: Combo, search: str = "") -> float:
+        own = self.by_search.get(search) or self.by_search.get("")
+        if own is not None:
+            return _stop_epoch(own, combo)
+        if self.by_search:
+            return max(_stop_epoch(t, combo) for t in self.by_search.values())
+        return self.assumed
 
     def describe(self) -> str:
-        if self.trajectory is None:
+        if not self.by_search:
             return f"assumed at epoch {self.assumed:g} for every combo (no --trajectory)"
-        return "read off the recorded trajectory"
+        if list(self.by_search) == [""]:
+            return "read off the recorded trajectory"
+        return "read off the recorded trajectories of " + ", ".join(sorted(self.by_search))
+
+
+def _stop_epoch(t: Trajectory, combo: Combo) -> float:
+    at = t.stops.get(combo)
+    if at is None:  # a combo the recorded search did not serve: its slowest stop
+        return max(t.mini_epochs[s.decision].epoch for s in t.stops.values())
+    return t.mini_epochs[at.decision].epoch
 
 
 # ---------------------------------------------------------------- the tasks of a sweep and of a study
@@ -288,7 +307,7 @@ def sweep_tasks(cfg: ExperimentConfig, shape: Shape, costs: Costs, stops: Stops)
                 )
                 parts[tasks[-1].name] = part
                 continue
-            decide = {combo: _search_steps(c, shape, stops.epoch(combo)) for combo in search_grid(c)}
+            decide = {combo: _search_steps(c, shape, stops.epoch(combo, key)) for combo in search_grid(c)}
             rows_tokens = shape.rows_tokens(c.search.batch_size, c.seed)
             per_step = costs.step(search_variant(c), c.search.adversary.steps, rows_tokens, scpu)
             n = max(decide.values())

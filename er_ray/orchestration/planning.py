@@ -13,6 +13,7 @@ from er_ray import tracking as T
 from er_ray.config import ExperimentConfig, UserError
 from er_ray.layout import ATTACK_DIR, RESULT_FILE, SUMMARY_FILE, TIMING_FILE, TRAJECTORY_FILE
 from er_ray.orchestration.plan import (
+    GANG,
     RUN_START_S,
     Bench,
     Costs,
@@ -121,13 +122,28 @@ def calibrate(costs: Costs, cfg: ExperimentConfig, shape: Shape, folder: Path) -
     )
 
 
+def read_stops(path: Path | None, assumed: float | None) -> Stops:
+    """A trajectory file serves every search; a run folder gives each (method, seed) its own recorded one."""
+    stops = Stops(assumed=assumed or Stops.assumed)
+    if path is None:
+        return stops
+    if path.is_file():
+        return Stops.one(Trajectory.load(path))
+    for f in sorted(path.glob(f"*/seed*/{TRAJECTORY_FILE}")):
+        stops.by_search[f"{f.parent.parent.name}/{f.parent.name}"] = Trajectory.load(f)
+    if not stops.by_search:
+        raise UserError(
+            f"--trajectory {path}: no */seed*/{TRAJECTORY_FILE} in this folder (not a run folder?)"
+        )
+    return stops
+
+
 def make_plan(cfg: ExperimentConfig, opts: Options) -> dict:
     """Everything `er-ray plan` says, as one JSON-able dict."""
     import os
 
     costs = measured_costs(cfg, opts.bench)
-    traj = Trajectory.load(opts.trajectory) if opts.trajectory else None
-    stops = Stops(traj, opts.stop_epoch or Stops.assumed)
+    stops = read_stops(opts.trajectory, opts.stop_epoch)
     shape = data_shape(cfg, opts.tokenizer)
     if opts.calibrate is not None:
         calibrate(costs, cfg, shape, opts.calibrate)
@@ -136,7 +152,12 @@ def make_plan(cfg: ExperimentConfig, opts: Options) -> dict:
     cpus = workers
     if opts.study:  # a study runs at most max_concurrent trials at once
         cpus = min(workers, cfg.tune.max_concurrent * max(t.cpus for t in planned.tasks))
-    cluster = Cluster(cpus, opts.cores or workers, opts.gpus, cfg.attack.actors)
+    cluster = Cluster(cpus, opts.cores or workers, opts.gpus, cfg.attack.actors, GANG)
+    if cluster.cores < cluster.cpus and any(t.threads > 1 for t in planned.tasks):
+        costs.notes.append(
+            f"{cluster.cpus:g} CPUs on {cluster.cores:g} cores: a multi-threaded task on oversubscribed cores"
+            f" runs at s^(1 + {GANG} (threads - 1)) of its speed, s = cores / threads runnable (measured)"
+        )
     try:
         planned.makespan = RUN_START_S + simulate(planned.tasks, cluster)
     except ValueError as err:  # a task larger than the cluster given

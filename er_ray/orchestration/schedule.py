@@ -3,9 +3,13 @@
 A task asks for CPUs (and GPUs) as Ray would, and is released either at the start, when another task ends,
 or once another task has done some of its work (a ticket at its combo's stop point, mid-search). Released
 tasks start in release order whenever their request fits; attack units hold back while any other task waits,
-as the driver's attack service does. Running tasks share the hardware: CPU tasks keep `threads` cores busy
-and slow down together when more threads run than there are physical cores (`cores`, which may be fewer than
-the logical CPUs Ray hands out); GPU tasks share their GPUs by time-slicing.
+as the driver's attack service does. Running tasks share the hardware: CPU tasks keep `threads` cores busy;
+when more threads run than there are physical cores (`cores`, which may be fewer than the logical CPUs Ray
+hands out) every thread gets the share s = cores / threads of a core. A single-threaded task then runs at s of
+its speed alone; a multi-threaded one at s^(1 + gang (threads - 1)), slower than its fair share, because its
+threads meet at a barrier after every operator and one of them is usually off its core (gang 0: fair
+sharing; 1: progress only while all its threads hold a core at once; measured by
+benchmarks/oversubscription_bench.py). GPU tasks share their GPUs by time-slicing.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ class Cluster:
     cores: float  # physical cores doing the work (<= cpus when Ray is told more CPUs than exist)
     gpus: float = 0.0
     actors: int = 1  # attack actors: attack units running at once
+    gang: float = 0.0  # how much worse than fair a multi-threaded task fares on oversubscribed cores
 
 
 def _rates(running: list[Task], cluster: Cluster) -> dict[str, float]:
@@ -44,9 +49,9 @@ def _rates(running: list[Task], cluster: Cluster) -> dict[str, float]:
     cpu = [t for t in running if t.gpus == 0]
     gpu = [t for t in running if t.gpus > 0]
     threads = sum(t.threads for t in cpu)
-    f_cpu = min(1.0, cluster.cores / threads) if threads else 1.0
+    share = min(1.0, cluster.cores / threads) if threads else 1.0
     f_gpu = min(1.0, cluster.gpus / len(gpu)) if gpu else 1.0
-    return {t.name: f_gpu if t.gpus > 0 else f_cpu for t in running}
+    return {t.name: f_gpu if t.gpus > 0 else share ** (1 + cluster.gang * (t.threads - 1)) for t in running}
 
 
 def simulate(tasks: list[Task], cluster: Cluster) -> float:
