@@ -444,6 +444,13 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument(
         "--run-dir", type=Path, metavar="DIR", help="a run folder (outputs/<name>/runs/<stamp>)"
     )
+    which.add_argument(
+        "--from",
+        dest="from_files",
+        type=Path,
+        metavar="REPORT_DIR",
+        help="instead of MLflow: a report folder's tickets.csv and outcomes.csv (Table 1 and the claims again)",
+    )
     _set_arg(p, "with --config: a config override, as given to `er-ray run`")
     p.add_argument(
         "--out",
@@ -468,6 +475,13 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("config", nargs="?", type=Path, metavar="CONFIG", help="the experiment of a config")
     which.add_argument(
         "--run-dir", type=Path, metavar="DIR", help="a run folder (outputs/<name>/runs/<stamp>)"
+    )
+    which.add_argument(
+        "--from",
+        dest="from_files",
+        type=Path,
+        metavar="REPORT_DIR",
+        help="instead of MLflow: a report folder's tickets.csv and outcomes.csv (Table 1 and the claims again)",
     )
     which.add_argument("--experiment", metavar="NAME", help="an MLflow experiment by name")
     _set_arg(p, "with CONFIG: a config override, as given to `er-ray run`")

@@ -268,6 +268,27 @@ def test_the_per_example_outcomes_beside_table1_give_back_its_aua_and_every_sett
     assert "pgd" not in set(df["method"])  # a ticket without records adds no rows
 
 
+def test_table1_and_the_claims_come_back_from_the_reports_own_files_without_mlflow(report, tmp_path, capsys):
+    from er_ray.cli import main
+
+    folder = report.outcomes_csv.parent
+    # no store to read: the files alone (the CLI, as a reader of published results runs it)
+    assert main(["report", "--from", str(folder), "--out", str(tmp_path), "--no-log"]) == 0
+    assert "recomputed from" in capsys.readouterr().out
+    for name in ("table1.csv", "claims.csv", "outcomes.csv", "tickets.csv"):
+        assert (tmp_path / name).read_text() == (folder / name).read_text(), name
+    md = (tmp_path / "claims.md").read_text()
+    assert md == report.claims_md.read_text()
+
+
+def test_report_from_a_folder_without_the_files_says_so_in_one_line(tmp_path, capsys):
+    from er_ray.cli import main
+
+    assert main(["report", "--from", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "no tickets.csv" in err and err.count("\n") == 1
+
+
 def test_runs_given_by_id_are_grouped_by_seed(store, tmp_path):
     both = build_report(
         None, [store["old"], store["new"]], tmp_path / "both", store["uri"], log_to_mlflow=False

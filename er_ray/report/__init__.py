@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from er_ray.report.build import ReportResult, build_report
+    from er_ray.report.build import ReportResult, build_report, report_from_files
 
-__all__ = ["ReportResult", "build_report"]
+__all__ = ["ReportResult", "build_report", "report_from_files"]
 
 
 def __getattr__(name: str):

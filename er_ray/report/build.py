@@ -57,6 +57,7 @@ class ReportResult:
     claims: list[claims.Decision] = field(default_factory=list)
     claims_csv: Path | None = None
     outcomes_csv: Path | None = None  # every attacked example of every ticket (outcomes.py)
+    tickets_csv: Path | None = None  # every ticket: params and metrics (outcomes.py)
     claims_md: Path | None = None
     figures: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what was skipped, and why
@@ -96,7 +97,31 @@ def build_report(
             f"multi-objective study in {where}{left}"
         )
 
-    out_dir = Path(out_dir)
+    return _write(scope, cells, Path(out_dir), experiment, searches, studies, log_to_mlflow)
+
+
+def report_from_files(folder: Path, out_dir: Path) -> ReportResult:
+    """Table 1 and the claims again from a report's own tickets.csv and outcomes.csv (`folder`), without
+    MLflow: what a reader of published results can recompute. Figures and stop points need the runs' files and
+    are left out (said in the notes)."""
+    scope = outcomes.read_scope(folder)
+    cells = table_cells(scope)
+    if not cells:
+        raise UserError(f"nothing to report: {folder}/{outcomes.TICKETS_CSV} lists no ticket")
+    result = _write(scope, cells, Path(out_dir), None, [], [], log_to_mlflow=False)
+    result.notes.append(f"recomputed from {folder} without MLflow: no figures, no stop points")
+    return result
+
+
+def _write(
+    scope: Scope,
+    cells: dict[tuple[str, str], Cell],
+    out_dir: Path,
+    experiment: str | None,
+    searches: list[RunView],
+    studies: list,
+    log_to_mlflow: bool,
+) -> ReportResult:
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="er-ray-report-") as tmp:
         scope.download_dir = Path(tmp)
@@ -109,15 +134,17 @@ def build_report(
         result.claims = claims.evaluate(scope, cells)
         result.outcomes_csv = out_dir / outcomes.OUTCOMES_CSV
         outcomes.frame(scope, cells).to_csv(result.outcomes_csv, index=False)
-
-        datasets = {d for d, _ in cells} | {s.dataset for s in searches}
-        if len(datasets) > 1:
-            datasets.discard("")  # a search without a dataset param serves the named ones
-        for ds in sorted(datasets, key=lambda d: table.rank(table.DATASET_ORDER, d)):
-            _dataset_figures(scope, ds, cells.get((ds, EARLYROBUST)), out_dir, Path(tmp), result)
-        found, notes = stops.read(scope, searches, Path(tmp))
-        result.notes += notes
-        result.stop_points = stops.to_markdown(found) if found else None
+        result.tickets_csv = out_dir / outcomes.TICKETS_CSV
+        outcomes.tickets_frame(scope, cells).to_csv(result.tickets_csv, index=False)
+        if scope.client is not None:  # figures and stop points read the runs' artifacts
+            datasets = {d for d, _ in cells} | {s.dataset for s in searches}
+            if len(datasets) > 1:
+                datasets.discard("")  # a search without a dataset param serves the named ones
+            for ds in sorted(datasets, key=lambda d: table.rank(table.DATASET_ORDER, d)):
+                _dataset_figures(scope, ds, cells.get((ds, EARLYROBUST)), out_dir, Path(tmp), result)
+            found, notes = stops.read(scope, searches, Path(tmp))
+            result.notes += notes
+            result.stop_points = stops.to_markdown(found) if found else None
         for front in studies:
             result.pareto += pareto.write(front, out_dir)
 
@@ -375,7 +402,9 @@ def _markdown(
         "",
         *([f"**{result.partial}**: what has finished so far.", ""] if result.partial else []),
         f"MLflow `{scope.uri}`, experiment {experiment or scope.experiment_id}, "
-        f"parent run(s) {', '.join(f'`{r}`' for r in result.source_run_ids) or '(none)'}.",
+        f"parent run(s) {', '.join(f'`{r}`' for r in result.source_run_ids) or '(none)'}."
+        if scope.client is not None
+        else f"Recomputed from `{scope.uri}` ({outcomes.TICKETS_CSV}, {outcomes.OUTCOMES_CSV}) without MLflow.",
         "",
         table.to_markdown(result.table),
         "- Each cell: mean ± sample standard deviation over the row's seeds (Seeds; a cell from fewer seeds says "
@@ -440,6 +469,7 @@ def _log(scope: Scope, result: ReportResult) -> None:
             result.claims_csv,
             result.claims_md,
             result.outcomes_csv,
+            result.tickets_csv,
             *result.figures,
             *(f.with_suffix(".csv") for f in result.figures if f.with_suffix(".csv").exists()),
             *result.pareto,

@@ -15,7 +15,8 @@ from er_ray.config import load_config
 @dataclass(frozen=True)
 class ReportTarget:
     """Which runs a report covers: exactly one of `experiment`, `run` (parent run ids), `config` (with its
-    `overrides`) or `run_dir`; the store is `tracking_uri` or the rule `er-ray run` follows."""
+    `overrides`) or `run_dir`; the store is `tracking_uri` or the rule `er-ray run` follows. Or `from_files`:
+    a report's own folder, recomputed without MLflow."""
 
     experiment: str | None = None
     run: list[str] | None = None
@@ -23,6 +24,7 @@ class ReportTarget:
     overrides: Sequence[str] = ()
     run_dir: Path | None = None
     tracking_uri: str | None = None
+    from_files: Path | None = None
 
 
 def target(args: ReportTarget) -> tuple[str | None, list[str] | None, str]:
@@ -40,13 +42,16 @@ def target(args: ReportTarget) -> tuple[str | None, list[str] | None, str]:
 
 
 def run(args: ReportTarget, out: Path, log: bool = True) -> int:
-    from er_ray.report import build_report
+    from er_ray.report import build_report, report_from_files
     from er_ray.report.table import print_table
 
     # MLflow's per-download progress bars would bury the table
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    experiment, runs, uri = target(args)
-    result = build_report(experiment, runs, out, uri, log_to_mlflow=log)
+    if args.from_files is not None:
+        result = report_from_files(args.from_files, out)
+    else:
+        experiment, runs, uri = target(args)
+        result = build_report(experiment, runs, out, uri, log_to_mlflow=log)
     if result.partial:
         print(result.partial)
     print_table(result.table)
@@ -57,7 +62,7 @@ def run(args: ReportTarget, out: Path, log: bool = True) -> int:
             print(f"claim ({d.dataset}, {d.claim.source}): {d.claim.text}: {d.verdict}")
     print(
         f"wrote {result.table_md}, {result.claims_md}, their CSVs, {result.outcomes_csv.name} (per attacked "
-        f"example) and {len(result.figures)} figure(s) to {out}"
+        f"example), {result.tickets_csv.name} (per ticket) and {len(result.figures)} figure(s) to {out}"
     )
     for path in result.pareto:
         if path.suffix == ".md":

@@ -139,6 +139,10 @@ class Scope:
                 return r.params[tracking.PARAM_SEED]
         return ""
 
+    def known_records(self, run_id: str, records: list[dict] | None) -> None:
+        """Records read elsewhere (a report's outcomes.csv): `records` returns these and asks no store."""
+        self._records[run_id] = records
+
     def records(self, ticket: RunView) -> list[dict] | None:
         """The per-example attack records of a ticket (its newest attack run that has them, else those of the
         ticket it shares, tag er_ray.shared_with); None if none."""
