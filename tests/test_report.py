@@ -354,7 +354,14 @@ def test_figures_are_valid_pngs_and_logged(report, store):
     assert report.logged_run_id == store["parent"]
     logged = {Path(f.path).name for f in MlflowClient(store["uri"]).list_artifacts(store["parent"], "report")}
     plotted = {"figure3_gamma_sst2.csv", "figure4_sparsity_sst2.csv"}  # the numbers behind Figures 3 and 4
-    assert logged == names | plotted | {"table1.csv", "table1.md", "claims.csv", "claims.md", "outcomes.csv", "tickets.csv"}
+    assert logged == names | plotted | {
+        "table1.csv",
+        "table1.md",
+        "claims.csv",
+        "claims.md",
+        "outcomes.csv",
+        "tickets.csv",
+    }
 
 
 def test_figures_name_the_seed_and_ticket_they_show_and_figure2_marks_the_stop_points(report):
