@@ -476,13 +476,6 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument(
         "--run-dir", type=Path, metavar="DIR", help="a run folder (outputs/<name>/runs/<stamp>)"
     )
-    which.add_argument(
-        "--from",
-        dest="from_files",
-        type=Path,
-        metavar="REPORT_DIR",
-        help="instead of MLflow: a report folder's tickets.csv and outcomes.csv (Table 1 and the claims again)",
-    )
     which.add_argument("--experiment", metavar="NAME", help="an MLflow experiment by name")
     _set_arg(p, "with CONFIG: a config override, as given to `er-ray run`")
     p.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default: 5000)")
