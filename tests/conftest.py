@@ -92,6 +92,21 @@ def tiny_model_dir(tmp_path_factory):
     return path
 
 
+def own_processes(title: str) -> list[int]:
+    """PIDs of this test session's processes whose command line holds `title` (a Ray worker's title): only
+    descendants of this pytest process, so that a fault test never kills another Ray on the same machine."""
+    import psutil
+
+    out = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if title in " ".join(proc.cmdline()):
+                out.append(proc.pid)
+        except psutil.Error:  # gone meanwhile
+            continue
+    return out
+
+
 def tiny_experiment(model_dir, out_dir, **over):
     """A config for the tiny backbone on a few real SST-2 rows; `over` = dotted overrides."""
     from er_ray.config import config_from_dict

@@ -587,11 +587,11 @@ def test_pool_shards_equal_one_process(victim_dir, pool_case, ray_session):
 
 
 def test_pool_redoes_the_shard_of_a_dead_actor(victim_dir, pool_case, ray_session):
-    import os
     import signal
-    import subprocess
     import threading
     import time
+
+    from conftest import own_processes
 
     from er_ray.config import settings
     from er_ray.orchestration.attack_pool import run_attack_pool
@@ -602,12 +602,10 @@ def test_pool_redoes_the_shard_of_a_dead_actor(victim_dir, pool_case, ray_sessio
     def kill_one_working_actor() -> None:  # as an OOM kill or a lost node would, mid-unit
         deadline = time.time() + 300
         while time.time() < deadline and not killed:
-            out = subprocess.run(["pgrep", "-f", "AttackActor.work"], capture_output=True, text=True).stdout
-            for pid in map(int, out.split()):
-                if pid != os.getpid():
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
-                    break
+            for pid in own_processes("AttackActor.work"):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                break
             time.sleep(0.05)
 
     killer = threading.Thread(target=kill_one_working_actor)

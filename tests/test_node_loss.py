@@ -6,12 +6,11 @@ twice or left RUNNING, and the console names what was lost and what was retried.
 
 from __future__ import annotations
 
-import subprocess
 import time
 
 import mlflow
 import pytest
-from conftest import start_driver, tiny_experiment
+from conftest import own_processes, start_driver, tiny_experiment
 
 from er_ray import tracking as T
 from er_ray.layout import SEARCH_STATE_FILE, SUMMARY_FILE, TICKET_FILE
@@ -101,7 +100,7 @@ def undisturbed(cluster, s3, tiny_model_dir, tmp_path_factory):
 
 
 def _titled(title: str) -> bool:
-    return bool(subprocess.run(["pgrep", "-f", title], capture_output=True).stdout.strip())
+    return bool(own_processes(title))
 
 
 def _run_losing(cluster, cfg, tmp_path, role: str, when, timeout: float = 240.0) -> tuple[list[dict], str]:

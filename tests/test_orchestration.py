@@ -11,7 +11,7 @@ import time
 import mlflow
 import pytest
 import torch
-from conftest import start_driver, tiny_experiment
+from conftest import own_processes, start_driver, tiny_experiment
 
 from er_ray import events as ev
 from er_ray import tracking as T
@@ -228,11 +228,6 @@ def test_bad_input_found_by_a_trial_is_reported_once_not_retried_and_ends_runs_f
     assert [r.info.status for r in _runs(cfg.tracking.uri, "parent")] == ["FAILED"]
 
 
-def _find_pids(title: str) -> list[int]:
-    out = subprocess.run(["pgrep", "-f", title], capture_output=True, text=True).stdout.split()
-    return [int(p) for p in out if int(p) != os.getpid()]
-
-
 def test_killed_ticket_worker_is_retried(ray_session, tiny_model_dir, tmp_path):
     import threading
 
@@ -248,7 +243,7 @@ def test_killed_ticket_worker_is_retried(ray_session, tiny_model_dir, tmp_path):
     def killer():
         deadline = time.time() + 120
         while time.time() < deadline and not killed:
-            for pid in _find_pids("ray::ticket_task"):
+            for pid in own_processes("ray::ticket_task"):
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
             time.sleep(0.2)
