@@ -311,6 +311,26 @@ def test_run_folder_is_absolute_for_a_relative_output_dir(tmp_path, monkeypatch)
         run_dir_for(config_from_dict({"name": "other"}), resume=True)
 
 
+def test_a_resumed_search_that_ends_before_its_trajectory_arrives_waits_for_it(tiny_model_dir, tmp_path):
+    # a Ctrl-C between a trial's last checkpoint and the driver reading it: on resume Tune ends the trial at
+    # once, and its end reaches the driver before the trajectory that the fit's results carry
+    from er_ray.orchestration import search_tune as S
+    from er_ray.orchestration.pipeline import Search, Sweep
+
+    cfg = tiny_experiment(tiny_model_dir, tmp_path)
+    traj = search_stage(prepare(cfg))
+    sweep = Sweep.__new__(Sweep)  # the driver's event handling alone: no Ray, no Tune
+    search = Search("search/earlyrobust/seed3", cfg, None, started=True)
+    completed: list[str] = []
+    sweep._on_trajectory = lambda s, t: setattr(s, "traj", t)
+    sweep._complete = lambda s: completed.append(s.key)
+    sweep._on_search_event(search, S.Event("complete", search.key))
+    assert completed == [] and not search.done  # no crash, and not over yet
+    sweep._on_search_event(search, S.Event("trajectory", search.key, traj))
+    sweep._on_search_event(search, S.Event("complete", search.key))
+    assert completed == [search.key]
+
+
 def test_one_ctrl_c_ends_the_run_killed_and_resume_finishes_it(ray_session, tiny_model_dir, tmp_path):
     cfg = _sweep_config(tiny_model_dir, tmp_path, **{"search.max_epochs": 20, "finetune.epochs": 5})
     # a terminal's Ctrl-C goes to the whole foreground process group: run the driver in its own

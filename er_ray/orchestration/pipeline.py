@@ -198,7 +198,9 @@ class Sweep:
             self._on_trajectory(search, e.value)
         elif e.kind == "recover":
             self._retried(search.key, attempt=e.value, detail="from its last restart state")
-        elif e.kind == "complete":
+        elif e.kind == "complete" and search.traj is not None:
+            # (none yet: a resumed trial that ended without a new checkpoint, stopped between its last one and
+            # the driver reading it; the fit's results bring that checkpoint, and the end again)
             self._complete(search)
         elif e.kind == "error":
             raise RuntimeError(f"search stage {search.key} failed: {e.value}")
