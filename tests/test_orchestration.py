@@ -331,6 +331,29 @@ def test_a_resumed_search_that_ends_before_its_trajectory_arrives_waits_for_it(t
     assert completed == [search.key]
 
 
+def test_a_started_ticket_silent_for_long_counts_as_waiting_so_idle_attack_actors_make_room(
+    tiny_model_dir, tmp_path
+):
+    # its worker died and Ray's retry waits for the CPUs that idle attack actors hold: seen deadlocked once
+    from types import SimpleNamespace
+
+    from er_ray.orchestration.pipeline import SILENT_S, Job, Sweep
+
+    cfg = tiny_experiment(tiny_model_dir, tmp_path)
+    sweep = Sweep.__new__(Sweep)  # the driver's scheduling decision alone: no Ray
+    calls = []
+    sweep.service = SimpleNamespace(make_room=lambda *a: calls.append(a[:3]))
+    sweep.cfg, sweep.searches, sweep.room_checked = cfg, {}, 0.0
+    job = Job("ticket/earlyrobust/seed3/g", cfg, None, None, True, started=True, heard=time.monotonic())
+    sweep.jobs, sweep.running = {job.key: job}, {"ref": job.key}
+    sweep._make_room()
+    assert calls[-1] == (0, 0, True)  # training, as it reported a step just now
+    job.heard -= SILENT_S + 1
+    sweep.room_checked = 0.0
+    sweep._make_room()
+    assert calls[-1] == (1, 0, False)  # waiting, and nothing running will free CPUs
+
+
 def test_one_ctrl_c_ends_the_run_killed_and_resume_finishes_it(ray_session, tiny_model_dir, tmp_path):
     cfg = _sweep_config(tiny_model_dir, tmp_path, **{"search.max_epochs": 20, "finetune.epochs": 5})
     # a terminal's Ctrl-C goes to the whole foreground process group: run the driver in its own

@@ -50,6 +50,11 @@ from er_ray.search import Trajectory, own_combo, stop_point_rows
 from er_ray.storage import BUCKET_GONE, Store, fault_line
 from er_ray.ticket import Masks
 
+# A started ticket that has said nothing for this long (its task reports a step every few seconds) counts as
+# waiting for CPUs: its worker was most likely lost and Ray's retry is queued. Long enough for a BERT-base step
+# on a CPU or a final evaluation; a wrong guess only holds back attack actors for a while.
+SILENT_S = 120.0
+
 # ---------------------------------------------------------------- what the loop keeps
 
 
@@ -66,6 +71,7 @@ class Job:
     started: bool = False
     result: dict | None = None
     attacked: bool = False
+    heard: float = 0.0  # when its task last said it started or reached a step (time.monotonic)
 
     def finished(self, **fields: Any) -> ev.TicketFinished:
         return ev.TicketFinished(self.key, self.cfg, self.combo, self.primary, self.result or {}, **fields)
@@ -166,7 +172,10 @@ class Sweep:
         if self.service is None or time.time() - self.room_checked < 1.0:
             return
         self.room_checked = time.time()
-        waiting = sum(not self.jobs[k].started for k in self.running.values())
+        # a started ticket silent for long has most likely lost its worker: Ray's retry then waits for CPUs
+        # (idle attack actors may hold them) and says nothing until it starts, so count it as waiting
+        silent = time.monotonic() - SILENT_S
+        waiting = sum(not j.started or j.heard < silent for j in map(self.jobs.get, self.running.values()))
         searching = any(s.started and not s.done for s in self.searches.values())
         unstarted = sum(not s.done and not s.started for s in self.searches.values())
         self.service.make_room(waiting, unstarted, waiting < len(self.running) or searching, self.cfg.ray)
@@ -209,6 +218,7 @@ class Sweep:
         waiting = self.started_q.qsize()
         for what, key, at, node in self.started_q.get_nowait_batch(waiting) if waiting else []:
             job = self.jobs[key]
+            job.heard = time.monotonic()
             if what == "ticket" and not job.started:
                 job.started = True
                 self.emit(ev.TicketStarted(key, job.cfg, job.combo, job.primary, at))
