@@ -313,6 +313,16 @@ class TicketResult:
         return asdict(self)
 
 
+# the fields of a ticket's row in a sweep's summary.json (the run folder's one-glance table)
+SUMMARY_KEYS = ("method", "seed", "gamma", "head_ratio", "ffn_ratio", "stop_epoch", "converged", "clean_acc")
+SUMMARY_KEYS += ("search_seconds", "finetune_seconds", "train_seconds", "param_count")
+
+
+def summary_row(result: dict) -> dict:
+    """A ticket's `TicketResult.to_json()` cut to `SUMMARY_KEYS`."""
+    return {k: result.get(k) for k in SUMMARY_KEYS}
+
+
 def _atomic_dir(final: Path) -> Path:
     """A scratch directory beside `final`; `_commit_dir` moves it in place (no half-written results)."""
     final.parent.mkdir(parents=True, exist_ok=True)

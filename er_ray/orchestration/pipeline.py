@@ -38,7 +38,7 @@ from er_ray.attacks.builds import pending_builds
 from er_ray.config import ExperimentConfig, Fault, UserError
 from er_ray.convergence import Combo
 from er_ray.layout import RESULT_FILE, SUMMARY_FILE, RunFolder
-from er_ray.methods import SplitData, load_data, prepare, shared_result, ticket_masks
+from er_ray.methods import SplitData, load_data, prepare, shared_result, summary_row, ticket_masks
 from er_ray.orchestration import search_tune as S
 from er_ray.orchestration import timing
 from er_ray.orchestration.attack_pool import AttackService
@@ -388,14 +388,6 @@ class Sweep:
             self.searching.close()
         if self.service is not None:
             self.service.shutdown()
-
-
-SUMMARY_KEYS = ("method", "seed", "gamma", "head_ratio", "ffn_ratio", "stop_epoch", "converged", "clean_acc")
-SUMMARY_KEYS += ("search_seconds", "finetune_seconds", "train_seconds", "param_count")
-
-
-def summary_row(result: dict) -> dict:
-    return {k: result.get(k) for k in SUMMARY_KEYS}
 
 
 def run_pipeline(cfg: ExperimentConfig, resume: bool = False) -> list[dict]:
