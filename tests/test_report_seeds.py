@@ -339,8 +339,12 @@ def test_a_run_still_going_is_reported_as_partial_with_what_has_finished(tmp_pat
 
 def test_figure3_draws_wilson_intervals_for_aua_and_the_seed_spread_clipped_to_the_axis(report):
     figure = next(p for p in report.figures if p.name.startswith("figure3"))
-    points = pd.read_csv(figure.with_suffix(".csv"))
+    points = pd.read_csv(figure.with_suffix(".csv"), dtype={"seeds": str})
     aua = points[points["line"] == "Aua% TextFooler"].set_index("x")
+    # and every seed's own value, in seed order, as drawn beside the mean
+    for gamma, survivors in ((0.05, EARLYROBUST_G005), (0.1, EARLYROBUST)):
+        own = [float(v) for v in aua.loc[gamma, "seeds"].split(";")]
+        assert own == pytest.approx([100 * len(survivors[s]) / EXAMPLES for s in sorted(survivors)])
     # γ 0.05: seeds 1 and 2; γ 0.1: all three seeds (the newer parent's seed 3); pooled over their examples
     for gamma, survivors in ((0.05, EARLYROBUST_G005), (0.1, EARLYROBUST)):
         k = sum(len(s) for s in survivors.values())
@@ -349,5 +353,7 @@ def test_figure3_draws_wilson_intervals_for_aua_and_the_seed_spread_clipped_to_t
         assert aua.loc[gamma, "high"] == pytest.approx(100 * high, abs=1e-4)
     clean = points[points["line"] == "Clean%"].set_index("x")
     spread = 100 * pd.Series(CLEAN["earlyrobust"].values()).std()
+    seeds = [float(v) for v in clean.loc[0.1, "seeds"].split(";")]
+    assert seeds == pytest.approx([100 * CLEAN["earlyrobust"][s] for s in ("1", "2", "3")])
     assert clean.loc[0.1, "mean"] - clean.loc[0.1, "low"] == pytest.approx(spread, abs=1e-4)
     assert (points["low"] >= 0).all() and (points["high"] <= 100).all()

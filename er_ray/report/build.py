@@ -35,6 +35,7 @@ from er_ray.report.store import (
     merged_metrics,
     open_scope,
     progress,
+    seed_order,
     survived,
     table_cells,
 )
@@ -292,16 +293,17 @@ def _figure2_pairwise(
 def _series(scope: Scope, by_x: dict[float, Seeded], scale: float = 1.0) -> tuple[figures.Series, str]:
     """(label -> points in percent, for the metrics logged at some x; what the bars are). Aua's interval is the
     95% Wilson interval over the attacked examples of all seeds where every seed's records are there; else,
-    and for clean accuracy, mean ± std over seeds, clipped to 0-100%."""
+    and for clean accuracy, mean ± std over seeds, clipped to 0-100%. Each point keeps its seeds' values."""
     names = {"Clean%": (tracking.CLEAN_ACC, None)}
     names.update({f"Aua% {table.ATTACK_LABEL.get(a, a)}": (tracking.aua(a), a) for a in tracking.ATTACKS})
-    merged = {x: [merged_metrics(scope, t) for t in seeded.values()] for x, seeded in by_x.items()}
+    merged = {x: [merged_metrics(scope, t[k]) for k in sorted(t, key=seed_order)] for x, t in by_x.items()}
     series: figures.Series = {}
     bars: set[str] = set()
     for label, (key, attack) in names.items():
         line = []
         for x, runs in merged.items():
-            s = stats.summarize(100 * m[key] for m in runs if key in m)
+            values = tuple(100 * m[key] for m in runs if key in m)
+            s = stats.summarize(values)
             if not s.n:
                 continue
             records = attack is not None and all(scope.records(t) is not None for t in by_x[x].values())
@@ -314,7 +316,7 @@ def _series(scope: Scope, by_x: dict[float, Seeded], scale: float = 1.0) -> tupl
                 spread = 0.0 if math.isnan(s.std) else s.std
                 low, high = max(0.0, s.mean - spread), min(100.0, s.mean + spread)
                 bars.add("± std over seeds" if s.n > 1 else "no spread with one seed")
-            line.append(figures.Point(x * scale, s.mean, low, high))
+            line.append(figures.Point(x * scale, s.mean, low, high, values))
         if line:
             series[label] = line
     return series, "; ".join(sorted(bars))
@@ -323,7 +325,7 @@ def _series(scope: Scope, by_x: dict[float, Seeded], scale: float = 1.0) -> tupl
 def _seeds_caption(by_x: dict[float, Seeded], bars: str) -> str:
     counts = sorted({len(seeded) for seeded in by_x.values()})
     n = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
-    head = f"mean over seeds, n = {n}" if counts[-1] > 1 else "one seed"
+    head = f"mean over seeds (hollow: each seed), n = {n}" if counts[-1] > 1 else "one seed"
     return "\n".join(textwrap.wrap(f"{head}; bars: {bars}", 64))  # fits the figure's width
 
 

@@ -74,12 +74,14 @@ def figure2_curves(
 
 @dataclass(frozen=True)
 class Point:
-    """One point of a line: its mean and the interval drawn around it (already clipped to 0-100%)."""
+    """One point of a line: its mean, the interval drawn around it (already clipped to 0-100%) and each seed's
+    own value (drawn as small hollow markers, so that a reader sees the spread the mean hides)."""
 
     x: float
     mean: float
     low: float
     high: float
+    seeds: tuple[float, ...] = ()
 
 
 Series = dict[str, list[Point]]  # line label -> points
@@ -101,7 +103,12 @@ def _lines(ax, series: Series, xlabel: str) -> None:
         yerr = [[p.mean - p.low for p in pts], [p.high - p.mean for p in pts]]
         has_bars = any(v > 0 for side in yerr for v in side)
         marker = MARKERS[i % len(MARKERS)]
-        ax.errorbar(xs, ys, yerr=yerr if has_bars else None, marker=marker, capsize=3, label=label)
+        bars = ax.errorbar(xs, ys, yerr=yerr if has_bars else None, marker=marker, capsize=3, label=label)
+        # seeds just right of their mean, where its marker does not hide them
+        seeds = [(x + 0.018 * span, v) for x, p in zip(xs, pts, strict=True) for v in p.seeds]
+        if len(seeds) > len(pts):  # more than one seed somewhere
+            color = bars.lines[0].get_color()
+            ax.scatter(*zip(*seeds, strict=True), s=14, marker=marker, facecolors="none", edgecolors=color)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(-3, 103)
@@ -116,11 +123,16 @@ def _save(fig: Figure, title: str, path: Path) -> Path:
 
 
 def _points_csv(panels: list[tuple[str, Series]], path: Path) -> None:
-    """The plotted numbers beside the figure (`.csv`): panel, line, x, mean and the interval drawn."""
-    rows = ["panel,line,x,mean,low,high"]
+    """The plotted numbers beside the figure (`.csv`): panel, line, x, mean, the interval drawn and the seeds'
+    own values (`;`-separated, in seed order)."""
+    rows = ["panel,line,x,mean,low,high,seeds"]
     for xlabel, series in panels:
         for label, points in series.items():
-            rows += [f'"{xlabel}","{label}",{p.x:g},{p.mean:.6g},{p.low:.6g},{p.high:.6g}' for p in points]
+            rows += [
+                f'"{xlabel}","{label}",{p.x:g},{p.mean:.6g},{p.low:.6g},{p.high:.6g},'
+                + ";".join(f"{v:.6g}" for v in p.seeds)
+                for p in points
+            ]
     path.with_suffix(".csv").write_text("\n".join(rows) + "\n")
 
 
