@@ -448,8 +448,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--from",
         dest="from_files",
         type=Path,
+        nargs="+",
         metavar="REPORT_DIR",
-        help="instead of MLflow: a report folder's tickets.csv and outcomes.csv (Table 1 and the claims again)",
+        help="instead of MLflow: report folders' tickets.csv and outcomes.csv (Table 1 and the claims again); "
+        "several folders (parts of one comparison run apart) count as one",
     )
     _set_arg(p, "with --config: a config override, as given to `er-ray run`")
     p.add_argument(

@@ -281,6 +281,30 @@ def test_table1_and_the_claims_come_back_from_the_reports_own_files_without_mlfl
     assert md == report.claims_md.read_text()
 
 
+def test_a_comparison_reported_in_parts_reads_back_as_one_report_from_its_parts_files(report, tmp_path):
+    """Run folders may not outlive a session: a comparison run in parts keeps each part's report files, and
+    `--from A B` reads them as one (a ticket in both counts once; a part need not log every column)."""
+    from er_ray.cli import main
+
+    folder = report.outcomes_csv.parent
+    tickets = pd.read_csv(folder / "tickets.csv", dtype=str, keep_default_na=False)
+    examples = pd.read_csv(folder / "outcomes.csv", dtype=str, keep_default_na=False)
+    finetune = tickets["param.method"] == "finetune"
+    overlap = tickets[finetune]["run_id"].iloc[0]  # in both parts
+    for name, rows in (("a", finetune), ("b", ~finetune | (tickets["run_id"] == overlap))):
+        part = tickets[rows]
+        part = part.loc[:, (part != "").any()]  # this part's own columns only
+        (tmp_path / name).mkdir()
+        part.to_csv(tmp_path / name / "tickets.csv", index=False)
+        mine = examples[examples["run_id"].isin(part["run_id"])]
+        mine.to_csv(tmp_path / name / "outcomes.csv", index=False)
+    assert len(pd.read_csv(tmp_path / "a" / "tickets.csv").columns) < len(tickets.columns)
+    out = tmp_path / "out"
+    assert main(["report", "--from", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)]) == 0
+    for name in ("table1.csv", "claims.csv", "outcomes.csv", "tickets.csv"):
+        assert (out / name).read_text() == (folder / name).read_text(), name
+
+
 def test_report_from_a_folder_without_the_files_says_so_in_one_line(tmp_path, capsys):
     from er_ray.cli import main
 

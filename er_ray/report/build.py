@@ -11,6 +11,7 @@ import json
 import math
 import tempfile
 import textwrap
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,16 +102,17 @@ def build_report(
     return _write(scope, cells, Path(out_dir), experiment, searches, studies, log_to_mlflow)
 
 
-def report_from_files(folder: Path, out_dir: Path) -> ReportResult:
-    """Table 1 and the claims again from a report's own tickets.csv and outcomes.csv (`folder`), without
-    MLflow: what a reader of published results can recompute. Figures and stop points need the runs' files and
-    are left out (said in the notes)."""
-    scope = outcomes.read_scope(folder)
+def report_from_files(folders: Sequence[Path], out_dir: Path) -> ReportResult:
+    """Table 1 and the claims again from reports' own tickets.csv and outcomes.csv (`folders`: one report, or
+    the parts of one comparison run apart, read as one), without MLflow: what a reader of published results can
+    recompute. Figures and stop points need the runs' files and are left out (said in the notes)."""
+    scope = outcomes.read_scope(*folders)
     cells = table_cells(scope)
+    names = ", ".join(map(str, folders))
     if not cells:
-        raise UserError(f"nothing to report: {folder}/{outcomes.TICKETS_CSV} lists no ticket")
+        raise UserError(f"nothing to report: the {outcomes.TICKETS_CSV} of {names} list no ticket")
     result = _write(scope, cells, Path(out_dir), None, [], [], log_to_mlflow=False)
-    result.notes.append(f"recomputed from {folder} without MLflow: no figures, no stop points")
+    result.notes.append(f"recomputed from {names} without MLflow: no figures, no stop points")
     return result
 
 

@@ -16,7 +16,7 @@ from er_ray.config import load_config
 class ReportTarget:
     """Which runs a report covers: exactly one of `experiment`, `run` (parent run ids), `config` (with its
     `overrides`) or `run_dir`; the store is `tracking_uri` or the rule `er-ray run` follows. Or `from_files`:
-    a report's own folder, recomputed without MLflow."""
+    report folders (one, or the parts of a comparison run in separate sessions), recomputed without MLflow."""
 
     experiment: str | None = None
     run: list[str] | None = None
@@ -24,7 +24,7 @@ class ReportTarget:
     overrides: Sequence[str] = ()
     run_dir: Path | None = None
     tracking_uri: str | None = None
-    from_files: Path | None = None
+    from_files: list[Path] | None = None
 
 
 def target(args: ReportTarget) -> tuple[str | None, list[str] | None, str]:

@@ -94,15 +94,25 @@ def tickets_frame(scope: Scope, cells: dict[tuple[str, str], Cell]) -> pd.DataFr
     return pd.DataFrame(rows)
 
 
-def read_scope(folder: Path) -> Scope:
-    """The tickets and per-example records of `folder`'s tickets.csv and outcomes.csv as a report scope with
-    no MLflow behind it: each ticket its own root, its records those of its rows in outcomes.csv."""
+def _read(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     paths = [Path(folder) / name for name in (TICKETS_CSV, OUTCOMES_CSV)]
     for p in paths:
         if not p.is_file():
             raise UserError(f"--from {folder}: no {p.name} (written by `er-ray report` beside table1.csv)")
     tickets = pd.read_csv(paths[0], dtype=str, keep_default_na=False)  # params as MLflow holds them: text
-    examples = pd.read_csv(paths[1], dtype={"run_id": str, "seed": str, "label": object})
+    return tickets, pd.read_csv(paths[1], dtype={"run_id": str, "seed": str, "label": object})
+
+
+def read_scope(*folders: Path) -> Scope:
+    """The tickets and per-example records of the folders' tickets.csv and outcomes.csv as one report scope
+    with no MLflow behind it: each ticket its own root, its records those of its rows in outcomes.csv. A
+    ticket in several folders (parts that overlap) counts once; which seed run counts where two tickets share
+    a method, seed and setting follows the store's rule (the newest)."""
+    parts = [_read(f) for f in folders]
+    # parts may log different params or metrics: a column one part lacks reads as not logged ("")
+    tickets = pd.concat([t for t, _ in parts], ignore_index=True).fillna("").drop_duplicates("run_id")
+    examples = pd.concat([e for _, e in parts], ignore_index=True)
+    examples = examples.drop_duplicates(["run_id", "attack", "index"])
     runs: dict[str, RunView] = {}
     for row in tickets.to_dict("records"):
         params = {k[len(PARAM) :]: str(v) for k, v in row.items() if k.startswith(PARAM) and v != ""}
@@ -116,7 +126,7 @@ def read_scope(folder: Path) -> Scope:
             rid, "ticket", None, int(row["start_time"]), params, metrics, tags, seed=row["seed"]
         )
     roots = sorted(runs.values(), key=lambda r: (r.start_time, r.run_id), reverse=True)
-    scope = Scope(None, str(folder), "", runs, roots)
+    scope = Scope(None, ", ".join(map(str, folders)), "", runs, roots)
     by_run = dict(iter(examples.groupby("run_id")))
     for rid in runs:
         rows = by_run.get(rid)
