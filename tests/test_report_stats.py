@@ -83,6 +83,29 @@ def test_clustering_changes_nothing_when_seeds_are_independent():
     assert clustered == stats.cluster_difference(a, b)  # a fixed seed: the same store gives the same page
 
 
+def test_newcombe_paired_interval_matches_the_published_example():
+    # Fagerland, Lydersen & Laake (2017), Statistical Analysis of Contingency Tables, ch. 8: Cavo et al. (2012),
+    # table [[59, 6], [16, 80]]: Newcombe square-and-add -0.0621 (95% CI -0.1186 to -0.0046)
+    lo, hi = stats.newcombe_difference(PairedCounts(both=59, only_a=6, only_b=16, neither=80))
+    assert (lo, hi) == (pytest.approx(-0.1186, abs=5e-5), pytest.approx(-0.0046, abs=5e-5))
+
+
+def test_no_discordant_pair_is_not_a_zero_width_interval():
+    # 6 of 300 pairs survive under both models, none under one only: the bootstrap alone would say [0, 0]
+    a, b = _pairs(100, 3, lambda rng, s, k: (s < 2, s < 2))
+    iv = stats.cluster_difference(a, b)
+    lo, hi = stats.newcombe_difference(PairedCounts(both=6, only_a=0, only_b=0, neither=294))
+    assert iv.estimate == 0 and (iv.lo, iv.hi) == (pytest.approx(lo), pytest.approx(hi))
+    assert -0.02 < iv.lo < -0.005 and 0.005 < iv.hi < 0.02 and iv.p == 1
+
+
+def test_the_clustered_interval_stands_where_it_is_wider_than_the_pooled_pairs_one():
+    sentence_kind = np.random.default_rng(3).choice(3, size=100, p=[0.9, 0.07, 0.03])
+    a, b = _pairs(100, 3, lambda rng, s, k: (sentence_kind[s] == 1, sentence_kind[s] == 2))
+    iv, pooled = stats.cluster_difference(a, b), stats.newcombe_difference(PairedCounts.of(a, b))
+    assert iv.lo <= pooled[0] and iv.hi >= pooled[1] and (iv.lo, iv.hi) != pooled  # here clustering is wider
+
+
 def test_t_intervals_over_seeds():
     # mean 0.25, sd 0.05, se 0.05/sqrt(3), t(0.975, 2) = 4.302653
     iv = stats.mean_interval([0.2, 0.25, 0.3])

@@ -451,7 +451,8 @@ def _claims_markdown(result: ReportResult) -> str:
             "",
             f'Verdicts by the rule in docs/results.md, "How verdicts are decided" ({bounds}). Aua differences are '
             "paired on the same attacked examples, pooled over seeds: a 95% cluster bootstrap over sentences (a "
-            "sentence's seeds together) and the exact McNemar test; clean accuracy is paired by seed (t interval); a claim made for every attack is decided on its "
+            "sentence's seeds together), widened to Newcombe's pooled-pair interval where that is wider, and the exact "
+            "McNemar test; clean accuracy is paired by seed (t interval); a claim made for every attack is decided on its "
             "informative attacks (both models' Aua under the margin: uninformative, named): it holds only if it "
             "holds for each, and does not hold if it fails for one.",
             "",

@@ -2,8 +2,8 @@
 
 A claim compares two sets of tickets (one per seed) on one measure:
   aua      paired on the same attacked examples, pooled over seeds (pairs keyed by (seed, example index)):
-           difference in Aua points, a cluster bootstrap over sentences (a sentence's seeds together) and the
-           exact McNemar test, per attack;
+           difference in Aua points, a cluster bootstrap over sentences (a sentence's seeds together, never
+           narrower than Newcombe's on the pooled pairs) and the exact McNemar test, per attack;
   clean    clean accuracy, paired by seed: mean difference in points, t interval over seeds;
   speedup  the reference's mean training time / the ticket's, interval of the ratio over seeds;
   stop     the stop point in epochs, t interval of the mean over seeds.

@@ -4,7 +4,7 @@
 * A proportion over examples (Aua pooled over seeds): the Wilson score interval.
 * Two models on the same attacked examples: the 2x2 counts of (survived A, survived B), the exact McNemar test
   (binomial on the discordant pairs) and, for the paired difference, a cluster bootstrap over sentences (a
-  sentence's seeds resampled together).
+  sentence's seeds resampled together), never narrower than Newcombe's interval on the pooled pairs.
 * Per-seed quantities (clean accuracy, stop point): Student t intervals of a mean or of paired differences.
 * Ratios of mean times: the delta method on the log ratio, Welch-Satterthwaite degrees of freedom.
 * The verdict rule of docs/results.md ("How verdicts are decided"): `decide` and `combine`.
@@ -111,13 +111,32 @@ def mcnemar_exact(only_a: int, only_b: int) -> float:
 BOOTSTRAP_DRAWS, BOOTSTRAP_SEED = 10_000, 0
 
 
+def newcombe_difference(c: PairedCounts) -> tuple[float, float]:
+    """Newcombe's square-and-add interval (1998, method 10) of P(A survives) - P(B survives) on pairs treated
+    as independent: the Wilson limits of both margins combined with their estimated correlation."""
+    n = c.n
+    if n == 0:
+        return NAN, NAN
+    p1, p2 = (c.both + c.only_a) / n, (c.both + c.only_b) / n
+    (l1, u1), (l2, u2) = wilson(c.both + c.only_a, n), wilson(c.both + c.only_b, n)
+    margins = (c.both + c.only_a) * (c.only_b + c.neither) * (c.both + c.only_b) * (c.only_a + c.neither)
+    cross = c.both * c.neither - c.only_a * c.only_b
+    # Newcombe's correction of the correlation: positive association is shrunk by n/2, negative kept
+    corr = 0.0 if margins == 0 else (max(cross - n / 2, 0.0) if cross >= 0 else cross) / math.sqrt(margins)
+    lo_gap = math.sqrt(max((p1 - l1) ** 2 - 2 * corr * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2, 0.0))
+    hi_gap = math.sqrt(max((u1 - p1) ** 2 - 2 * corr * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2, 0.0))
+    return p1 - p2 - lo_gap, p1 - p2 + hi_gap
+
+
 def cluster_difference(
     a: Mapping[tuple[object, object], bool], b: Mapping[tuple[object, object], bool]
 ) -> Interval:
     """P(A survives) - P(B survives) on the pairs both have, keyed (seed, sentence): a paired cluster bootstrap
     that resamples sentences with all their seeds together (whether an attack succeeds depends mostly on the
     sentence, so a sentence's seeds are not independent pairs), BOOTSTRAP_DRAWS draws from a fixed seed,
-    percentile interval; p is the exact McNemar test on the pooled pairs (the per-pair view)."""
+    percentile interval, widened on each side to Newcombe's where that is wider: a percentile bootstrap cannot
+    draw what the sample never shows (no discordant pair gives [0, 0]), and Newcombe's keeps its coverage at
+    such counts. p is the exact McNemar test on the pooled pairs (the per-pair view)."""
     keys = sorted(a.keys() & b.keys(), key=repr)
     c = PairedCounts.of(a, b)
     if not keys:
@@ -132,9 +151,15 @@ def cluster_difference(
     weights = rng.multinomial(len(sentences), np.full(len(sentences), 1 / len(sentences)), BOOTSTRAP_DRAWS)
     draws = (weights @ diff) / (weights @ count)
     lo, hi = np.quantile(draws, [ALPHA / 2, 1 - ALPHA / 2])
+    n_lo, n_hi = newcombe_difference(c)
     detail = f"{c.only_a} vs {c.only_b} discordant of {c.n} pairs, {len(sentences)} sentences"
     return Interval(
-        diff.sum() / count.sum(), float(lo), float(hi), mcnemar_exact(c.only_a, c.only_b), c.n, detail
+        diff.sum() / count.sum(),
+        float(min(lo, n_lo)),
+        float(max(hi, n_hi)),
+        mcnemar_exact(c.only_a, c.only_b),
+        c.n,
+        detail,
     )
 
 
