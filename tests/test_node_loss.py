@@ -17,7 +17,9 @@ from er_ray.layout import SEARCH_STATE_FILE, SUMMARY_FILE, TICKET_FILE
 from er_ray.storage import Store
 
 SEARCH_NODE = {"num_cpus": 1, "resources": {"er_ray_test_search": 1}}
-WORK_NODE = {"num_cpus": 2, "resources": {"er_ray_test_work": 2}}
+# a ticket task takes two of the work node's three units and the actor one: the ticket waits for the baseline
+# and starts with the baseline's attack actor, so it still trains for seconds after the actor's start-up (10-20 s)
+WORK_NODE = {"num_cpus": 3, "resources": {"er_ray_test_work": 3}}
 
 
 @pytest.fixture(scope="module")
@@ -49,13 +51,12 @@ def _config(model_dir, tmp_path, s3, name):
             "ray.search_cpus": 1,
             "ray.ticket_cpus": 1,
             "ray.search_node_resources": "{er_ray_test_search: 1}",
-            "ray.ticket_node_resources": "{er_ray_test_work: 1}",
+            "ray.ticket_node_resources": "{er_ray_test_work: 2}",
             "search.max_epochs": 3,
             "search.patience": 3,
-            # the baseline outlasts the search, so the ticket waits for its CPU and trains while the actor attacks it
             "finetune.epochs": 300,
             "attack.recipes": "[textbugger]",
-            "attack.num_examples": 6,
+            "attack.num_examples": 24,
             "attack.actors": 1,
             "attack.cpus_per_actor": 1,
             "attack.node_resources_per_actor": "{er_ray_test_work: 1}",
