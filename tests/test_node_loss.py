@@ -54,9 +54,9 @@ def _config(model_dir, tmp_path, s3, name):
             "ray.ticket_node_resources": "{er_ray_test_work: 2}",
             "search.max_epochs": 3,
             "search.patience": 3,
-            "finetune.epochs": 300,
+            "finetune.epochs": 300,  # tickets train for tens of seconds (see WORK_NODE)
             "attack.recipes": "[textbugger]",
-            "attack.num_examples": 24,
+            "attack.num_examples": 24,  # the actor attacks for seconds, not a moment the test could miss
             "attack.actors": 1,
             "attack.cpus_per_actor": 1,
             "attack.node_resources_per_actor": "{er_ray_test_work: 1}",
